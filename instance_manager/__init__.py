@@ -1,0 +1,1 @@
+"""Worker life cycle, metrics collection and the role controller."""

@@ -1,0 +1,71 @@
+"""Types shared by every control policy, the live controller and the simulator.
+
+A control policy is a small class with one method, `decide(snapshot) -> actions`.
+It never acts: the controller (live) or the simulator applies the actions, so
+`--dry-run`, `fulcrum explain` and simulation all run the same decision code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from router.cluster import ClusterSnapshot, Role
+
+
+@dataclass(frozen=True)
+class SLOTargets:
+    """Latency targets the controller defends (seconds)."""
+
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    """One worker's windowed measurements (None where the window saw no samples)."""
+
+    name: str
+    ttft_p50_s: float | None = None
+    ttft_p90_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p90_s: float | None = None
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+    requests_finished_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ControlSnapshot:
+    """Everything a control policy may read at one tick; immutable."""
+
+    time: float
+    cluster: ClusterSnapshot
+    metrics: Mapping[str, WorkerMetrics]
+    window_s: float
+    slo: SLOTargets = field(default_factory=SLOTargets)
+    mean_prompt_tokens: float | None = None
+    mean_output_tokens: float | None = None
+
+
+@dataclass(frozen=True)
+class FlipAction:
+    """Move one worker to the other pool, with the reason a person can read."""
+
+    worker: str
+    to: Role
+    reason: str
+
+
+@runtime_checkable
+class ControlPolicy(Protocol):
+    """Decides role flips from a snapshot; must not mutate anything."""
+
+    name: str
+
+    def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
+        ...

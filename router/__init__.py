@@ -1,0 +1,1 @@
+"""Fulcrum gateway: the OpenAI-compatible HTTP surface and per-request P/D dispatch."""

@@ -1,0 +1,80 @@
+"""Routing policies: pick a prefill worker and a decode worker for one request.
+
+A policy is a small class with two methods. It reads an immutable `ClusterSnapshot`
+and a `RequestInfo`, and returns a worker name (or None when nothing fits). The live
+gateway and the simulator call the very same objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from router.cluster import ClusterSnapshot, Role, WorkerView
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy may know about a request before it runs."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_time: float = 0.0
+    tbt_target_s: float | None = None
+
+
+@runtime_checkable
+class RoutingPolicy(Protocol):
+    """Chooses workers for the two legs of a P/D request."""
+
+    name: str
+
+    def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
+        """Name of the worker that computes the prompt's KV, or None to skip P/D."""
+        ...
+
+    def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
+                    exclude: frozenset[str] = frozenset()) -> str | None:
+        """Name of the worker that generates the output tokens, or None if none is usable."""
+        ...
+
+
+def _least_loaded(candidates: tuple[WorkerView, ...], leg: Role) -> WorkerView | None:
+    if not candidates:
+        return None
+    if leg == Role.PREFILL:
+        key = lambda w: (w.prefill_tokens_in_flight, w.in_flight, w.num_waiting, w.name)  # noqa: E731
+    else:
+        key = lambda w: (w.in_flight_decode, w.decode_tokens_in_flight, w.kv_cache_usage, w.name)  # noqa: E731
+    return min(candidates, key=key)
+
+
+class LeastLoadedPolicy:
+    """Baseline: the prefill worker with the fewest queued prompt tokens, the decode
+    worker with the fewest running decodes. With no prefill pool it runs aggregated."""
+
+    name = "least-loaded"
+
+    def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
+        chosen = _least_loaded(cluster.routable(Role.PREFILL), Role.PREFILL)
+        return chosen.name if chosen else None
+
+    def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
+                    exclude: frozenset[str] = frozenset()) -> str | None:
+        pool = tuple(w for w in cluster.routable(Role.DECODE) if w.name not in exclude)
+        if not pool:  # no decode pool left: any routable worker can decode locally
+            pool = tuple(w for w in cluster.routable() if w.name not in exclude)
+        chosen = _least_loaded(pool, Role.DECODE)
+        return chosen.name if chosen else None
+
+
+POLICIES: dict[str, type] = {LeastLoadedPolicy.name: LeastLoadedPolicy}
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    """Build a registered policy by name."""
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}") from None
