@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """What the router sends to a worker. Every worker runs `kv_role=kv_both`."""
 
     PREFILL = "prefill"
     DECODE = "decode"
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     """Life-cycle state of a worker as the router sees it."""
 
     STARTING = "starting"

@@ -1,0 +1,191 @@
+"""A stand-in for a vLLM OpenAI server: instant or paced tokens, the P/D handshake,
+and switchable faults. For unit tests and gateway load tests only; every serving
+feature is also proven on real vLLM workers.
+
+Run alone: `python -m benchmarks.fake_worker --port 9001 [--token-delay 0.01]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+@dataclass
+class FakeBehaviour:
+    """Knobs a test flips at run time through `app.state.behaviour`."""
+
+    token_delay_s: float = 0.0
+    prefill_delay_s: float = 0.0
+    fail_prefill_status: int | None = None
+    fail_kv_load_status: int | None = None
+    die_after_tokens: int | None = None
+    max_model_len: int = 2048
+
+
+@dataclass
+class FakeStats:
+    """What the fake saw, for assertions."""
+
+    prefill_legs: int = 0
+    remote_decodes: int = 0
+    local_requests: int = 0
+    aborted: int = 0
+    running: int = 0
+    request_ids: list[str] = field(default_factory=list)
+    bodies: list[dict] = field(default_factory=list)
+
+
+def _prompt_tokens(body: dict) -> int:
+    if "messages" in body:
+        text = " ".join(str(m.get("content", "")) for m in body["messages"])
+    else:
+        prompt = body.get("prompt", "")
+        text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+    return max(1, len(text.split()))
+
+
+def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI:
+    """Build one fake worker app."""
+    app = FastAPI()
+    app.state.behaviour = FakeBehaviour()
+    app.state.stats = FakeStats()
+
+    def chunk(kind: str, rid: str, i: int, text: str, finish: str | None) -> dict:
+        if kind == "chat":
+            delta = {"content": text} if i else {"role": "assistant", "content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": model, "choices": [choice]}
+        return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": model, "choices": [{"index": 0, "text": text,
+                                              "finish_reason": finish}]}
+
+    async def generate(request: Request, kind: str) -> Response:
+        b: FakeBehaviour = app.state.behaviour
+        stats: FakeStats = app.state.stats
+        body = await request.json()
+        rid = request.headers.get("x-request-id", uuid.uuid4().hex)
+        stats.request_ids.append(rid)
+        stats.bodies.append(body)
+        prompt_tokens = _prompt_tokens(body)
+        if prompt_tokens > b.max_model_len:
+            return JSONResponse({"error": {"message": "prompt too long", "type":
+                                           "BadRequestError", "param": None, "code": 400}},
+                                status_code=400)
+        temperature = body.get("temperature", 1.0)
+        if not isinstance(temperature, int | float) or temperature < 0:
+            return JSONResponse({"error": {"message": "temperature must be >= 0", "type":
+                                           "BadRequestError", "param": "temperature",
+                                           "code": 400}}, status_code=400)
+        kv = body.get("kv_transfer_params") or {}
+        if kv.get("do_remote_decode"):
+            stats.prefill_legs += 1
+            if b.fail_prefill_status:
+                return JSONResponse({"error": {"message": "injected"}},
+                                    status_code=b.fail_prefill_status)
+            await asyncio.sleep(b.prefill_delay_s)
+            reply = {"id": rid, "object": "text_completion", "model": model,
+                     "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
+                               "total_tokens": prompt_tokens + 1},
+                     "kv_transfer_params": {"do_remote_prefill": True,
+                                            "remote_engine_id": name,
+                                            "remote_request_id": rid,
+                                            "remote_block_ids": [[0, 1]]}}
+            return JSONResponse(reply)
+        if kv.get("do_remote_prefill"):
+            stats.remote_decodes += 1
+            if b.fail_kv_load_status:
+                return JSONResponse({"error": {"message": "KV load failed (injected)"}},
+                                    status_code=b.fail_kv_load_status)
+        else:
+            stats.local_requests += 1
+        n = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                 "total_tokens": prompt_tokens + n}
+        if not body.get("stream"):
+            await asyncio.sleep(b.token_delay_s * n)
+            text = "".join(f" t{i}" for i in range(n))
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": "length"}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "length"}
+                obj = "text_completion"
+            return JSONResponse({"id": rid, "object": obj, "model": model,
+                                 "choices": [choice], "usage": usage,
+                                 "kv_transfer_params": None})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            stats.running += 1
+            try:
+                for i in range(n):
+                    if b.die_after_tokens is not None and i >= b.die_after_tokens:
+                        raise ConnectionResetError("injected worker death")
+                    await asyncio.sleep(b.token_delay_s)
+                    finish = "length" if i == n - 1 else None
+                    yield f"data: {json.dumps(chunk(kind, rid, i, f' t{i}', finish))}\n\n".encode()
+                if include_usage:
+                    last = {"id": rid, "object": "chunk", "model": model, "choices": [],
+                            "usage": usage}
+                    yield f"data: {json.dumps(last)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            except asyncio.CancelledError:
+                stats.aborted += 1
+                raise
+            finally:
+                stats.running -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "text")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        s: FakeStats = app.state.stats
+        text = (f'vllm:num_requests_running{{engine="0",model_name="{model}"}} {s.running}\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="{model}"}} 0\n'
+                f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} '
+                f'{min(1.0, s.running / 100)}\n')
+        return Response(text, media_type="text/plain")
+
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Run a fake vLLM worker for load tests.")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    app = create_fake_worker(args.name, args.model)
+    app.state.behaviour.token_delay_s = args.token_delay
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

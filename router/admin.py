@@ -1,0 +1,46 @@
+"""Read-only admin endpoints and the guard every admin endpoint shares.
+
+The admin API is off on a non-loopback bind unless a token is configured; when a
+token is configured, every admin call must carry `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+
+from router.errors import GatewayError
+
+
+def require_admin(request: Request) -> None:
+    """FastAPI dependency guarding admin routes."""
+    token: str | None = request.app.state.admin_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given, f"Bearer {token}"):
+            raise GatewayError(401, "admin API: missing or wrong bearer token",
+                               code="invalid_admin_token")
+    elif not request.app.state.admin_open:
+        raise GatewayError(403, "admin API is off: the gateway listens beyond loopback and "
+                           "no --admin-token was given", code="admin_disabled")
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@router.get("/workers")
+async def workers(request: Request) -> dict:
+    """Every worker with its role, state, load and process facts."""
+    cluster = request.app.state.cluster
+    out = []
+    for view in cluster.snapshot().workers:
+        rec = cluster.record(view.name)
+        out.append({
+            "name": view.name, "url": view.url, "role": view.role.value,
+            "state": view.state.value, "in_flight_prefill": view.in_flight_prefill,
+            "in_flight_decode": view.in_flight_decode, "kv_cache_usage": view.kv_cache_usage,
+            "num_running": view.num_running, "num_waiting": view.num_waiting,
+            "pid": rec.pid, "restarts": rec.restarts,
+        })
+    return {"workers": out, "policy": request.app.state.dispatcher.policy.name}

@@ -1,0 +1,155 @@
+"""The FastAPI gateway: OpenAI-compatible endpoints in front of the worker pool.
+
+All state hangs off `app.state` (cluster, dispatcher, metrics, HTTP client); build
+as many independent apps as you like with `create_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from router import admin
+from router.cluster import Cluster, WorkerState
+from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
+from router.engine_stats import poll_engine_stats
+from router.errors import GatewayError
+from router.metrics import GatewayMetrics
+from router.policy import make_policy
+from router.validation import CHAT, COMPLETIONS, parse_request
+
+log = logging.getLogger("fulcrum.gateway")
+
+
+class WorkerSupervisor(Protocol):
+    """What the gateway needs from whoever runs the worker processes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Gateway settings; see `fulcrum up --help` for the user-facing names."""
+
+    served_models: tuple[str, ...]
+    policy: str = "least-loaded"
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    admin_token: str | None = None
+    admin_open: bool = True
+    stats_interval_s: float = 2.0
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(config: GatewayConfig, cluster: Cluster,
+               supervisor: WorkerSupervisor | None = None) -> FastAPI:
+    """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+            app.state.client = client
+            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), client,
+                                              app.state.metrics, config.dispatch)
+            stats = asyncio.create_task(poll_engine_stats(cluster, client,
+                                                          config.stats_interval_s))
+            if supervisor is not None:
+                await supervisor.start()
+            try:
+                yield
+            finally:
+                stats.cancel()
+                if supervisor is not None:
+                    await supervisor.stop()
+
+    app = FastAPI(title="Fulcrum gateway", lifespan=lifespan)
+    app.state.cluster = cluster
+    app.state.config = config
+    app.state.metrics = GatewayMetrics(cluster)
+    app.state.admin_token = config.admin_token
+    app.state.admin_open = config.admin_open
+    app.include_router(admin.router)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return GatewayError(400, str(exc)).response()
+
+    async def serve(request: Request, route: str) -> Response:
+        metrics: GatewayMetrics = app.state.metrics
+        request_id = request.headers.get("x-request-id") or f"fulcrum-{uuid.uuid4().hex}"
+        headers = {"X-Request-Id": request_id}
+        started = time.monotonic()
+        try:
+            parsed = parse_request(route, await request.body(), config.served_models)
+            work = asyncio.ensure_future(app.state.dispatcher.dispatch(parsed, request_id))
+            gone = asyncio.ensure_future(_wait_for_disconnect(request))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                log.info("client left before a reply; aborted %s", request_id)
+                metrics.requests.labels(route, "499").inc()
+                return Response(status_code=499)
+            gone.cancel()
+            response = work.result()
+        except GatewayError as exc:
+            response = exc.response(headers)
+        except UpstreamReply as exc:
+            response = exc.response(headers)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        if response.status_code != 200:
+            metrics.e2e.labels(route).observe(time.monotonic() - started)
+        return response
+
+    @app.post(COMPLETIONS)
+    async def completions(request: Request) -> Response:
+        return await serve(request, COMPLETIONS)
+
+    @app.post(CHAT)
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, CHAT)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fulcrum"}
+            for m in config.served_models]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        states = [w.state for w in cluster.snapshot().workers]
+        ready = sum(s == WorkerState.READY for s in states)
+        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready,
+                "workers": len(states)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(app.state.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

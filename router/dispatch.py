@@ -1,0 +1,277 @@
+"""Two-leg P/D dispatch: prefill on one worker, decode on another, KV moved between.
+
+A P/D request is one transaction. The prefill leg asks a worker for the prompt's KV
+(`max_tokens=1`, `kv_transfer_params={"do_remote_decode": true}`); the decode leg
+carries the returned `kv_transfer_params` to the decode worker, which pulls the KV
+instead of recomputing it. Both legs carry the same `X-Request-Id`.
+
+Failure rules:
+- prefill leg fails (worker down, 5xx, timeout): decode computes the prompt itself;
+- decode leg fails before the first byte reaches the client: retry once, first on
+  the same worker without KV (a failed KV pull), then on another worker;
+- decode fails mid-stream: the client gets an OpenAI-style error event and [DONE];
+- a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import JSONResponse, Response
+
+from router.cluster import Cluster, Role
+from router.errors import GatewayError
+from router.metrics import GatewayMetrics
+from router.policy import RequestInfo, RoutingPolicy
+from router.sse import StreamObserver
+from router.streaming import ProxyStreamResponse
+from router.validation import ParsedRequest
+
+log = logging.getLogger("fulcrum.dispatch")
+
+_PREFILL_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Timeouts and retry limits; every leg is bounded."""
+
+    connect_timeout_s: float = 5.0
+    prefill_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    decode_attempts: int = 3
+    pd_enabled: bool = True
+
+
+class UpstreamReply(Exception):
+    """A worker's non-200 answer that should go to the client unchanged (4xx)."""
+
+    def __init__(self, status: int, content: bytes) -> None:
+        super().__init__(f"upstream status {status}")
+        self.status = status
+        self.content = content
+
+    def response(self, headers: dict[str, str]) -> Response:
+        try:
+            body = json.loads(self.content)
+        except ValueError:
+            return GatewayError(self.status, self.content.decode(errors="replace")[:2000]
+                                ).response(headers)
+        if isinstance(body, dict) and "error" not in body:  # FastAPI-style {"detail": ...}
+            body = GatewayError(self.status, json.dumps(body)[:2000]).body()
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def _prefill_body(body: dict) -> dict:
+    out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
+    out["stream"] = False
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+    return out
+
+
+class Dispatcher:
+    """Routes one parsed request through the policy to one or two workers."""
+
+    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: httpx.AsyncClient,
+                 metrics: GatewayMetrics, config: DispatchConfig) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.client = client
+        self.metrics = metrics
+        self.config = config
+
+    def _timeout(self, read: float) -> httpx.Timeout:
+        return httpx.Timeout(read, connect=self.config.connect_timeout_s)
+
+    async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
+        """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
+        started = time.monotonic()
+        info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
+                           max_tokens=req.max_tokens or 16, arrival_time=started)
+        snap = self.cluster.snapshot()
+        decode = self.policy.pick_decode(info, snap)
+        if decode is None:
+            raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
+                               code="no_ready_worker")
+        kv_params = None
+        if self.config.pd_enabled and req.body.get("n", 1) in (1, None):
+            prefill = self.policy.pick_prefill(info, snap)
+            if prefill is not None and prefill != decode:
+                kv_params = await self._prefill_leg(prefill, req, request_id)
+        self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
+        return await self._decode_leg(decode, req, request_id, kv_params, started)
+
+    async def _prefill_leg(self, worker: str, req: ParsedRequest,
+                           request_id: str) -> dict | None:
+        """Run the prefill leg; None means "decode computes the prompt itself"."""
+        url = self.cluster.view(worker).url + req.route
+        tokens = req.prompt_tokens_estimate
+        self.cluster.begin(worker, Role.PREFILL, tokens)
+        try:
+            resp = await self.client.post(url, json=_prefill_body(req.body),
+                                          headers={"X-Request-Id": request_id},
+                                          timeout=self._timeout(self.config.prefill_timeout_s))
+        except httpx.HTTPError as exc:
+            return self._prefill_failed(worker, request_id, repr(exc))
+        finally:
+            self.cluster.end(worker, Role.PREFILL, tokens)
+        if 400 <= resp.status_code < 500:
+            raise UpstreamReply(resp.status_code, resp.content)
+        if resp.status_code != 200:
+            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}")
+        try:
+            params = resp.json().get("kv_transfer_params")
+        except ValueError:
+            params = None
+        if not params:
+            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
+        return params
+
+    def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
+        log.warning("prefill leg on %s failed for %s (%s); decoding with local prefill",
+                    worker, request_id, why)
+        self.metrics.leg_failures.labels("prefill", "local_prefill").inc()
+        return None
+
+    async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
+                          kv_params: dict | None, started: float) -> Response:
+        tried: set[str] = set()
+        last_error = "no attempt made"
+        tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
+        for _ in range(self.config.decode_attempts):
+            body = dict(req.body)
+            if kv_params:
+                body["kv_transfer_params"] = kv_params
+            url = self.cluster.view(worker).url + req.route
+            read_timeout = (self.config.stream_idle_timeout_s if req.stream
+                            else self.config.request_timeout_s)
+            self.cluster.begin(worker, Role.DECODE, tokens)
+            try:
+                upstream = await self.client.send(
+                    self.client.build_request("POST", url, json=body,
+                                              headers={"X-Request-Id": request_id},
+                                              timeout=self._timeout(read_timeout)),
+                    stream=True)
+            except httpx.HTTPError as exc:
+                self.cluster.end(worker, Role.DECODE, tokens)
+                last_error = f"{worker}: {exc!r}"
+                tried.add(worker)
+            except BaseException:  # cancelled: the client went away
+                self.cluster.end(worker, Role.DECODE, tokens)
+                raise
+            else:
+                if upstream.status_code == 200:
+                    return await self._reply(worker, upstream, req, request_id, tokens, started)
+                content = await upstream.aread()
+                await upstream.aclose()
+                self.cluster.end(worker, Role.DECODE, tokens)
+                if 400 <= upstream.status_code < 500:
+                    raise UpstreamReply(upstream.status_code, content)
+                last_error = f"{worker}: HTTP {upstream.status_code} {content[:200]!r}"
+                if not kv_params:
+                    tried.add(worker)
+            log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
+            self.metrics.leg_failures.labels("decode", "retry").inc()
+            kv_params = None  # whatever failed, the next attempt computes the prompt itself
+            if worker in tried:
+                nxt = self.policy.pick_decode(
+                    RequestInfo(request_id, req.prompt_tokens_estimate, req.max_tokens or 16),
+                    self.cluster.snapshot(), exclude=frozenset(tried))
+                if nxt is None:
+                    break
+                worker = nxt
+        self.metrics.leg_failures.labels("decode", "gave_up").inc()
+        raise GatewayError(502, f"every decode attempt failed; last: {last_error}",
+                           code="upstream_unavailable")
+
+    async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
+                     request_id: str, tokens: int, started: float) -> Response:
+        headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
+        if req.stream:
+            relay = _StreamRelay(self, worker, upstream, req, tokens, started)
+            return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
+                                       media_type="text/event-stream", headers=headers)
+        try:
+            content = await asyncio.wait_for(upstream.aread(), self.config.request_timeout_s)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",
+                               code="upstream_error") from None
+        finally:
+            await upstream.aclose()
+            self.cluster.end(worker, Role.DECODE, tokens)
+        try:
+            body = json.loads(content)
+        except ValueError:
+            raise GatewayError(502, f"worker {worker} sent a body that is not JSON",
+                               code="upstream_error") from None
+        body.pop("kv_transfer_params", None)
+        self._record_usage(body.get("usage"))
+        self.metrics.e2e.labels(req.route).observe(time.monotonic() - started)
+        return JSONResponse(body, headers=headers)
+
+    def _record_usage(self, usage: dict | None) -> None:
+        if not isinstance(usage, dict):
+            return
+        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
+        self.metrics.completion_tokens.inc(usage.get("completion_tokens") or 0)
+
+    def observe_stream(self, req: ParsedRequest, obs: StreamObserver, started: float) -> None:
+        """Record client-side latency metrics of a finished stream."""
+        e2e = time.monotonic() - started
+        self.metrics.e2e.labels(req.route).observe(e2e)
+        if obs.ttft is not None:
+            self.metrics.ttft.labels(req.route).observe(obs.ttft)
+            n = obs.completion_tokens
+            if n > 1:
+                self.metrics.tpot.labels(req.route).observe((e2e - obs.ttft) / (n - 1))
+        self._record_usage(obs.usage)
+
+
+class _StreamRelay:
+    """Passes a worker's SSE bytes through, watching them; cleans up exactly once."""
+
+    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: httpx.Response,
+                 req: ParsedRequest, tokens: int, started: float) -> None:
+        self.d = dispatcher
+        self.worker = worker
+        self.upstream = upstream
+        self.req = req
+        self.tokens = tokens
+        self.started = started
+        self.obs = StreamObserver(started=started)
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                self.obs.feed(chunk)
+                yield chunk
+            if not self.obs.saw_done:
+                raise httpx.RemoteProtocolError("stream ended without [DONE]")
+        except httpx.HTTPError as exc:
+            log.warning("decode stream from %s broke: %r", self.worker, exc)
+            self.d.metrics.leg_failures.labels("decode", "stream_error").inc()
+            yield GatewayError(502, f"worker {self.worker} failed mid-stream: {exc!r}",
+                               code="upstream_stream_error").sse_event()
+            yield b"data: [DONE]\n\n"
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the worker connection (aborting its request) and release the leg."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.upstream.aclose()
+        self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
+        self.d.observe_stream(self.req, self.obs, self.started)

@@ -1,0 +1,241 @@
+"""Remaining-output-length prediction (ARES/STAR's input to decode balancing).
+
+The interface is `RemainingLengthPredictor.remaining(DecodeState) -> tokens`. A
+`DecodeState` carries the prompt's features, how many tokens have been generated so far and,
+as the seam for an LLM-native predictor (ARES reads the last token's hidden state), an
+optional `hidden_state` vector. Today's model ignores it; a hidden-state MLP implements the
+same method and drops in without touching callers. `LengthTracker` wraps any predictor with
+the per-request `refresh(generated_so_far)` call.
+
+`HistogramLengthPredictor` is the first model: an empirical output-length distribution per
+(question type, prompt-length bucket) cell, shrunk toward the type's and the global
+distribution when a cell is thin. Point prediction is the cell median (what minimises MAE);
+`remaining` is the conditional mean `E[L − t | L > t]` (what load sums need), both computed
+from the histogram with lengths uniform inside a bin. numpy only; the fitted model is a small
+JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+# Checked in order; the first category whose keywords match wins.
+QUESTION_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("code", ("```", "code", "python", "javascript", "function", "sql", "script", "java ",
+              "c++", "html", "css", "api", "implement", "compile", "def ", "error", "bug")),
+    ("rewrite", ("rewrite", "rephrase", "paraphrase", "summarize", "summarise", "summary",
+                 "translate", "proofread", "correct the", "improve this", "shorten")),
+    ("write", ("write", "essay", "article", "story", "blog", "poem", "letter", "script for",
+               "draft", "compose", "create a", "generate")),
+    ("list", ("list", "ideas", "examples", "steps", "outline", "suggest", "tips", "options")),
+    ("explain", ("explain", "describe", "how does", "how do", "why ", "what are",
+                 "compare", "difference", "tell me about")),
+    ("continue", ("continue", "go on", "keep going", "more")),
+    ("short_question", ("what is", "who ", "when ", "which ", "where ", "yes or no",
+                        "how many", "how much")),
+)
+OTHER_TYPE = "other"
+NON_ENGLISH_TYPE = "non_english"
+ALL_TYPES: tuple[str, ...] = (*(t for t, _ in QUESTION_TYPES), NON_ENGLISH_TYPE, OTHER_TYPE)
+
+DEFAULT_PROMPT_EDGES: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+
+
+def question_type(text: str | None) -> str:
+    """A coarse task category from keywords (cheap, deterministic, language-naive)."""
+    if not text:
+        return OTHER_TYPE
+    sample = text[:2000]
+    if sum(ord(ch) > 127 for ch in sample) > 0.3 * len(sample):
+        return NON_ENGLISH_TYPE
+    lowered = sample.lower()
+    for name, keywords in QUESTION_TYPES:
+        if any(k in lowered for k in keywords):
+            return name
+    return OTHER_TYPE
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """What is known about a request's prompt before generation starts."""
+
+    prompt_tokens: int
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """A request part-way through decoding, as a predictor sees it."""
+
+    prompt: PromptFeatures
+    generated: int = 0
+    hidden_state: Sequence[float] | None = None  # LLM-native predictors read this
+
+
+@runtime_checkable
+class RemainingLengthPredictor(Protocol):
+    """Predicts how many more output tokens a request will produce."""
+
+    def remaining(self, state: DecodeState) -> float:
+        ...
+
+
+class LengthTracker:
+    """One request's running estimate: call `refresh` as tokens arrive."""
+
+    def __init__(self, predictor: RemainingLengthPredictor, prompt: PromptFeatures) -> None:
+        self.predictor = predictor
+        self.prompt = prompt
+        self.generated = 0
+        self.estimate = predictor.remaining(DecodeState(prompt, 0))
+
+    def refresh(self, generated_so_far: int,
+                hidden_state: Sequence[float] | None = None) -> float:
+        """Update with the tokens generated so far; returns predicted remaining tokens."""
+        self.generated = generated_so_far
+        self.estimate = self.predictor.remaining(
+            DecodeState(self.prompt, generated_so_far, hidden_state))
+        return self.estimate
+
+
+class LengthHistogram:
+    """A distribution over output lengths: probabilities over `[edges[i], edges[i+1])`."""
+
+    def __init__(self, edges: np.ndarray, probs: np.ndarray) -> None:
+        self.edges = edges
+        self.probs = probs
+
+    def _mass_above(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per bin: probability mass above t, and that mass's [lo, hi) range."""
+        lo = np.maximum(self.edges[:-1], t)
+        hi = self.edges[1:]
+        width = self.edges[1:] - self.edges[:-1]
+        frac = np.clip((hi - lo) / width, 0.0, 1.0)
+        return self.probs * frac, lo, hi
+
+    def mean_remaining(self, t: float) -> float:
+        """E[L − t | L > t] (lengths uniform within a bin); 0 past the support."""
+        mass, lo, hi = self._mass_above(t)
+        total = mass.sum()
+        if total <= 0.0:
+            return 0.0
+        return float((mass * ((lo + hi) / 2 - t)).sum() / total)
+
+    def median_remaining(self, t: float) -> float:
+        """Median of L − t given L > t (lengths uniform within a bin)."""
+        mass, lo, hi = self._mass_above(t)
+        total = mass.sum()
+        if total <= 0.0:
+            return 0.0
+        cdf = np.cumsum(mass) / total
+        i = int(np.searchsorted(cdf, 0.5))
+        before = cdf[i - 1] if i > 0 else 0.0
+        share = (0.5 - before) / max(cdf[i] - before, 1e-12)
+        return float(lo[i] + share * (hi[i] - lo[i]) - t)
+
+
+def default_output_edges(max_tokens: int = 2048, bins: int = 48) -> np.ndarray:
+    """Bin edges from 0 to max_tokens, fine for short outputs and coarse for long ones."""
+    inner = np.unique(np.round(np.geomspace(4, max_tokens, bins)).astype(int))
+    return np.concatenate(([0], inner)).astype(float)
+
+
+class HistogramLengthPredictor:
+    """Conditional output-length histograms per (question type, prompt-length bucket)."""
+
+    def __init__(self, output_edges: np.ndarray | None = None,
+                 prompt_edges: Sequence[int] = DEFAULT_PROMPT_EDGES,
+                 shrinkage: float = 20.0) -> None:
+        self.output_edges = (default_output_edges() if output_edges is None
+                             else np.asarray(output_edges, dtype=float))
+        self.prompt_edges = tuple(int(e) for e in prompt_edges)
+        self.shrinkage = shrinkage
+        nbins = len(self.output_edges) - 1
+        self.counts = np.zeros((len(ALL_TYPES), len(self.prompt_edges) + 1, nbins))
+
+    # -- features ---------------------------------------------------------------------
+    def _cell(self, prompt: PromptFeatures) -> tuple[int, int]:
+        kind = ALL_TYPES.index(question_type(prompt.text))
+        bucket = int(np.searchsorted(self.prompt_edges, prompt.prompt_tokens, side="right"))
+        return kind, bucket
+
+    def _bin(self, output_tokens: int) -> int:
+        i = int(np.searchsorted(self.output_edges, output_tokens, side="right")) - 1
+        return min(max(i, 0), len(self.output_edges) - 2)
+
+    # -- training ---------------------------------------------------------------------
+    def fit(self, samples: Iterable[tuple[PromptFeatures, int]]) -> HistogramLengthPredictor:
+        """Count (prompt, output length) pairs; can be called again to add data."""
+        for prompt, output_tokens in samples:
+            kind, bucket = self._cell(prompt)
+            self.counts[kind, bucket, self._bin(output_tokens)] += 1
+        return self
+
+    # -- prediction -------------------------------------------------------------------
+    def distribution(self, prompt: PromptFeatures) -> LengthHistogram:
+        """The cell's histogram, shrunk toward its type's and then the global one."""
+        kind, bucket = self._cell(prompt)
+        nbins = self.counts.shape[2]
+        k = self.shrinkage
+        glob = self.counts.sum(axis=(0, 1))
+        p = (glob + 1.0 / nbins) / (glob.sum() + 1.0)
+        typ = self.counts[kind].sum(axis=0)
+        p = (typ + k * p) / (typ.sum() + k)
+        cell = self.counts[kind, bucket]
+        p = (cell + k * p) / (cell.sum() + k)
+        return LengthHistogram(self.output_edges, p)
+
+    def predict_total(self, prompt: PromptFeatures) -> float:
+        """Point prediction of the output length: the distribution's median."""
+        return self.distribution(prompt).median_remaining(0.0)
+
+    def remaining(self, state: DecodeState) -> float:
+        """E[L − t | L > t] for t = tokens generated so far."""
+        return self.distribution(state.prompt).mean_remaining(float(state.generated))
+
+    def median_remaining(self, state: DecodeState) -> float:
+        """Median of L − t given L > t (the MAE-optimal refresh)."""
+        return self.distribution(state.prompt).median_remaining(float(state.generated))
+
+    # -- persistence ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "kind": "histogram-length-predictor/1",
+            "types": list(ALL_TYPES),
+            "prompt_edges": list(self.prompt_edges),
+            "output_edges": [int(e) for e in self.output_edges],
+            "shrinkage": self.shrinkage,
+            "counts": self.counts.astype(int).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HistogramLengthPredictor:
+        if list(data["types"]) != list(ALL_TYPES):
+            raise ValueError("model was trained with different question types; retrain it")
+        model = cls(np.asarray(data["output_edges"], dtype=float), data["prompt_edges"],
+                    float(data["shrinkage"]))
+        model.counts = np.asarray(data["counts"], dtype=float)
+        return model
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: Path | str) -> HistogramLengthPredictor:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class MeanLengthBaseline:
+    """The baseline: every request produces the training mean; remaining = mean − t."""
+
+    def __init__(self, mean_tokens: float) -> None:
+        self.mean_tokens = mean_tokens
+
+    def remaining(self, state: DecodeState) -> float:
+        return max(0.0, self.mean_tokens - state.generated)

@@ -1,0 +1,75 @@
+"""The gateway's own Prometheus metrics, as clients see them.
+
+Each app gets its own `CollectorRegistry`, so tests and several gateways in one
+process never share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.cluster import Cluster
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class _ClusterCollector(Collector):
+    """Exports per-worker in-flight legs and roles straight from the registry."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's interface
+        in_flight = GaugeMetricFamily("fulcrum_worker_in_flight",
+                                      "Requests in flight on a worker, by leg",
+                                      labels=["worker", "leg"])
+        role = GaugeMetricFamily("fulcrum_worker_role",
+                                 "1 for the worker's current role and state",
+                                 labels=["worker", "role", "state"])
+        kv = GaugeMetricFamily("fulcrum_worker_kv_cache_usage",
+                               "Worker KV-cache usage (0-1), as last scraped", labels=["worker"])
+        for w in self._cluster.snapshot().workers:
+            in_flight.add_metric([w.name, "prefill"], w.in_flight_prefill)
+            in_flight.add_metric([w.name, "decode"], w.in_flight_decode)
+            role.add_metric([w.name, w.role.value, w.state.value], 1)
+            kv.add_metric([w.name], w.kv_cache_usage)
+        yield in_flight
+        yield role
+        yield kv
+
+
+class GatewayMetrics:
+    """Counters and histograms the dispatcher feeds."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fulcrum_requests", "Requests by route and HTTP status",
+                                ["route", "status"], registry=r)
+        self.ttft = Histogram("fulcrum_time_to_first_token_seconds",
+                              "Time to first token as the client sees it (streaming)",
+                              ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("fulcrum_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request",
+                              ["route"], buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("fulcrum_e2e_request_latency_seconds",
+                             "End-to-end request latency as the client sees it",
+                             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.leg_failures = Counter("fulcrum_pd_leg_failures",
+                                    "Failed P/D legs, by leg and what the gateway did",
+                                    ["leg", "action"], registry=r)
+        self.pd_requests = Counter("fulcrum_dispatch",
+                                   "Requests by dispatch mode (pd, local)", ["mode"], registry=r)
+        self.prompt_tokens = Counter("fulcrum_prompt_tokens", "Prompt tokens served",
+                                     registry=r)
+        self.completion_tokens = Counter("fulcrum_completion_tokens",
+                                         "Completion tokens served", registry=r)
+        r.register(_ClusterCollector(cluster))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

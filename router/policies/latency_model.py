@@ -1,0 +1,155 @@
+"""Per-worker latency models fitted online from measured data (Arrow §3.1).
+
+Prefill time is quadratic in prompt length, `T(L) = a·L² + b·L + c`; a decode step's time
+is linear in the tokens resident on the worker, `τ(B) = m·B + c0`. Both are weighted
+least-squares fits over exponentially forgotten samples, so they follow drift, and both
+answer from configurable priors until they have enough distinct samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class OnlinePolyFit:
+    """Least-squares polynomial fit `y ≈ Σ coef[k]·x^k` kept as forgetting-weighted normal
+    equations: O(degree²) memory, O(degree³) per refit, no stored samples."""
+
+    def __init__(self, degree: int, forget: float = 0.99, x_scale: float = 1.0) -> None:
+        if degree < 0:
+            raise ValueError("degree must be >= 0")
+        if not 0.0 < forget <= 1.0:
+            raise ValueError("forget must be in (0, 1]")
+        self.degree = degree
+        self.forget = forget
+        self.x_scale = x_scale  # x is divided by this before powers: keeps XᵀX conditioned
+        n = degree + 1
+        self._xtx = np.zeros((n, n))
+        self._xty = np.zeros(n)
+        self._xs: set[float] = set()  # distinct x seen (capped), to know when a fit is determined
+        self.samples = 0
+
+    def add(self, x: float, y: float) -> None:
+        powers = (x / self.x_scale) ** np.arange(self.degree + 1)
+        self._xtx = self.forget * self._xtx + np.outer(powers, powers)
+        self._xty = self.forget * self._xty + powers * y
+        self.samples += 1
+        if len(self._xs) <= self.degree:
+            self._xs.add(float(x))
+
+    @property
+    def determined(self) -> bool:
+        """True once at least degree+1 distinct x values have been seen."""
+        return len(self._xs) > self.degree
+
+    def coefficients(self) -> np.ndarray | None:
+        """Coefficients in the caller's x units (lowest power first), or None if undetermined."""
+        if not self.determined:
+            return None
+        coef, *_ = np.linalg.lstsq(self._xtx, self._xty, rcond=None)
+        return coef / self.x_scale ** np.arange(self.degree + 1)
+
+
+@dataclass
+class PrefillLatencyModel:
+    """`T(L) = a·L² + b·L + c` seconds for a prompt of L tokens on one worker."""
+
+    a: float = 0.0
+    b: float = 2e-4
+    c: float = 0.02
+    forget: float = 0.99
+    _fit: OnlinePolyFit = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._fit = OnlinePolyFit(2, self.forget, x_scale=1000.0)
+
+    def observe(self, prompt_tokens: int, seconds: float) -> None:
+        """Feed one measured prefill (compute only, queueing excluded)."""
+        self._fit.add(float(prompt_tokens), float(seconds))
+        coef = self._fit.coefficients()
+        if coef is not None:
+            self.c, self.b, self.a = (float(v) for v in coef)
+
+    @property
+    def samples(self) -> int:
+        return self._fit.samples
+
+    def predict(self, prompt_tokens: float) -> float:
+        """Predicted prefill seconds, never negative."""
+        x = float(prompt_tokens)
+        return max(0.0, self.a * x * x + self.b * x + self.c)
+
+
+@dataclass
+class DecodeLatencyModel:
+    """`τ(B) = m·B + c0` seconds per decode step with B tokens resident on one worker."""
+
+    m: float = 1e-5
+    c0: float = 0.02
+    forget: float = 0.99
+    _fit: OnlinePolyFit = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._fit = OnlinePolyFit(1, self.forget, x_scale=1000.0)
+
+    def observe(self, resident_tokens: int, step_seconds: float) -> None:
+        """Feed one measured decode step (or inter-token interval) at a known load."""
+        self._fit.add(float(resident_tokens), float(step_seconds))
+        coef = self._fit.coefficients()
+        if coef is not None:
+            self.c0, self.m = (float(v) for v in coef)
+
+    @property
+    def samples(self) -> int:
+        return self._fit.samples
+
+    def predict(self, resident_tokens: float) -> float:
+        """Predicted seconds per decode step, never negative."""
+        return max(0.0, self.m * float(resident_tokens) + self.c0)
+
+    def max_tokens_under(self, tpot_s: float) -> float:
+        """Most resident tokens that keep a step under `tpot_s` (Arrow's MT(i)); 0 if none."""
+        if self.c0 >= tpot_s:
+            return 0.0
+        if self.m <= 0.0:
+            return float("inf")
+        return (tpot_s - self.c0) / self.m
+
+
+@dataclass(frozen=True)
+class LatencyPriors:
+    """Coefficients a worker's models start from before they have seen data."""
+
+    prefill_a: float = 0.0
+    prefill_b: float = 2e-4
+    prefill_c: float = 0.02
+    decode_m: float = 1e-5
+    decode_c0: float = 0.02
+    forget: float = 0.99
+
+
+class LatencyModelBook:
+    """One prefill and one decode model per worker name, created from priors on first use."""
+
+    def __init__(self, priors: LatencyPriors | None = None) -> None:
+        self.priors = priors or LatencyPriors()
+        self._prefill: dict[str, PrefillLatencyModel] = {}
+        self._decode: dict[str, DecodeLatencyModel] = {}
+
+    def prefill(self, worker: str) -> PrefillLatencyModel:
+        model = self._prefill.get(worker)
+        if model is None:
+            p = self.priors
+            model = PrefillLatencyModel(p.prefill_a, p.prefill_b, p.prefill_c, p.forget)
+            self._prefill[worker] = model
+        return model
+
+    def decode(self, worker: str) -> DecodeLatencyModel:
+        model = self._decode.get(worker)
+        if model is None:
+            p = self.priors
+            model = DecodeLatencyModel(p.decode_m, p.decode_c0, p.forget)
+            self._decode[worker] = model
+        return model

@@ -1,0 +1,67 @@
+"""Watch an OpenAI server-sent-event stream as it passes through, without changing it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+
+def _has_content(chunk: dict) -> bool:
+    for choice in chunk.get("choices") or ():
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta") or {}
+        if any(v for k, v in delta.items() if k != "role"):
+            return True
+    return False
+
+
+@dataclass
+class StreamObserver:
+    """Finds the first content token, counts content events, and keeps the usage block."""
+
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    content_events: int = 0
+    usage: dict | None = None
+    saw_done: bool = False
+    saw_error: bool = False
+    _buffer: bytes = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n\n" in self._buffer:
+            event, self._buffer = self._buffer.split(b"\n\n", 1)
+            self._on_event(event)
+
+    def _on_event(self, event: bytes) -> None:
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.saw_done = True
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            if "error" in chunk:
+                self.saw_error = True
+            if chunk.get("usage"):
+                self.usage = chunk["usage"]
+            if _has_content(chunk):
+                self.content_events += 1
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.usage and isinstance(self.usage.get("completion_tokens"), int):
+            return self.usage["completion_tokens"]
+        return self.content_events

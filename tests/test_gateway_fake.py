@@ -1,0 +1,203 @@
+"""Gateway behaviour against fake workers: dispatch, failures, bad input, metrics.
+
+These run in seconds. The same behaviours on real vLLM workers are in
+tests/test_vllm_*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.fake_worker import create_fake_worker
+from router.app import GatewayConfig, create_app
+from router.cluster import Cluster, Role, WorkerState
+from router.dispatch import DispatchConfig
+from tests.servers import free_port, serve_in_thread
+
+MODEL = "fake-model"
+
+
+@dataclass
+class Rig:
+    url: str
+    cluster: Cluster
+    prefill: object  # the fake prefill worker's FastAPI app
+    decode: object
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0,
+                             timeout=30)
+
+
+def _gateway(cluster: Cluster, **cfg) -> object:
+    dispatch = DispatchConfig(connect_timeout_s=1.0, prefill_timeout_s=5.0,
+                              stream_idle_timeout_s=5.0, request_timeout_s=10.0)
+    return create_app(GatewayConfig(served_models=(MODEL,), dispatch=dispatch,
+                                    stats_interval_s=0.2, **cfg), cluster)
+
+
+@pytest.fixture()
+def rig() -> Iterator[Rig]:
+    p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
+    with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
+        cluster = Cluster()
+        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+        cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+        with serve_in_thread(_gateway(cluster)) as g_url:
+            yield Rig(g_url, cluster, p_app, d_app)
+
+
+def _in_flight_zero(cluster: Cluster) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(w.in_flight == 0 for w in cluster.snapshot().workers):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_pd_completion_runs_both_legs_with_one_request_id(rig: Rig) -> None:
+    out = rig.client().completions.create(model=MODEL, prompt="hello there world",
+                                          max_tokens=5)
+    assert out.usage.completion_tokens == 5 and out.usage.prompt_tokens == 3
+    p, d = rig.prefill.state.stats, rig.decode.state.stats
+    assert p.prefill_legs == 1 and d.remote_decodes == 1 and d.local_requests == 0
+    prefill_body, decode_body = p.bodies[0], d.bodies[0]
+    assert prefill_body["max_tokens"] == 1 and prefill_body["stream"] is False
+    assert prefill_body["kv_transfer_params"]["do_remote_decode"] is True
+    assert decode_body["max_tokens"] == 5
+    assert decode_body["kv_transfer_params"]["remote_engine_id"] == "P"
+    assert p.request_ids == d.request_ids
+    assert _in_flight_zero(rig.cluster)
+
+
+def test_streaming_chat_with_usage_through_openai_client(rig: Rig) -> None:
+    stream = rig.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " t0 t1 t2 t3"
+    assert chunks[-1].usage.completion_tokens == 4
+    assert "stream_options" not in rig.prefill.state.stats.bodies[0]
+    assert rig.decode.state.stats.bodies[0]["stream_options"] == {"include_usage": True}
+
+
+def test_prefill_failure_falls_back_to_local_prefill(rig: Rig) -> None:
+    rig.prefill.state.behaviour.fail_prefill_status = 500
+    out = rig.client().completions.create(model=MODEL, prompt="abc", max_tokens=3)
+    assert out.choices[0].text == " t0 t1 t2"
+    d = rig.decode.state.stats
+    assert d.local_requests == 1 and d.remote_decodes == 0
+    metrics = httpx.get(rig.url + "/metrics").text
+    assert 'fulcrum_pd_leg_failures_total{action="local_prefill",leg="prefill"} 1.0' in metrics
+
+
+def test_failed_kv_load_is_retried_with_local_prefill(rig: Rig) -> None:
+    rig.decode.state.behaviour.fail_kv_load_status = 500
+    out = rig.client().completions.create(model=MODEL, prompt="abc", max_tokens=2)
+    assert out.usage.completion_tokens == 2
+    d = rig.decode.state.stats
+    assert d.remote_decodes == 1 and d.local_requests == 1
+
+
+def test_dead_decode_worker_is_skipped() -> None:
+    p_app = create_fake_worker("P", MODEL)
+    with serve_in_thread(p_app) as p_url:
+        cluster = Cluster()
+        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+        cluster.add("dead", f"http://127.0.0.1:{free_port()}", Role.DECODE, WorkerState.READY)
+        with serve_in_thread(_gateway(cluster)) as g_url:
+            client = openai.OpenAI(base_url=g_url + "/v1", api_key="x", max_retries=0)
+            out = client.completions.create(model=MODEL, prompt="abc", max_tokens=2)
+    assert out.usage.completion_tokens == 2
+    assert p_app.state.stats.local_requests == 1  # the prefill worker decoded it itself
+
+
+def test_worker_dying_mid_stream_gives_the_client_an_error_event(rig: Rig) -> None:
+    rig.decode.state.behaviour.die_after_tokens = 3
+    stream = rig.client().completions.create(model=MODEL, prompt="abc", max_tokens=10,
+                                             stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for chunk in stream:
+            got.append(chunk.choices[0].text)
+    assert got == [" t0", " t1", " t2"]
+    assert _in_flight_zero(rig.cluster)
+
+
+def test_client_disconnect_aborts_the_worker_request(rig: Rig) -> None:
+    rig.decode.state.behaviour.token_delay_s = 0.05
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", rig.url + "/v1/completions", json=body, timeout=10) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data:")
+    deadline = time.monotonic() + 5
+    while rig.decode.state.stats.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rig.decode.state.stats.aborted == 1
+    assert _in_flight_zero(rig.cluster)
+
+
+@pytest.mark.parametrize(("payload", "status", "param"), [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": MODEL, "prompt": "x", "temperature": -1}).encode(), 400,
+     "temperature"),
+    (json.dumps({"model": MODEL, "prompt": "word " * 5000}).encode(), 400, None),
+])
+def test_bad_input_gets_openai_style_4xx(rig: Rig, payload: bytes, status: int,
+                                         param: str | None) -> None:
+    resp = httpx.post(rig.url + "/v1/completions", content=payload,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == status
+    err = resp.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param
+    assert _in_flight_zero(rig.cluster)
+
+
+def test_chat_without_messages_is_rejected(rig: Rig) -> None:
+    resp = httpx.post(rig.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+
+
+def test_no_ready_worker_is_503(rig: Rig) -> None:
+    for name in rig.cluster.names():
+        rig.cluster.set_state(name, WorkerState.DEAD)
+    resp = httpx.post(rig.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_ready_worker"
+    assert httpx.get(rig.url + "/health").status_code == 503
+
+
+def test_models_health_and_metrics(rig: Rig) -> None:
+    assert [m["id"] for m in httpx.get(rig.url + "/v1/models").json()["data"]] == [MODEL]
+    assert httpx.get(rig.url + "/health").json()["ready_workers"] == 2
+    rig.client().completions.create(model=MODEL, prompt="x", max_tokens=2, stream=False)
+    text = httpx.get(rig.url + "/metrics").text
+    assert 'fulcrum_requests_total{route="/v1/completions",status="200"} 1.0' in text
+    assert 'fulcrum_worker_role{role="prefill",state="ready",worker="p0"} 1.0' in text
+    assert 'fulcrum_dispatch_total{mode="pd"} 1.0' in text
+
+
+def test_admin_token_is_enforced() -> None:
+    cluster = Cluster()
+    with serve_in_thread(_gateway(cluster, admin_token="s3cret")) as url:
+        assert httpx.get(url + "/admin/workers").status_code == 401
+        ok = httpx.get(url + "/admin/workers", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["workers"] == []
+    with serve_in_thread(_gateway(cluster, admin_open=False)) as url:
+        assert httpx.get(url + "/admin/workers").status_code == 403
