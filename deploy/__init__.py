@@ -1,0 +1,1 @@
+"""Running Fulcrum: the local cluster and the `fulcrum` command line."""

@@ -1,0 +1,207 @@
+"""The `fulcrum` command line: run a local cluster, inspect it, stop it.
+
+Sub-commands from other parts (benchmarks, the operator CLI) register themselves
+through `register(subparsers)` functions listed in `_EXTENSIONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from instance_manager.models import cache_root
+
+log = logging.getLogger("fulcrum")
+
+_EXTENSIONS = ("deploy.operator_cli", "benchmarks.cli")
+_DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct",
+                  "tiny": "tiny-llama"}
+
+
+def _state_file(port: int) -> Path:
+    return cache_root() / "run" / f"gateway-{port}.json"
+
+
+def _served_name(model_spec: str, resolved: str) -> str:
+    return _DEFAULT_NAMES.get(model_spec) or Path(resolved.rstrip("/")).name
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from deploy.local_cluster import ClusterOptions, build_local_cluster
+    from instance_manager.models import resolve_model
+
+    print(f"fulcrum: preparing model {args.model!r} ...", flush=True)
+    model = resolve_model(args.model)
+    opts = ClusterOptions(
+        model=model, served_model_name=args.served_model_name or _served_name(args.model, model),
+        workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
+        port=args.port, worker_base_port=args.worker_base_port,
+        side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
+        device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
+        extra_worker_args=tuple(args.worker_arg or ()))
+    app, manager = build_local_cluster(opts)
+    state = _state_file(args.port)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+
+    async def announce_when_ready() -> None:
+        started = time.monotonic()
+        if await manager.wait_ready(opts.supervisor.ready_timeout_s):
+            name = opts.served_model_name
+            print(f"\nfulcrum: {opts.workers} worker(s) ready in "
+                  f"{time.monotonic() - started:.0f}s. OpenAI endpoint: {url}/v1 "
+                  f"(model {name!r}). Ctrl-C stops everything.\n"
+                  f"  try: curl {url}/v1/chat/completions -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
+                  f"\"content\": \"What is the capital of France?\"}}]}}'\n", flush=True)
+        else:
+            print("fulcrum: workers are not ready yet; see `fulcrum status` and the logs in "
+                  f"{opts.log_dir}/", flush=True)
+
+    app.state.on_workers_started = announce_when_ready
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "url": url, "log_dir": str(opts.log_dir)}))
+    print(f"fulcrum: gateway on {url}, starting {opts.workers} worker(s) on "
+          f"{opts.served_model_name} (logs in {opts.log_dir}/) ...", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        state.unlink(missing_ok=True)
+    return 0
+
+
+def _admin_get(url: str, path: str, token: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = httpx.get(url.rstrip("/") + path, headers=headers, timeout=5)
+    if resp.status_code != 200:
+        raise SystemExit(f"fulcrum: {path} answered {resp.status_code}: {resp.text[:300]}")
+    return resp.json()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        data = _admin_get(args.url, "/admin/workers", args.token)
+    except httpx.HTTPError as exc:
+        print(f"fulcrum: no gateway at {args.url} ({exc.__class__.__name__}); is it up?")
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    table = Table(title=f"Fulcrum at {args.url} (policy {data.get('policy')})")
+    for col in ("worker", "role", "state", "in-flight P", "in-flight D", "running",
+                "waiting", "KV cache %", "pid", "restarts", "url"):
+        table.add_column(col)
+    for w in data["workers"]:
+        table.add_row(w["name"], w["role"], w["state"], str(w["in_flight_prefill"]),
+                      str(w["in_flight_decode"]), str(w["num_running"]),
+                      str(w["num_waiting"]), f"{100 * w['kv_cache_usage']:.1f}",
+                      str(w["pid"]), str(w["restarts"]), w["url"])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    state = _state_file(args.port)
+    if not state.exists():
+        print(f"fulcrum: no running gateway recorded for port {args.port}")
+        return 1
+    pid = json.loads(state.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.unlink(missing_ok=True)
+        print(f"fulcrum: gateway pid {pid} was already gone; cleaned up")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"fulcrum: stopped gateway pid {pid} and its workers")
+            return 0
+        time.sleep(0.5)
+    print(f"fulcrum: gateway pid {pid} still running after {args.timeout}s")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fulcrum", description="Adaptive prefill/decode router for vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a gateway and local vLLM workers until Ctrl-C",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    up.add_argument("--model", default="default",
+                    help="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random test "
+                         "Llama), a model folder, or a Hugging Face id")
+    up.add_argument("--served-model-name", default=None,
+                    help="name clients use in 'model' (derived from --model if unset)")
+    up.add_argument("--workers", type=int, default=2, help="number of vLLM workers")
+    up.add_argument("--prefill-workers", type=int, default=None,
+                    help="how many start in the prefill pool (default: half)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--worker-base-port", type=int, default=None,
+                    help="first worker port (default: gateway port + 1)")
+    up.add_argument("--side-channel-base-port", type=int, default=5600,
+                    help="first KV side-channel port")
+    up.add_argument("--kv-connector", default="nixl", choices=("nixl", "none"),
+                    help="KV transport between workers ('none': aggregated serving)")
+    up.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--kv-cache-gib", type=float, default=2.0,
+                    help="KV cache per CPU worker (VLLM_CPU_KVCACHE_SPACE)")
+    up.add_argument("--policy", default="least-loaded", help="routing policy")
+    up.add_argument("--log-dir", default=".fulcrum/logs", help="one log file per worker")
+    up.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
+                    help="bearer token for /admin (required to use it off loopback)")
+    up.add_argument("--worker-arg", action="append",
+                    help="extra argument passed to every vLLM worker (repeatable)")
+    up.set_defaults(func=_cmd_up)
+
+    status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")
+    status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
+    status.add_argument("--json", action="store_true", help="print raw JSON")
+    status.set_defaults(func=_cmd_status)
+
+    down = sub.add_parser("down", help="stop a gateway started by `fulcrum up`")
+    down.add_argument("--port", type=int, default=8000)
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=_cmd_down)
+
+    for module_name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

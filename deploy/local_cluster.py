@@ -1,0 +1,94 @@
+"""A gateway plus N local vLLM workers in one process tree: what `fulcrum up` runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from instance_manager.manager import InstanceManager, SupervisorConfig
+from instance_manager.worker_process import WorkerSpec
+from kv_transfer.settings import worker_kv_settings
+from router.app import GatewayConfig, create_app
+from router.cluster import Cluster, Role
+from router.dispatch import DispatchConfig
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What `fulcrum up` takes; defaults give a 1-prefill/1-decode CPU cluster."""
+
+    model: str
+    served_model_name: str
+    workers: int = 2
+    prefill_workers: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_host: str = "127.0.0.1"
+    worker_base_port: int | None = None
+    side_channel_base_port: int = 5600
+    kv_connector: str = "nixl"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    kv_cache_gib: float = 2.0
+    policy: str = "least-loaded"
+    log_dir: Path = Path(".fulcrum/logs")
+    admin_token: str | None = None
+    extra_worker_args: tuple[str, ...] = ()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+
+
+def initial_roles(names: list[str], prefill_workers: int | None,
+                  kv_connector: str) -> dict[str, Role]:
+    """First `prefill_workers` names prefill, the rest decode. With no KV connector, or
+    a single worker, everyone decodes (aggregated serving: each computes its prompts)."""
+    if kv_connector == "none" or len(names) < 2:
+        return {n: Role.DECODE for n in names}
+    count = len(names) // 2 if prefill_workers is None else prefill_workers
+    if not 0 <= count < len(names):
+        raise ValueError(f"--prefill-workers must leave at least one decode worker "
+                         f"(got {count} of {len(names)})")
+    return {n: (Role.PREFILL if i < count else Role.DECODE) for i, n in enumerate(names)}
+
+
+def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
+    """One spec per worker: ports, core or GPU, KV settings and log file."""
+    cores = os.cpu_count() or 1
+    base = opts.worker_base_port or opts.port + 1
+    specs = []
+    for i in range(opts.workers):
+        name = f"w{i}"
+        specs.append(WorkerSpec(
+            name=name, model=opts.model, served_model_name=opts.served_model_name,
+            host=opts.worker_host, port=base + i, log_path=opts.log_dir / f"{name}.log",
+            kv=worker_kv_settings(opts.kv_connector,
+                                  side_channel_port=opts.side_channel_base_port + i,
+                                  host=opts.worker_host),
+            device=opts.device,
+            cpu_core=(i % cores) if opts.device == "cpu" else None,
+            gpu_index=i if opts.device == "gpu" else None,
+            max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib,
+            extra_args=opts.extra_worker_args))
+    return specs
+
+
+def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]:
+    """The gateway app, whose lifespan starts and stops the supervised workers."""
+    specs = worker_specs(opts)
+    roles = initial_roles([s.name for s in specs], opts.prefill_workers, opts.kv_connector)
+    cluster = Cluster()
+    manager = InstanceManager(specs, roles, cluster, opts.supervisor)
+    dispatch = opts.dispatch
+    if opts.kv_connector == "none":
+        dispatch = DispatchConfig(**{**dispatch.__dict__, "pd_enabled": False})
+    config = GatewayConfig(served_models=(opts.served_model_name,), policy=opts.policy,
+                           dispatch=dispatch, admin_token=opts.admin_token,
+                           admin_open=opts.host in LOOPBACK)
+    app = create_app(config, cluster, supervisor=manager)
+    app.state.manager = manager
+    return app, manager

