@@ -81,6 +81,29 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import GatewayConfig, create_app
+    from router.cluster import Cluster, Role, WorkerState
+
+    cluster = Cluster()
+    for i, item in enumerate(args.worker):
+        role, sep, url = item.partition("=")
+        if not sep or role not in ("prefill", "decode"):
+            raise SystemExit(f"fulcrum: --worker takes ROLE=URL with ROLE prefill|decode, "
+                             f"got {item!r}")
+        cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
+    config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
+                           admin_token=args.admin_token,
+                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
+    print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
+          f"{len(args.worker)} external worker(s)", flush=True)
+    uvicorn.run(create_app(config, cluster), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
+
+
 def _admin_get(url: str, path: str, token: str | None) -> dict:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     resp = httpx.get(url.rstrip("/") + path, headers=headers, timeout=5)
@@ -163,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV transport between workers ('none': aggregated serving)")
     up.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     up.add_argument("--max-model-len", type=int, default=None)
-    up.add_argument("--kv-cache-gib", type=float, default=2.0,
-                    help="KV cache per CPU worker (VLLM_CPU_KVCACHE_SPACE)")
+    up.add_argument("--kv-cache-gib", type=int, default=2,
+                    help="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)")
     up.add_argument("--policy", default="least-loaded", help="routing policy")
     up.add_argument("--log-dir", default=".fulcrum/logs", help="one log file per worker")
     up.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
@@ -172,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
     up.set_defaults(func=_cmd_up)
+
+    gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gw.add_argument("--worker", action="append", required=True, metavar="ROLE=URL",
+                    help="a vLLM server and its starting role, e.g. "
+                         "prefill=http://10.0.0.5:8000 (repeatable)")
+    gw.add_argument("--model", action="append", required=True,
+                    help="served model name clients may ask for (repeatable)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--policy", default="least-loaded")
+    gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
+    gw.set_defaults(func=_cmd_gateway)
 
     status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")
     status.add_argument("--url", default="http://127.0.0.1:8000")

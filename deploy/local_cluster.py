@@ -34,7 +34,7 @@ class ClusterOptions:
     kv_connector: str = "nixl"
     device: str = "cpu"
     max_model_len: int | None = None
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: int = 2
     policy: str = "least-loaded"
     log_dir: Path = Path(".fulcrum/logs")
     admin_token: str | None = None

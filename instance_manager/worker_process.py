@@ -37,7 +37,7 @@ class WorkerSpec:
     cpu_core: int | None = None
     gpu_index: int | None = None
     max_model_len: int | None = None
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -61,7 +61,7 @@ class WorkerSpec:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         if self.device == "cpu":
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             if self.cpu_core is not None:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
         elif self.gpu_index is not None:

@@ -1,0 +1,232 @@
+"""The serving path on real vLLM CPU workers: `fulcrum up` on the tiny test model,
+one prefill and one decode worker, KV moved by NIXL.
+
+One cluster serves the whole module; the fault tests at the end kill workers and
+wait for the manager to restart them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.vllm_cluster import MAX_MODEL_LEN, MODEL_NAME, LiveCluster, start_cluster
+
+pytestmark = pytest.mark.vllm
+
+_WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
+
+
+def unique_prompt(n_words: int, seed: int) -> str:
+    """A prompt no earlier request used, so no prefix cache can answer it."""
+    rng = random.Random(seed)
+    return f"[{seed}:{time.time_ns()}] " + " ".join(rng.choice(_WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    live = start_cluster(tmp_path_factory.mktemp("fulcrum"))
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@pytest.fixture()
+def client(cluster: LiveCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+def _greedy(url: str, prompt: str, max_tokens: int = 12) -> dict:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    resp = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_cluster_has_one_prefill_and_one_decode_worker(cluster: LiveCluster) -> None:
+    roles = sorted(w["role"] for w in cluster.workers().values())
+    assert roles == ["decode", "prefill"]
+
+
+def test_openai_client_completions(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(20, 1),
+                                    max_tokens=8, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens > 20
+    assert out.choices[0].text
+    chunks = list(client.completions.create(
+        model=MODEL_NAME, prompt=unique_prompt(20, 2), max_tokens=6, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_openai_client_chat(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": unique_prompt(15, 3)}]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5,
+                                         extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 5 and out.choices[0].message.content
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=5, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert chunks[-1].usage.completion_tokens == 5
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+
+@pytest.mark.parametrize("n_words", [8, 60, 200])
+def test_pd_output_equals_single_instance_and_kv_moved(cluster: LiveCluster,
+                                                       n_words: int) -> None:
+    prefill, decode = cluster.by_role("prefill"), cluster.by_role("decode")
+    prompt = unique_prompt(n_words, 100 + n_words)
+    reference = _greedy(cluster.worker_url(prefill), prompt)  # one instance does it all
+    external = cluster.metric(decode, "vllm:prompt_tokens_by_source_total",
+                              source="external_kv_transfer")
+    local = cluster.metric(decode, "vllm:prompt_tokens_by_source_total",
+                           source="local_compute")
+    via_pd = _greedy(cluster.url, prompt)
+    prompt_len = via_pd["usage"]["prompt_tokens"]
+    assert via_pd["choices"][0]["logprobs"]["token_logprobs"] == \
+        reference["choices"][0]["logprobs"]["token_logprobs"]
+    assert via_pd["choices"][0]["text"] == reference["choices"][0]["text"]
+    # The decode worker pulled the whole prompt's KV and computed none of it.
+    assert cluster.metric(decode, "vllm:prompt_tokens_by_source_total",
+                          source="external_kv_transfer") - external == prompt_len
+    assert cluster.metric(decode, "vllm:prompt_tokens_by_source_total",
+                          source="local_compute") == local
+
+
+def _post(cluster: LiveCluster, route: str, payload: bytes | dict) -> httpx.Response:
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return httpx.post(cluster.url + route, content=content,
+                      headers={"content-type": "application/json"}, timeout=60)
+
+
+@pytest.mark.parametrize(("route", "payload", "status"), [
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": ', 400),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": -2}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_p": 7}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logprobs": "many"}, 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hello"}, 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME,
+                              "messages": [{"role": "user", "content": "x"}],
+                              "temperature": "hot"}, 400),
+])
+def test_bad_input_is_an_openai_error_not_a_500(cluster: LiveCluster, route: str,
+                                                payload: bytes | dict, status: int) -> None:
+    resp = _post(cluster, route, payload)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_longer_than_context_is_a_400(cluster: LiveCluster, stream: bool) -> None:
+    prompt = unique_prompt(MAX_MODEL_LEN + 50, 7)
+    resp = _post(cluster, "/v1/completions", {"model": MODEL_NAME, "prompt": prompt,
+                                              "max_tokens": 4, "stream": stream})
+    assert resp.status_code == 400, resp.text
+    assert "context" in resp.json()["error"]["message"].lower() or \
+        "length" in resp.json()["error"]["message"].lower()
+
+
+def test_client_disconnect_aborts_the_request_on_the_worker(cluster: LiveCluster) -> None:
+    decode = cluster.by_role("decode")
+    body = {"model": MODEL_NAME, "prompt": unique_prompt(30, 9), "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+    deadline = time.monotonic() + 30
+    while cluster.metric(decode, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the worker kept generating after the client left"
+        time.sleep(0.2)
+    gw = httpx.get(cluster.url + "/admin/workers").json()["workers"]
+    assert all(w["in_flight_prefill"] == 0 and w["in_flight_decode"] == 0 for w in gw)
+
+
+def test_kv_cache_returns_to_idle_after_many_requests(cluster: LiveCluster,
+                                                      client: openai.OpenAI) -> None:
+    import concurrent.futures as cf
+
+    def one(i: int) -> int:
+        out = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(40, 500 + i),
+                                        max_tokens=8, extra_body={"ignore_eos": True})
+        return out.usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(one, range(16))) == [8] * 16
+    deadline = time.monotonic() + 60
+    usage: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        usage = {n: cluster.metric(n, "vllm:kv_cache_usage_perc") for n in cluster.workers()}
+        if all(u == 0 for u in usage.values()):
+            break
+        time.sleep(1)
+    assert all(u == 0 for u in usage.values()), f"KV blocks still held: {usage}"
+
+
+# --- faults: these kill workers; the manager must bring them back -----------------
+
+def test_prefill_worker_killed_between_legs_decode_recomputes(cluster: LiveCluster) -> None:
+    prefill, decode = cluster.by_role("prefill"), cluster.by_role("decode")
+    prompt = unique_prompt(50, 11)
+    reference = _greedy(cluster.worker_url(prefill), prompt)
+    leg = httpx.post(cluster.worker_url(prefill) + "/v1/completions", timeout=60, json={
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+        "kv_transfer_params": {"do_remote_decode": True}})
+    params = leg.json()["kv_transfer_params"]
+    assert params["do_remote_prefill"] is True
+    old_pid = cluster.kill_worker(prefill)
+    started = time.monotonic()
+    resp = httpx.post(cluster.worker_url(decode) + "/v1/completions", timeout=120, json={
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+        "logprobs": 1, "ignore_eos": True, "kv_transfer_params": params})
+    took = time.monotonic() - started
+    # kv_load_failure_policy=recompute: the decode worker computes the prompt itself.
+    assert resp.status_code == 200, resp.text
+    assert took < 60
+    assert resp.json()["choices"][0]["logprobs"]["token_logprobs"] == \
+        reference["choices"][0]["logprobs"]["token_logprobs"]
+    # And through the gateway, with the prefill pool dead, requests still complete.
+    via_gateway = _greedy(cluster.url, prompt)
+    assert via_gateway["choices"][0]["logprobs"]["token_logprobs"] == \
+        resp.json()["choices"][0]["logprobs"]["token_logprobs"]
+    workers = cluster.wait_all_ready(timeout_s=400, min_restarts=0)
+    assert workers[prefill]["pid"] != old_pid and workers[prefill]["restarts"] >= 1
+
+
+def test_decode_worker_killed_mid_stream_client_gets_error_then_worker_returns(
+        cluster: LiveCluster, client: openai.OpenAI) -> None:
+    decode = cluster.by_role("decode")
+    stream = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(20, 12),
+                                       max_tokens=MAX_MODEL_LEN - 100, stream=True,
+                                       extra_body={"ignore_eos": True})
+    received = 0
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _chunk in stream:
+            received += 1
+            if received == 3:
+                cluster.kill_worker(decode)
+    assert time.monotonic() - started < 60
+    assert received >= 3
+    workers = cluster.wait_all_ready(timeout_s=400)
+    assert workers[decode]["restarts"] >= 1
+    # The restarted cluster serves P/D again.
+    out = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(10, 13),
+                                    max_tokens=4, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4

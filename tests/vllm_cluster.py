@@ -1,0 +1,135 @@
+"""A real local cluster (`fulcrum up` on the tiny test model) for tests.
+
+Started once per test module that asks for it: two vLLM CPU workers, one per
+core, cost ~30-60 s to start on CI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL_NAME = "tiny-llama"
+MAX_MODEL_LEN = 512
+
+
+def _free_block(count: int, start: int) -> int:
+    """First port p >= start with p..p+count-1 all free."""
+    port = start
+    while port < 65000:
+        try:
+            socks = []
+            for p in range(port, port + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            port += count
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+@dataclass
+class LiveCluster:
+    """Handle on a running `fulcrum up` process."""
+
+    url: str
+    proc: subprocess.Popen
+    log_dir: Path
+
+    def workers(self) -> dict[str, dict]:
+        data = httpx.get(self.url + "/admin/workers", timeout=5).json()
+        return {w["name"]: w for w in data["workers"]}
+
+    def worker_url(self, name: str) -> str:
+        return self.workers()[name]["url"]
+
+    def by_role(self, role: str) -> str:
+        return next(n for n, w in self.workers().items() if w["role"] == role)
+
+    def wait_all_ready(self, timeout_s: float = 600, min_restarts: int = 0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        last: dict = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fulcrum up exited with {self.proc.returncode}")
+            try:
+                last = self.workers()
+                crashed = [n for n, w in last.items() if w["restarts"] > min_restarts + 2]
+                if crashed:
+                    raise RuntimeError(f"workers {crashed} keep crashing:\n{self.log_tail()}")
+                if last and all(w["state"] == "ready" and w["restarts"] >= min_restarts
+                                for w in last.values()):
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"workers not ready after {timeout_s}s: {last}\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        parts = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(
+                errors="replace").splitlines()[-20:]))
+        return "\n".join(parts)
+
+    def metric(self, worker: str, name: str, **labels: str) -> float:
+        """Sum of a worker's Prometheus samples matching `name` and `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.worker_url(worker) + "/metrics", timeout=5).text
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def kill_worker(self, name: str) -> int:
+        """SIGKILL a worker's whole process group, as a crash would; returns its pid."""
+        pid = self.workers()[name]["pid"]
+        os.killpg(pid, signal.SIGKILL)
+        return pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_cluster(tmp: Path) -> LiveCluster:
+    """Launch `fulcrum up --model tiny` on free ports and wait until both workers serve."""
+    gateway = _free_block(1, 18000 + (os.getpid() % 500) * 4)
+    workers = _free_block(2, gateway + 1)
+    side = _free_block(2, 25600 + (os.getpid() % 500) * 4)
+    log_dir = tmp / "logs"
+    cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny",
+           "--served-model-name", MODEL_NAME, "--port", str(gateway),
+           "--worker-base-port", str(workers), "--side-channel-base-port", str(side),
+           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "1",
+           "--log-dir", str(log_dir)]
+    env = dict(os.environ)
+    out = open(tmp / "fulcrum-up.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    cluster = LiveCluster(f"http://127.0.0.1:{gateway}", proc, log_dir)
+    try:
+        cluster.wait_all_ready()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
