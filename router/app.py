@@ -72,12 +72,18 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                               app.state.metrics, config.dispatch)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                           config.stats_interval_s))
+            hook = getattr(app.state, "on_workers_started", None)
+            announcer = None
             if supervisor is not None:
                 await supervisor.start()
+                if hook is not None:
+                    announcer = asyncio.create_task(hook())
             try:
                 yield
             finally:
                 stats.cancel()
+                if announcer is not None:
+                    announcer.cancel()
                 if supervisor is not None:
                     await supervisor.stop()
 
