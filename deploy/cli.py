@@ -27,6 +27,41 @@ _DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-I
                   "tiny": "tiny-llama"}
 
 
+def _add_control_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("role controller (automatic P/D flips)")
+    group.add_argument("--control-policy", default="none",
+                       choices=("none", "static", "arrow", "dopd"),
+                       help="policy that flips workers between pools ('none': manual only)")
+    group.add_argument("--control-knob", action="append", metavar="K=V", default=[],
+                       help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
+                            "policy show`)")
+    group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
+    group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
+    group.add_argument("--control-interval", type=float, default=5.0,
+                       help="seconds between controller ticks")
+    group.add_argument("--control-window", type=float, default=20.0,
+                       help="seconds of metrics each decision looks at")
+    group.add_argument("--advisory", action="store_true",
+                       help="decide and explain, but never flip")
+
+
+def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
+    from instance_manager.controller.base import SLOTargets
+    from router.app import ControlConfig
+
+    knobs = []
+    for item in args.control_knob:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"fulcrum: --control-knob takes K=V, got {item!r}")
+        knobs.append((key, value))
+    return ControlConfig(
+        policy=None if args.control_policy == "none" else args.control_policy,
+        knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
+        interval_s=args.control_interval, window_s=args.control_window,
+        advisory=args.advisory)
+
+
 def _state_file(port: int) -> Path:
     return cache_root() / "run" / f"gateway-{port}.json"
 
@@ -50,7 +85,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
         device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
-        extra_worker_args=tuple(args.worker_arg or ()))
+        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args))
     app, manager = build_local_cluster(opts)
     state = _state_file(args.port)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -95,7 +130,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                              f"got {item!r}")
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
-                           admin_token=args.admin_token,
+                           admin_token=args.admin_token, control=_control_config(args),
                            admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
     print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
           f"{len(args.worker)} external worker(s)", flush=True)
@@ -194,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token for /admin (required to use it off loopback)")
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
+    _add_control_args(up)
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
@@ -207,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--policy", default="least-loaded")
     gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
+    _add_control_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 
     status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")

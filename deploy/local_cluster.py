@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec
 from kv_transfer.settings import worker_kv_settings
-from router.app import GatewayConfig, create_app
+from router.app import ControlConfig, GatewayConfig, create_app
 from router.cluster import Cluster, Role
 from router.dispatch import DispatchConfig
 
@@ -41,6 +41,7 @@ class ClusterOptions:
     extra_worker_args: tuple[str, ...] = ()
     supervisor: SupervisorConfig = SupervisorConfig()
     dispatch: DispatchConfig = DispatchConfig()
+    control: ControlConfig = ControlConfig()
 
 
 def initial_roles(names: list[str], prefill_workers: int | None,
@@ -88,7 +89,7 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
         dispatch = DispatchConfig(**{**dispatch.__dict__, "pd_enabled": False})
     config = GatewayConfig(served_models=(opts.served_model_name,), policy=opts.policy,
                            dispatch=dispatch, admin_token=opts.admin_token,
-                           admin_open=opts.host in LOOPBACK)
+                           admin_open=opts.host in LOOPBACK, control=opts.control)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
     return app, manager

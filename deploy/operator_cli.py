@@ -49,7 +49,8 @@ class AdminClient:
 def _client(args: argparse.Namespace) -> AdminClient:
     http = getattr(args, "http", None)  # tests inject a client bound to an app
     if http is None:
-        timeout = httpx.Timeout(10.0, read=max(30.0, (getattr(args, "timeout", None) or 0) + 30))
+        drain_s = getattr(args, "timeout", None) or 150.0  # a flip answers after its drain
+        timeout = httpx.Timeout(10.0, read=drain_s + 30.0)
         http = httpx.Client(base_url=args.url, timeout=timeout)
     return AdminClient(http, args.token)
 

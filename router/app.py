@@ -20,7 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from router import admin
+from instance_manager.controller.base import SLOTargets
+from instance_manager.controller.loop import Controller
+from instance_manager.controller.registry import make_control_policy
+from instance_manager.flip import FlipCoordinator, FlipMetrics
+from instance_manager.metrics_collector import MetricsCollector
+from router import admin, admin_control
 from router.cluster import Cluster, WorkerState
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
@@ -41,6 +46,19 @@ class WorkerSupervisor(Protocol):
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The role controller. `policy=None`: no automatic flips (manual ones still work)."""
+
+    policy: str | None = None
+    knobs: tuple[tuple[str, str], ...] = ()
+    slo: SLOTargets = field(default_factory=SLOTargets)
+    interval_s: float = 5.0
+    window_s: float = 20.0
+    advisory: bool = False
+    drain_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Gateway settings; see `fulcrum up --help` for the user-facing names."""
 
@@ -50,6 +68,16 @@ class GatewayConfig:
     admin_token: str | None = None
     admin_open: bool = True
     stats_interval_s: float = 2.0
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+
+def _make_controller(control: ControlConfig, flips: FlipCoordinator) -> Controller | None:
+    if control.policy is None:
+        return None
+    policy = make_control_policy(control.policy, **dict(control.knobs))
+    collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
+    return Controller(collector, flips, policy, interval_s=control.interval_s,
+                      advisory=control.advisory, drain_timeout_s=control.drain_timeout_s)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -74,6 +102,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                                           config.stats_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
+            controller = app.state.controller
+            control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
                 if hook is not None:
@@ -82,6 +112,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 yield
             finally:
                 stats.cancel()
+                if control_loop is not None:
+                    control_loop.cancel()
                 if announcer is not None:
                     announcer.cancel()
                 if supervisor is not None:
@@ -93,7 +125,11 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.metrics = GatewayMetrics(cluster)
     app.state.admin_token = config.admin_token
     app.state.admin_open = config.admin_open
+    app.state.flips = FlipCoordinator(cluster, drain_timeout_s=config.control.drain_timeout_s)
+    app.state.metrics.registry.register(FlipMetrics(app.state.flips))
+    app.state.controller = _make_controller(config.control, app.state.flips)
     app.include_router(admin.router)
+    app.include_router(admin_control.router)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:

@@ -37,6 +37,8 @@ class WorkerMetrics:
     prompt_tokens_per_s: float = 0.0
     generation_tokens_per_s: float = 0.0
     requests_finished_per_s: float = 0.0
+    ttft_samples: int = 0
+    itl_samples: int = 0
 
 
 @dataclass(frozen=True)

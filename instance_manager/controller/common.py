@@ -1,0 +1,67 @@
+"""Helpers every control policy shares: pools, loads, the flip candidate, and the note
+a policy leaves behind for `fulcrum explain`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from instance_manager.controller.base import ControlSnapshot, WorkerMetrics
+from router.cluster import Role, WorkerState, WorkerView
+
+
+@dataclass(frozen=True)
+class PolicyNote:
+    """Why a policy did (or did not) act at its last tick, with the numbers behind it."""
+
+    summary: str
+    numbers: Mapping[str, float | int | str | None] = field(default_factory=dict)
+
+
+def other(role: Role) -> Role:
+    return Role.DECODE if role == Role.PREFILL else Role.PREFILL
+
+
+def pool(snapshot: ControlSnapshot, role: Role) -> tuple[WorkerView, ...]:
+    """READY workers of one role: the workers that take new work of that kind."""
+    return snapshot.cluster.routable(role)
+
+
+def flip_in_progress(snapshot: ControlSnapshot) -> str | None:
+    """Name of a worker that is DRAINING (a flip or a drain is under way), else None."""
+    busy = [w.name for w in snapshot.cluster.workers if w.state == WorkerState.DRAINING]
+    return busy[0] if busy else None
+
+
+def metrics_of(snapshot: ControlSnapshot, name: str) -> WorkerMetrics:
+    return snapshot.metrics.get(name) or WorkerMetrics(name=name)
+
+
+def role_load_key(snapshot: ControlSnapshot, worker: WorkerView) -> tuple:
+    """Sort key for 'least loaded in its current role' (work it would have to finish)."""
+    m = metrics_of(snapshot, worker.name)
+    if worker.role == Role.PREFILL:
+        return (worker.prefill_tokens_in_flight, worker.in_flight_prefill, m.num_waiting,
+                m.num_running, worker.name)
+    return (worker.in_flight_decode, worker.decode_tokens_in_flight, m.num_running,
+            m.kv_cache_usage, worker.name)
+
+
+def least_loaded(snapshot: ControlSnapshot, source: Role) -> WorkerView | None:
+    """The READY worker of `source` with the least work of that role, if the pool can
+    spare one (a pool is never emptied)."""
+    members = pool(snapshot, source)
+    if len(members) < 2:
+        return None
+    return min(members, key=lambda w: role_load_key(snapshot, w))
+
+
+def describe_load(worker: WorkerView) -> str:
+    if worker.role == Role.PREFILL:
+        return (f"{worker.in_flight_prefill} prefill legs / "
+                f"{worker.prefill_tokens_in_flight} prompt tokens in flight")
+    return f"{worker.in_flight_decode} decode legs in flight"
+
+
+def fmt_s(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f} ms"

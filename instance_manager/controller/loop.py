@@ -1,0 +1,149 @@
+"""The live controller: every interval, scrape -> decide -> act (or only advise) -> record.
+
+Deciding and acting are separate steps, so advisory mode, `fulcrum explain` and the
+simulator all run the same policy code; only this loop touches the cluster, and only
+through the `FlipCoordinator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction, SLOTargets
+from instance_manager.controller.common import PolicyNote
+from instance_manager.flip import FlipCoordinator, FlipRefused
+from instance_manager.metrics_collector import MetricsCollector
+
+log = logging.getLogger("fulcrum.controller")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One controller tick: what the policy saw, said and asked for, and what happened."""
+
+    tick: int
+    at: float
+    policy: str
+    mode: str
+    note: str
+    numbers: Mapping[str, Any]
+    actions: tuple[FlipAction, ...] = ()
+    results: tuple[str, ...] = ()
+    workers: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "tick": self.tick, "at": self.at, "policy": self.policy, "mode": self.mode,
+            "note": self.note, "numbers": dict(self.numbers),
+            "actions": [{"worker": a.worker, "to": a.to.value, "reason": a.reason}
+                        for a in self.actions],
+            "results": list(self.results), "workers": [dict(w) for w in self.workers],
+        }
+
+
+def worker_rows(snapshot: ControlSnapshot) -> tuple[dict[str, Any], ...]:
+    """Per-worker numbers of a snapshot, as plain dicts (for explain and watch)."""
+    rows = []
+    for w in snapshot.cluster.workers:
+        m = snapshot.metrics.get(w.name)
+        row: dict[str, Any] = {"name": w.name, "role": w.role.value, "state": w.state.value,
+                               "in_flight_prefill": w.in_flight_prefill,
+                               "in_flight_decode": w.in_flight_decode, "scraped": m is not None}
+        if m is not None:
+            row.update(ttft_p50_s=m.ttft_p50_s, ttft_p90_s=m.ttft_p90_s, itl_p50_s=m.itl_p50_s,
+                       itl_p90_s=m.itl_p90_s, num_running=m.num_running,
+                       num_waiting=m.num_waiting, kv_cache_usage=m.kv_cache_usage,
+                       prompt_tokens_per_s=m.prompt_tokens_per_s,
+                       generation_tokens_per_s=m.generation_tokens_per_s,
+                       requests_finished_per_s=m.requests_finished_per_s)
+        rows.append(row)
+    return tuple(rows)
+
+
+class Controller:
+    """Owns the policy and the decision log; acts through a `FlipCoordinator`."""
+
+    def __init__(self, collector: MetricsCollector, flips: FlipCoordinator,
+                 policy: ControlPolicy, *, interval_s: float = 5.0, advisory: bool = False,
+                 drain_timeout_s: float | None = None, history_size: int = 50,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.collector = collector
+        self.flips = flips
+        self.policy = policy
+        self.interval_s = interval_s
+        self.advisory = advisory
+        self.drain_timeout_s = drain_timeout_s
+        self._wall = wall_clock
+        self._decisions: deque[Decision] = deque(maxlen=history_size)
+        self._ticks = 0
+        self.last_snapshot: ControlSnapshot | None = None
+
+    @property
+    def slo(self) -> SLOTargets:
+        return self.collector.slo
+
+    def set_slo(self, ttft_s: float | None = None, tpot_s: float | None = None) -> SLOTargets:
+        changes = {k: v for k, v in (("ttft_s", ttft_s), ("tpot_s", tpot_s)) if v is not None}
+        if any(v <= 0 for v in changes.values()):
+            raise ValueError("SLO targets must be positive seconds")
+        self.collector.slo = replace(self.collector.slo, **changes)
+        return self.collector.slo
+
+    def set_policy(self, policy: ControlPolicy) -> None:
+        """Swap the policy; the new one starts with fresh state (no cooldown carried)."""
+        self.policy = policy
+
+    @property
+    def decisions(self) -> tuple[Decision, ...]:
+        return tuple(self._decisions)
+
+    async def tick(self, client: httpx.AsyncClient) -> Decision:
+        """One scrape-decide-act round."""
+        self._ticks += 1
+        snapshot = await self.collector.scrape_once(self.flips.cluster.snapshot(), client)
+        self.last_snapshot = snapshot
+        mode = "advisory" if self.advisory else "act"
+        if self.flips.active:
+            note = PolicyNote(f"hold: flip of {', '.join(self.flips.active)} in progress")
+            actions: list[FlipAction] = []
+        else:
+            actions = self.policy.decide(snapshot)
+            note = getattr(self.policy, "last_note", None) or PolicyNote(
+                "; ".join(a.reason for a in actions) or "hold")
+        results = [await self._apply(a) for a in actions]
+        decision = Decision(self._ticks, self._wall(), self.policy.name, mode, note.summary,
+                            dict(note.numbers), tuple(actions), tuple(results),
+                            worker_rows(snapshot))
+        self._decisions.append(decision)
+        if actions:
+            log.info("controller tick %d: %s -> %s", decision.tick, note.summary, results)
+        return decision
+
+    async def _apply(self, action: FlipAction) -> str:
+        if self.advisory:
+            return "advisory: not applied"
+        try:
+            record = await self.flips.flip(action.worker, action.to, reason=action.reason,
+                                           drain_timeout_s=self.drain_timeout_s)
+        except FlipRefused as exc:
+            return f"refused: {exc}"
+        return f"{record.outcome.value}: {record.detail}"
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        """Tick forever (cancel the task to stop); a failing tick is logged, not fatal."""
+        while True:
+            try:
+                await self.tick(client)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must survive one bad tick
+                log.exception("controller tick failed")
+            await asyncio.sleep(self.interval_s)
