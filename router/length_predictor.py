@@ -18,6 +18,7 @@ JSON document.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-# Checked in order; the first category whose keywords match wins.
+# Checked in order; the first category with a keyword match (whole words) wins.
 QUESTION_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("code", ("```", "code", "python", "javascript", "function", "sql", "script", "java ",
               "c++", "html", "css", "api", "implement", "compile", "def ", "error", "bug")),
@@ -40,6 +41,19 @@ QUESTION_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("short_question", ("what is", "who ", "when ", "which ", "where ", "yes or no",
                         "how many", "how much")),
 )
+
+
+def _keyword_regex(keyword: str) -> str:
+    """A keyword as a regex matching whole words where it starts/ends with a letter."""
+    k = keyword.strip()
+    head = r"\b" if k[:1].isalnum() else ""
+    tail = r"\b" if k[-1:].isalnum() else ""
+    return head + re.escape(k) + tail
+
+
+_TYPE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile("|".join(_keyword_regex(k) for k in keywords)))
+    for name, keywords in QUESTION_TYPES)
 OTHER_TYPE = "other"
 NON_ENGLISH_TYPE = "non_english"
 ALL_TYPES: tuple[str, ...] = (*(t for t, _ in QUESTION_TYPES), NON_ENGLISH_TYPE, OTHER_TYPE)
@@ -55,8 +69,8 @@ def question_type(text: str | None) -> str:
     if sum(ord(ch) > 127 for ch in sample) > 0.3 * len(sample):
         return NON_ENGLISH_TYPE
     lowered = sample.lower()
-    for name, keywords in QUESTION_TYPES:
-        if any(k in lowered for k in keywords):
+    for name, pattern in _TYPE_PATTERNS:
+        if pattern.search(lowered):
             return name
     return OTHER_TYPE
 
@@ -239,3 +253,17 @@ class MeanLengthBaseline:
 
     def remaining(self, state: DecodeState) -> float:
         return max(0.0, self.mean_tokens - state.generated)
+
+
+DEFAULT_MODEL_PATH = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                      / "length_predictor_model.json")
+FALLBACK_MEAN_TOKENS = 200.0
+
+
+def load_default_predictor(path: Path | str | None = None) -> RemainingLengthPredictor:
+    """The committed ShareGPT-trained model (rebuild it with
+    `python -m benchmarks.train_length_predictor`), or a mean-length baseline without it."""
+    model_path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+    if model_path.is_file():
+        return HistogramLengthPredictor.load(model_path)
+    return MeanLengthBaseline(FALLBACK_MEAN_TOKENS)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from router.cluster import ClusterSnapshot, Role, WorkerView
+from router.policies.ares import AresDecodePolicy
+from router.policies.arrow import ArrowPolicy
+from router.policies.dopd_match import DOPDMatchPolicy
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,12 @@ class LeastLoadedPolicy:
         return chosen.name if chosen else None
 
 
-POLICIES: dict[str, type] = {LeastLoadedPolicy.name: LeastLoadedPolicy}
+POLICIES: dict[str, type] = {
+    LeastLoadedPolicy.name: LeastLoadedPolicy,
+    ArrowPolicy.name: ArrowPolicy,
+    DOPDMatchPolicy.name: DOPDMatchPolicy,
+    AresDecodePolicy.name: AresDecodePolicy,
+}
 
 
 def make_policy(name: str) -> RoutingPolicy:

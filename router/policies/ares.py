@@ -1,0 +1,220 @@
+"""ARES-style decode balancing on predicted remaining work (arXiv 2510.13668).
+
+`AresDecodePolicy` places a decode on the worker with the least *current + predicted
+future* tokens: resident tokens from the snapshot plus the predicted remaining output of
+every request it already placed there, plus the new request's own prompt and predicted
+output. The gateway (or simulator) feeds progress with `observe_progress` and completion with
+`observe_finished`; the predictor's refresh keeps each estimate current.
+
+`MigrationPlanner` is the decision half of rebalancing, a pure function of per-worker
+resident requests: which request to move, from where, to where, and only when the predicted
+decode time saved beats the migration cost. Nothing here performs a migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from router.cluster import ClusterSnapshot, Role
+from router.length_predictor import (
+    LengthTracker,
+    PromptFeatures,
+    RemainingLengthPredictor,
+    load_default_predictor,
+)
+
+if TYPE_CHECKING:
+    from router.policy import RequestInfo
+
+
+@dataclass
+class _Placed:
+    worker: str
+    tracker: LengthTracker
+    max_tokens: int
+    migrations: int = 0
+
+    @property
+    def predicted_remaining(self) -> float:
+        return min(self.tracker.estimate, max(0, self.max_tokens - self.tracker.generated))
+
+
+class AresDecodePolicy:
+    """Decode placement by current + predicted remaining tokens; prefill least-loaded."""
+
+    name = "ares"
+
+    def __init__(self, predictor: RemainingLengthPredictor | None = None) -> None:
+        self.predictor = predictor if predictor is not None else load_default_predictor()
+        self._placed: dict[str, _Placed] = {}
+
+    # -- feeding progress -------------------------------------------------------------
+    def observe_progress(self, request_id: str, generated_so_far: int) -> None:
+        placed = self._placed.get(request_id)
+        if placed is not None:
+            placed.tracker.refresh(generated_so_far)
+
+    def observe_finished(self, request_id: str) -> None:
+        self._placed.pop(request_id, None)
+
+    def predicted_future_tokens(self, worker: str) -> float:
+        """Σ predicted remaining output tokens of the requests this policy placed on worker."""
+        return sum(p.predicted_remaining for p in self._placed.values() if p.worker == worker)
+
+    def residents(self) -> dict[str, list[ResidentRequest]]:
+        """This policy's placed requests grouped by worker, for `MigrationPlanner.decide`."""
+        out: dict[str, list[ResidentRequest]] = {}
+        for rid, p in self._placed.items():
+            ctx = p.tracker.prompt.prompt_tokens + p.tracker.generated
+            out.setdefault(p.worker, []).append(
+                ResidentRequest(rid, ctx, p.predicted_remaining, p.migrations))
+        return out
+
+    def observe_migrated(self, request_id: str, target: str) -> None:
+        """A migration was carried out: the request now lives on `target`."""
+        placed = self._placed.get(request_id)
+        if placed is not None:
+            placed.worker = target
+            placed.migrations += 1
+
+    def _features(self, request: RequestInfo) -> PromptFeatures:
+        return PromptFeatures(request.prompt_tokens, getattr(request, "prompt_text", None))
+
+    # -- RoutingPolicy ----------------------------------------------------------------
+    def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
+        pool = cluster.routable(Role.PREFILL)
+        if not pool:
+            return None
+        return min(pool, key=lambda w: (w.prefill_tokens_in_flight, w.in_flight, w.name)).name
+
+    def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
+                    exclude: frozenset[str] = frozenset()) -> str | None:
+        pool = tuple(w for w in cluster.routable(Role.DECODE) if w.name not in exclude)
+        if not pool:
+            pool = tuple(w for w in cluster.routable() if w.name not in exclude)
+        if not pool:
+            return None
+        best = min(pool, key=lambda w: (
+            w.decode_tokens_in_flight + self.predicted_future_tokens(w.name),
+            w.in_flight_decode, w.name))
+        tracker = LengthTracker(self.predictor, self._features(request))
+        self._placed[request.request_id] = _Placed(best.name, tracker, request.max_tokens)
+        return best.name
+
+
+# ---------------------------------------------------------------------------------------
+# Migration decision (design only: the mechanism is a later step)
+
+
+@dataclass(frozen=True)
+class ResidentRequest:
+    """One running decode as the planner sees it."""
+
+    request_id: str
+    context_tokens: int
+    predicted_remaining: float
+    migrations: int = 0
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Seconds the moved request stalls: a fixed part plus a per-context-token part
+    (KV pull at a measured bandwidth, or a re-prefill on the target)."""
+
+    fixed_s: float = 0.05
+    per_token_s: float = 2e-5
+
+    def seconds(self, context_tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * context_tokens
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    horizon_steps: int = 256        # H: how far ahead predicted load counts
+    imbalance_trigger: float = 0.25  # act only if max W > (1 + this) · mean W
+    min_remaining: float = 64.0     # never move a request about to finish
+    max_migrations_per_request: int = 1
+    gain_margin: float = 1.0        # require gain > margin · cost
+
+
+@dataclass(frozen=True)
+class MigrationDecision:
+    request_id: str
+    source: str
+    target: str
+    gain_s: float
+    cost_s: float
+
+
+StepTime = Callable[[str, float], float]
+"""(worker, resident tokens) -> seconds per decode step, e.g. a DecodeLatencyModel."""
+
+
+class MigrationPlanner:
+    """Picks at most one (request, source, target) move per call, or None.
+
+    Predicted load over the horizon: `W_i = Σ_r ctx_r + min(H, R̂_r)`. The hottest worker is
+    the source, the coolest the target. Moving r for h = min(H, R̂_r) steps saves, per step,
+    the step-time drop for the n_s − 1 requests left on the source plus r's own
+    `τ_s(W_s) − τ_d(W_d + w_r)`, minus the step-time rise for the n_d requests on the target.
+    The best positive `gain − cost` that clears `gain_margin` wins.
+    """
+
+    def __init__(self, step_time: StepTime, cost: MigrationCost | None = None,
+                 config: MigrationConfig | None = None) -> None:
+        self.step_time = step_time
+        self.cost = cost or MigrationCost()
+        self.config = config or MigrationConfig()
+
+    def load(self, requests: Sequence[ResidentRequest]) -> float:
+        h = self.config.horizon_steps
+        return float(sum(r.context_tokens + min(h, r.predicted_remaining) for r in requests))
+
+    def gain_seconds(self, r: ResidentRequest, source: str, target: str,
+                     w_src: float, n_src: int, w_dst: float, n_dst: int) -> float:
+        steps = min(self.config.horizon_steps, r.predicted_remaining)
+        weight = r.context_tokens + steps
+        tau = self.step_time
+        src_before, src_after = tau(source, w_src), tau(source, w_src - weight)
+        dst_before, dst_after = tau(target, w_dst), tau(target, w_dst + weight)
+        per_step = ((n_src - 1) * (src_before - src_after)
+                    + (src_before - dst_after)
+                    - n_dst * (dst_after - dst_before))
+        return steps * per_step
+
+    def decide(self, residents: Mapping[str, Sequence[ResidentRequest]]
+               ) -> MigrationDecision | None:
+        if len(residents) < 2:
+            return None
+        loads = {w: self.load(rs) for w, rs in residents.items()}
+        mean = sum(loads.values()) / len(loads)
+        source = max(loads, key=lambda w: (loads[w], w))
+        target = min(loads, key=lambda w: (loads[w], w))
+        if mean <= 0 or loads[source] <= (1 + self.config.imbalance_trigger) * mean:
+            return None
+        cfg = self.config
+        best: MigrationDecision | None = None
+        for r in residents[source]:
+            if (r.predicted_remaining < cfg.min_remaining
+                    or r.migrations >= cfg.max_migrations_per_request):
+                continue
+            gain = self.gain_seconds(r, source, target, loads[source], len(residents[source]),
+                                     loads[target], len(residents[target]))
+            cost = self.cost.seconds(r.context_tokens)
+            if gain <= cfg.gain_margin * cost:
+                continue
+            if best is None or gain - cost > best.gain_s - best.cost_s:
+                best = MigrationDecision(r.request_id, source, target, gain, cost)
+        return best
+
+
+__all__ = [
+    "AresDecodePolicy",
+    "MigrationConfig",
+    "MigrationCost",
+    "MigrationDecision",
+    "MigrationPlanner",
+    "ResidentRequest",
+]

@@ -1,0 +1,113 @@
+"""DOPD's length-aware assignment of mixed-length requests (arXiv 2511.20982).
+
+Prefill cost is convex in prompt length, so one long prompt queued in front of short ones
+inflates their TTFT far more than its token count suggests. This policy splits the prefill
+pool in two: prompts above a threshold (a quantile of recently seen prompt lengths) go to a
+"long" sub-pool sized by the long class's share of predicted prefill *work*
+(Σ T(L), T convex), the rest to the "short" sub-pool. Within a sub-pool the worker with the
+least predicted queued work wins; a class spills into the other sub-pool only when that one
+is idle (no queued prompts) and its own is not.
+
+Decode: the worker whose resident tokens after admitting this request
+(prompt + expected output) are fewest, so long-context requests spread out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from router.cluster import ClusterSnapshot, Role, WorkerView
+from router.policies.latency_model import PrefillLatencyModel
+
+if TYPE_CHECKING:
+    from router.policy import RequestInfo
+
+
+@dataclass(frozen=True)
+class DOPDMatchConfig:
+    long_quantile: float = 0.8     # prompts above this quantile of the window are "long"
+    window: int = 512              # recent prompt lengths kept
+    min_samples: int = 16          # below this, no split: one shared pool
+    expected_output_tokens: float = 200.0  # decode footprint when max_tokens is larger
+
+
+class DOPDMatchPolicy:
+    """Length-aware prefill sub-pools and footprint-balanced decode placement."""
+
+    name = "dopd-match"
+
+    def __init__(self, config: DOPDMatchConfig | None = None,
+                 cost: PrefillLatencyModel | None = None) -> None:
+        self.config = config or DOPDMatchConfig()
+        self.cost = cost or PrefillLatencyModel()
+        self._recent: deque[int] = deque(maxlen=self.config.window)
+
+    def observe_prompt(self, prompt_tokens: int) -> None:
+        """Record one arriving prompt length. The caller (gateway or simulator) feeds every
+        arrival here; `pick_prefill` itself records nothing, so nothing is counted twice."""
+        self._recent.append(int(prompt_tokens))
+
+    # -- the split ------------------------------------------------------------------
+    def threshold(self) -> float | None:
+        """Prompt length above which a request is "long", or None while there is no split."""
+        if len(self._recent) < self.config.min_samples:
+            return None
+        return float(np.quantile(np.fromiter(self._recent, float), self.config.long_quantile))
+
+    def long_pool_size(self, n_workers: int, threshold: float) -> int:
+        """Workers for the long class, ∝ its share of predicted prefill work, in [1, n-1]."""
+        if n_workers < 2:
+            return 0
+        lengths = np.fromiter(self._recent, float)
+        work = np.maximum(self.cost.a * lengths ** 2 + self.cost.b * lengths + self.cost.c, 0)
+        total = work.sum()
+        share = float(work[lengths > threshold].sum() / total) if total > 0 else 0.0
+        if share <= 0.0:
+            return 0
+        return min(n_workers - 1, max(1, round(share * n_workers)))
+
+    def split(self, pool: tuple[WorkerView, ...]) -> tuple[tuple[WorkerView, ...],
+                                                           tuple[WorkerView, ...], float | None]:
+        """(short sub-pool, long sub-pool, threshold); names sorted so the split is stable."""
+        ordered = tuple(sorted(pool, key=lambda w: w.name))
+        threshold = self.threshold()
+        n_long = 0 if threshold is None else self.long_pool_size(len(ordered), threshold)
+        if n_long == 0:
+            return ordered, (), threshold
+        return ordered[:-n_long], ordered[-n_long:], threshold
+
+    def queued_work(self, w: WorkerView) -> float:
+        n = w.in_flight_prefill
+        return n * self.cost.predict(w.prefill_tokens_in_flight / n) if n else 0.0
+
+    # -- RoutingPolicy ----------------------------------------------------------------
+    def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
+        pool = cluster.routable(Role.PREFILL)
+        short, long_, threshold = self.split(pool)
+        if not pool:
+            return None
+        is_long = threshold is not None and request.prompt_tokens > threshold
+        own, other = (long_, short) if is_long else (short, long_)
+        if not own:
+            own, other = pool, ()
+        candidates = own
+        if other and all(w.in_flight_prefill > 0 for w in own) and any(
+                w.in_flight_prefill == 0 for w in other):
+            candidates = tuple(w for w in other if w.in_flight_prefill == 0)
+        return min(candidates, key=lambda w: (self.queued_work(w), w.in_flight, w.name)).name
+
+    def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
+                    exclude: frozenset[str] = frozenset()) -> str | None:
+        pool = tuple(w for w in cluster.routable(Role.DECODE) if w.name not in exclude)
+        if not pool:
+            pool = tuple(w for w in cluster.routable() if w.name not in exclude)
+        if not pool:
+            return None
+        footprint = request.prompt_tokens + min(request.max_tokens,
+                                                self.config.expected_output_tokens)
+        return min(pool, key=lambda w: (w.decode_tokens_in_flight + footprint,
+                                        w.in_flight_decode, w.name)).name

@@ -1,0 +1,112 @@
+"""Arrow dispatch on constructed cluster snapshots."""
+
+from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
+from router.policies.arrow import ArrowPolicy, ArrowTargets
+from router.policies.latency_model import LatencyPriors
+from router.policy import POLICIES, RequestInfo, RoutingPolicy, make_policy
+
+FLAT = LatencyPriors(prefill_a=0.0, prefill_b=1e-3, prefill_c=0.0, decode_m=1e-5, decode_c0=0.01)
+
+
+def req(prompt=100, rid="r1", tbt=None):
+    return RequestInfo(request_id=rid, prompt_tokens=prompt, max_tokens=64, tbt_target_s=tbt)
+
+
+def snap(*workers):
+    return ClusterSnapshot(tuple(workers), taken_at=123.0)
+
+
+def test_registered_and_satisfies_protocol():
+    assert POLICIES["arrow"] is ArrowPolicy
+    assert isinstance(make_policy("arrow"), RoutingPolicy)
+
+
+def test_prefill_goes_to_lowest_predicted_ttft_queue_included():
+    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    cluster = snap(
+        WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=2, prefill_tokens_in_flight=2000),
+        WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=500),
+        WorkerView("d1", "u", Role.DECODE),
+    )
+    assert policy.pick_prefill(req(100), cluster) == "p2"
+    assert policy.predicted_ttft(cluster.by_name("p2"), 100) == 0.6
+
+
+def test_fitted_models_change_the_choice():
+    """Same queues, but p2 is measured to be much slower: Arrow moves to p1."""
+    policy = ArrowPolicy(ArrowTargets(ttft_s=100.0), FLAT)
+    for n in (100, 200, 400, 800):
+        policy.observe_prefill("p2", n, 0.02 * n)  # 20x slower than the prior
+    cluster = snap(
+        WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=2, prefill_tokens_in_flight=2000),
+        WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=500),
+    )
+    assert policy.pick_prefill(req(100), cluster) == "p1"
+
+
+def test_prefill_prefers_worker_without_decode_work_among_feasible():
+    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    cluster = snap(
+        WorkerView("p1", "u", Role.PREFILL, decode_tokens_in_flight=300),
+        WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=200),
+    )
+    assert policy.pick_prefill(req(100), cluster) == "p2"
+
+
+def test_no_feasible_prefill_reports_pressure_and_falls_back_to_cheapest():
+    seen = []
+    policy = ArrowPolicy(ArrowTargets(ttft_s=0.5), FLAT, pressure_sink=seen.append)
+    cluster = snap(
+        WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=900),
+        WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=700),
+    )
+    assert policy.pick_prefill(req(100, rid="x"), cluster) == "p2"
+    assert len(seen) == 1 and seen[0].leg == Role.PREFILL and seen[0].fallback == "p2"
+    assert seen[0].predicted_s > seen[0].target_s == 0.5
+    assert [s.request_id for s in policy.pressure.drain()] == ["x"]
+    assert policy.pressure.drain() == []
+
+
+def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
+    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)  # MT = (0.05-0.01)/1e-5 = 4000
+    cluster = snap(
+        WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
+        WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=1000),
+        WorkerView("d3", "u", Role.DECODE, decode_tokens_in_flight=3950),
+    )
+    assert policy.pick_decode(req(100), cluster) == "d2"
+    assert policy.pick_decode(req(100), cluster, exclude=frozenset({"d2"})) == "d1"
+    assert policy.pressure.drain() == []
+
+
+def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
+    policy = ArrowPolicy(ArrowTargets(tpot_s=1.0), FLAT)
+    cluster = snap(
+        WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
+        WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=2000),
+    )
+    # 10 ms floor + 1e-5 s/token: no worker can hold a 20 ms target with 2000+ tokens
+    assert policy.pick_decode(req(100, tbt=0.02), cluster) == "d2"
+    (signal,) = policy.pressure.drain()
+    assert signal.leg == Role.DECODE and signal.target_s == 0.02
+
+
+def test_decode_measured_slowness_excludes_a_worker():
+    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)
+    for b in (100, 500, 1000):
+        policy.observe_decode("d2", b, 0.2)  # d2 is measured far above target
+    cluster = snap(
+        WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
+        WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=10),
+    )
+    assert policy.pick_decode(req(100), cluster) == "d1"
+
+
+def test_empty_pools_and_unroutable_workers():
+    policy = ArrowPolicy(priors=FLAT)
+    assert policy.pick_prefill(req(), snap()) is None
+    assert policy.pick_decode(req(), snap()) is None
+    cluster = snap(WorkerView("a", "u", Role.DECODE),
+                   WorkerView("b", "u", Role.PREFILL, state=WorkerState.DRAINING))
+    assert policy.pick_prefill(req(), cluster) == "a"  # no prefill pool: any routable worker
+    assert policy.pick_decode(req(), cluster, exclude=frozenset({"a"})) is None
