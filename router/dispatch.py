@@ -97,7 +97,28 @@ class Dispatcher:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
         started = time.monotonic()
         info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
-                           max_tokens=req.max_tokens or 16, arrival_time=started)
+                           max_tokens=req.max_tokens or 16, arrival_time=started,
+                           prompt_text=req.prompt_text)
+        self.feedback("observe_prompt", info.prompt_tokens)
+        try:
+            return await self._dispatch(req, info, started)
+        except BaseException:
+            self.feedback("observe_finished", request_id)
+            raise
+
+    def feedback(self, method: str, *args: object) -> None:
+        """Tell the policy what happened, if it learns from it (Arrow, DOPD, ARES)."""
+        hook = getattr(self.policy, method, None)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:  # a policy's bookkeeping must never fail a request
+            log.exception("policy %s.%s failed", self.policy.name, method)
+
+    async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
+                        started: float) -> Response:
+        request_id = info.request_id
         snap = self.cluster.snapshot()
         decode = self.policy.pick_decode(info, snap)
         if decode is None:
@@ -117,6 +138,7 @@ class Dispatcher:
         url = self.cluster.view(worker).url + req.route
         tokens = req.prompt_tokens_estimate
         self.cluster.begin(worker, Role.PREFILL, tokens)
+        leg_started = time.monotonic()
         try:
             resp = await self.client.post(url, json=_prefill_body(req.body),
                                           headers={"X-Request-Id": request_id},
@@ -130,11 +152,14 @@ class Dispatcher:
         if resp.status_code != 200:
             return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}")
         try:
-            params = resp.json().get("kv_transfer_params")
+            reply = resp.json()
+            params = reply.get("kv_transfer_params")
         except ValueError:
-            params = None
+            reply, params = {}, None
         if not params:
             return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
+        prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
+        self.feedback("observe_prefill", worker, prompt_tokens, time.monotonic() - leg_started)
         return params
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
@@ -198,7 +223,7 @@ class Dispatcher:
                      request_id: str, tokens: int, started: float) -> Response:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
         if req.stream:
-            relay = _StreamRelay(self, worker, upstream, req, tokens, started)
+            relay = _StreamRelay(self, worker, upstream, req, request_id, tokens, started)
             return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
                                        media_type="text/event-stream", headers=headers)
         try:
@@ -209,6 +234,7 @@ class Dispatcher:
         finally:
             await upstream.aclose()
             self.cluster.end(worker, Role.DECODE, tokens)
+            self.feedback("observe_finished", request_id)
         try:
             body = json.loads(content)
         except ValueError:
@@ -225,25 +251,33 @@ class Dispatcher:
         self.metrics.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
         self.metrics.completion_tokens.inc(usage.get("completion_tokens") or 0)
 
-    def observe_stream(self, req: ParsedRequest, obs: StreamObserver, started: float) -> None:
-        """Record client-side latency metrics of a finished stream."""
+    def observe_stream(self, worker: str, req: ParsedRequest, request_id: str,
+                       obs: StreamObserver, started: float) -> None:
+        """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
         self.metrics.e2e.labels(req.route).observe(e2e)
         if obs.ttft is not None:
             self.metrics.ttft.labels(req.route).observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
-                self.metrics.tpot.labels(req.route).observe((e2e - obs.ttft) / (n - 1))
+                tpot = (e2e - obs.ttft) / (n - 1)
+                self.metrics.tpot.labels(req.route).observe(tpot)
+                resident = self.cluster.view(worker).decode_tokens_in_flight
+                self.feedback("observe_decode", worker, resident, tpot)
         self._record_usage(obs.usage)
+        self.feedback("observe_finished", request_id)
 
 
 class _StreamRelay:
     """Passes a worker's SSE bytes through, watching them; cleans up exactly once."""
 
+    progress_every = 32  # content events between length-predictor refreshes
+
     def __init__(self, dispatcher: Dispatcher, worker: str, upstream: httpx.Response,
-                 req: ParsedRequest, tokens: int, started: float) -> None:
+                 req: ParsedRequest, request_id: str, tokens: int, started: float) -> None:
         self.d = dispatcher
         self.worker = worker
+        self.request_id = request_id
         self.upstream = upstream
         self.req = req
         self.tokens = tokens
@@ -253,8 +287,12 @@ class _StreamRelay:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
+            reported = 0
             async for chunk in self.upstream.aiter_raw():
                 self.obs.feed(chunk)
+                if self.obs.content_events - reported >= self.progress_every:
+                    reported = self.obs.content_events
+                    self.d.feedback("observe_progress", self.request_id, reported)
                 yield chunk
             if not self.obs.saw_done:
                 raise httpx.RemoteProtocolError("stream ended without [DONE]")
@@ -274,4 +312,4 @@ class _StreamRelay:
         self._closed = True
         await self.upstream.aclose()
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
-        self.d.observe_stream(self.req, self.obs, self.started)
+        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started)

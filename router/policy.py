@@ -25,6 +25,7 @@ class RequestInfo:
     max_tokens: int
     arrival_time: float = 0.0
     tbt_target_s: float | None = None
+    prompt_text: str | None = None
 
 
 @runtime_checkable

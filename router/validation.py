@@ -34,6 +34,17 @@ class ParsedRequest:
         return max(1, self.prompt_chars // 4)
 
     @property
+    def prompt_text(self) -> str | None:
+        """The completion prompt, or the last user message of a chat, when it is text."""
+        if self.route == COMPLETIONS:
+            prompt = self.body.get("prompt")
+            return prompt if isinstance(prompt, str) else None
+        for message in reversed(self.body.get("messages") or []):
+            if message.get("role") == "user" and isinstance(message.get("content"), str):
+                return message["content"]
+        return None
+
+    @property
     def include_usage(self) -> bool:
         opts = self.body.get("stream_options") or {}
         return bool(opts.get("include_usage"))

@@ -201,3 +201,36 @@ def test_admin_token_is_enforced() -> None:
         assert ok.status_code == 200 and ok.json()["workers"] == []
     with serve_in_thread(_gateway(cluster, admin_open=False)) as url:
         assert httpx.get(url + "/admin/workers").status_code == 403
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gateway_feeds_learning_policies_and_leaks_no_state(stream: bool) -> None:
+    p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
+    with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
+        for policy_name in ("arrow", "ares"):
+            cluster = Cluster()
+            cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+            cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+            app = _gateway(cluster, policy=policy_name)
+            with serve_in_thread(app) as g_url:
+                client = openai.OpenAI(base_url=g_url + "/v1", api_key="x", max_retries=0)
+                for i in range(4):
+                    out = client.completions.create(model=MODEL, prompt="a b c " * (i + 1),
+                                                    max_tokens=40, stream=stream)
+                    if stream:
+                        list(out)
+                policy = app.state.dispatcher.policy
+                if policy_name == "arrow":
+                    assert policy.models.prefill("p0").samples == 4
+                    if stream:
+                        assert policy.models.decode("d0").samples == 4
+                else:
+                    d_app.state.behaviour.token_delay_s = 0.02
+                    live = client.completions.create(model=MODEL, prompt="x y", max_tokens=40,
+                                                     stream=True)
+                    next(iter(live))
+                    assert sum(len(v) for v in policy.residents().values()) == 1
+                    list(live)
+                    d_app.state.behaviour.token_delay_s = 0.0
+                    assert _in_flight_zero(cluster)
+                    assert policy.residents() == {}  # every finished request forgotten
