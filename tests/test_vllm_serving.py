@@ -83,7 +83,7 @@ def test_openai_client_chat(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
 
 
-@pytest.mark.parametrize("n_words", [8, 60, 200])
+@pytest.mark.parametrize("n_words", [8, 60, 140])
 def test_pd_output_equals_single_instance_and_kv_moved(cluster: LiveCluster,
                                                        n_words: int) -> None:
     prefill, decode = cluster.by_role("prefill"), cluster.by_role("decode")
@@ -230,3 +230,37 @@ def test_decode_worker_killed_mid_stream_client_gets_error_then_worker_returns(
     out = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(10, 13),
                                     max_tokens=4, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
+
+
+def test_status_cli_shows_every_worker(cluster: LiveCluster) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "deploy.cli", "status", "--url", cluster.url,
+                          "--json"], capture_output=True, text=True, timeout=60, check=True)
+    workers = {w["name"]: w for w in json.loads(out.stdout)["workers"]}
+    assert set(workers) == {"w0", "w1"}
+    assert all(w["state"] == "ready" and w["pid"] for w in workers.values())
+    table = subprocess.run([sys.executable, "-m", "deploy.cli", "status", "--url", cluster.url],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "prefill" in table and "decode" in table and "KV cache %" in table
+
+
+def test_sigterm_leaves_no_worker_process_behind(cluster: LiveCluster) -> None:
+    import os
+
+    groups = [w["pid"] for w in cluster.workers().values()]
+    cluster.stop()
+    assert cluster.proc.returncode is not None
+    deadline = time.monotonic() + 30
+    alive = groups
+    while alive and time.monotonic() < deadline:
+        alive = []
+        for pgid in groups:
+            try:
+                os.killpg(pgid, 0)
+                alive.append(pgid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    assert not alive, f"process groups still alive: {alive}"

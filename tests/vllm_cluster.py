@@ -63,7 +63,8 @@ class LiveCluster:
         last: dict = {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"fulcrum up exited with {self.proc.returncode}")
+                raise RuntimeError(f"fulcrum up exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
             try:
                 last = self.workers()
                 crashed = [n for n, w in last.items() if w["restarts"] > min_restarts + 2]
@@ -79,7 +80,9 @@ class LiveCluster:
 
     def log_tail(self) -> str:
         parts = []
-        for log in sorted(self.log_dir.glob("*.log")):
+        for log in [self.log_dir.parent / "fulcrum-up.log", *sorted(self.log_dir.glob("*.log"))]:
+            if not log.exists():
+                continue
             parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(
                 errors="replace").splitlines()[-20:]))
         return "\n".join(parts)
@@ -111,17 +114,18 @@ class LiveCluster:
                 self.proc.kill()
 
 
-def start_cluster(tmp: Path) -> LiveCluster:
-    """Launch `fulcrum up --model tiny` on free ports and wait until both workers serve."""
-    gateway = _free_block(1, 18000 + (os.getpid() % 500) * 4)
-    workers = _free_block(2, gateway + 1)
-    side = _free_block(2, 25600 + (os.getpid() % 500) * 4)
+def start_cluster(tmp: Path, workers: int = 2, extra_args: tuple[str, ...] = ()) -> LiveCluster:
+    """Launch `fulcrum up --model tiny` on free ports and wait until every worker serves."""
+    gateway = _free_block(1, 18000 + (os.getpid() % 500) * 8)
+    worker_base = _free_block(workers, gateway + 1)
+    side = _free_block(workers, 25600 + (os.getpid() % 500) * 8)
     log_dir = tmp / "logs"
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny",
            "--served-model-name", MODEL_NAME, "--port", str(gateway),
-           "--worker-base-port", str(workers), "--side-channel-base-port", str(side),
+           "--workers", str(workers),
+           "--worker-base-port", str(worker_base), "--side-channel-base-port", str(side),
            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "1",
-           "--log-dir", str(log_dir)]
+           "--log-dir", str(log_dir), *extra_args]
     env = dict(os.environ)
     out = open(tmp / "fulcrum-up.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
