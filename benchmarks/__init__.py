@@ -1,0 +1,1 @@
+"""Benchmark harness (`fulcrum bench`) and cluster simulator (`fulcrum sim`)."""

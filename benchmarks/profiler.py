@@ -1,0 +1,129 @@
+"""`fulcrum profile`: measure one live worker and write points for the fitted sim model.
+
+Prefill: sequential requests with max_tokens=1 at several prompt lengths (TTFT ~ prefill
+time). Decode: n concurrent streams of fixed length; the median inter-token gap is the step
+time at batch n with about n*(prompt + output/2) resident tokens. The KV capacity is read
+from vLLM's `vllm:cache_config_info` metric (num_gpu_blocks x block_size) unless given.
+
+    python -m benchmarks.profiler --base-url http://127.0.0.1:8100 --out profile.json
+    python -m benchmarks.sim --perf fitted --fitted-model profile.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from benchmarks.bench import Endpoint, discover_model, send_request
+from benchmarks.dataset import BenchRequest, synthetic_prompt
+from benchmarks.sim.perf import FittedModel
+
+
+async def measure_prefill(endpoint: Endpoint, lengths: Sequence[int],
+                          repeats: int) -> list[tuple[float, float]]:
+    """(prompt_tokens, seconds) points: TTFT of single max_tokens=1 requests."""
+    points = []
+    async with httpx.AsyncClient(timeout=endpoint.timeout_s) as client:
+        for length in lengths:
+            for r in range(repeats):
+                req = BenchRequest(synthetic_prompt(length, seed=length * 100 + r), length, 1)
+                tl = await send_request(client, endpoint, req)
+                if tl.success:
+                    points.append((float(tl.prompt_tokens), tl.ttft_s))
+    return points
+
+
+async def measure_decode(endpoint: Endpoint, batch_sizes: Sequence[int], prompt_tokens: int,
+                         output_tokens: int) -> list[tuple[float, float, float]]:
+    """(num_seqs, resident_tokens, step seconds) points from concurrent streams."""
+    points = []
+    async with httpx.AsyncClient(timeout=endpoint.timeout_s) as client:
+        for n in batch_sizes:
+            reqs = [BenchRequest(synthetic_prompt(prompt_tokens, seed=i), prompt_tokens,
+                                 output_tokens) for i in range(n)]
+            tls = await asyncio.gather(*(send_request(client, endpoint, r) for r in reqs))
+            gaps = [g for t in tls if t.success for g in t.itls_s]
+            if gaps:
+                prompt = statistics.mean(t.prompt_tokens for t in tls if t.success)
+                points.append((float(n), n * (prompt + output_tokens / 2),
+                               statistics.median(gaps)))
+    return points
+
+
+async def kv_capacity_from_metrics(base_url: str) -> int | None:
+    """num_gpu_blocks * block_size from vLLM's /metrics, if exposed."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            text = (await client.get(base_url.rstrip("/") + "/metrics")).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info"):
+            blocks = re.search(r'num_gpu_blocks="(\d+)"', line)
+            size = re.search(r'block_size="(\d+)"', line)
+            if blocks and size:
+                return int(blocks.group(1)) * int(size.group(1))
+    return None
+
+
+def add_profile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", required=True, help="one worker (not the gateway)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--prompt-lengths", default="16,64,128,256,512,1024")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--decode-prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-output-tokens", type=int, default=64)
+    parser.add_argument("--kv-capacity-tokens", type=int, default=None,
+                        help="default: from /metrics, else 100000")
+    parser.add_argument("--kv-bytes-per-token", type=float, default=0.0,
+                        help="for KV transfer time (2*layers*kv_heads*head_dim*dtype bytes)")
+    parser.add_argument("--link-bytes-per-s", type=float, default=1e9,
+                        help="KV transfer bandwidth between workers")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile.json"))
+
+
+def run_profile(args: argparse.Namespace) -> dict:
+    async def go() -> dict:
+        model = args.model or await discover_model(args.base_url)
+        endpoint = Endpoint(args.base_url, model)
+        prefill = await measure_prefill(endpoint, [int(x) for x in args.prompt_lengths.split(",")],
+                                        args.repeats)
+        decode = await measure_decode(endpoint, [int(x) for x in args.batch_sizes.split(",")],
+                                      args.decode_prompt_tokens, args.decode_output_tokens)
+        kv = args.kv_capacity_tokens or await kv_capacity_from_metrics(args.base_url) or 100_000
+        return {"name": f"fitted-{Path(model).name}", "model": model, "prefill": prefill,
+                "decode": decode, "kv_capacity_tokens": kv,
+                "kv_bytes_per_token": args.kv_bytes_per_token,
+                "link_bytes_per_s": args.link_bytes_per_s}
+
+    data = asyncio.run(go())
+    fitted = FittedModel.fit(data["prefill"], data["decode"], data["kv_capacity_tokens"],
+                             data["kv_bytes_per_token"], data["link_bytes_per_s"], data["name"])
+    data["fit"] = {"prefill_coef": fitted.prefill_coef, "decode_coef": fitted.decode_coef}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2))
+    print(f"profile written to {args.out}: prefill(L)=%.3g L^2 + %.3g L + %.3g; "
+          "step(n, ctx)=%.3g + %.3g n + %.3g ctx" % (*fitted.prefill_coef, *fitted.decode_coef),
+          file=sys.stderr)
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fulcrum profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_profile_args(parser)
+    run_profile(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Discrete-event simulator of a P/D cluster driven by Fulcrum's own policy objects."""

@@ -1,0 +1,265 @@
+"""Performance models: how long one engine iteration takes, and how much KV fits.
+
+One interface (`PerfModel`), two implementations:
+
+* `RooflineModel`: FLOPs and bytes from the model's shape, divided by datasheet peaks
+  discounted by stated efficiencies. Every constant is below with its source.
+* `FittedModel`: least-squares fits of measured points (prompt length -> prefill time,
+  decode batch -> step time), stored as JSON, e.g. from `fulcrum profile` on the CPU
+  cluster.
+
+An iteration is vLLM-like: some prefill tokens (a chunk of one or more prompts) plus one
+token for each running decode. Its cost inputs are `prefill_tokens`, `prefill_pairs`
+(sum over chunks of chunk_len * (tokens before it + chunk_len/2), i.e. attention
+query-key pairs), `decode_seqs` and `decode_ctx` (sum of the decodes' context lengths).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+GIB = 1024**3
+
+
+class PerfModel(Protocol):
+    name: str
+
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+
+    @property
+    def kv_bytes_per_token(self) -> float: ...
+
+    def iteration_time(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int,
+                       decode_ctx: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer's shape (Llama-style: GQA, SwiGLU MLP)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int = 2  # bf16 weights and KV cache
+
+    @property
+    def params(self) -> float:
+        """Parameter count: attention (q,o full; k,v GQA) + SwiGLU MLP + norms, plus
+        untied input embedding and LM head."""
+        attn = self.hidden * self.heads * self.head_dim * 2 \
+            + self.hidden * self.kv_heads * self.head_dim * 2
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attn + mlp + 2 * self.hidden) + 2 * self.vocab * self.hidden
+
+    @property
+    def matmul_params(self) -> float:
+        """Parameters touched per token in GEMMs (embedding lookup excluded)."""
+        return self.params - self.vocab * self.hidden
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+
+# Shapes from the models' published config.json files (meta-llama/Llama-3.1-8B and -70B).
+LLAMA_3_1_8B = ModelShape("llama-3.1-8b", layers=32, hidden=4096, heads=32, kv_heads=8,
+                          head_dim=128, intermediate=14336, vocab=128256)   # 8.03e9 params
+LLAMA_3_1_70B = ModelShape("llama-3.1-70b", layers=80, hidden=8192, heads=64, kv_heads=8,
+                           head_dim=128, intermediate=28672, vocab=128256)  # 70.6e9 params
+MODELS = {m.name: m for m in (LLAMA_3_1_8B, LLAMA_3_1_70B)}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU's datasheet peaks."""
+
+    name: str
+    bf16_tflops: float     # dense (no sparsity)
+    hbm_tb_s: float
+    hbm_gib: float
+    link_gb_s: float       # per-GPU bandwidth for KV transfer between instances
+
+
+# NVIDIA H100 SXM5 datasheet: 989.4 dense BF16 TFLOPS (1,979 with sparsity), 3.35 TB/s
+# HBM3, 80 GB. H200 SXM datasheet: same compute, 4.8 TB/s HBM3e, 141 GB.
+# Link: instances on different nodes, one ConnectX-7 400 Gb/s NIC per GPU = 50 GB/s
+# (assumption: GPUDirect RDMA, the usual DGX/HGX layout).
+H100 = Hardware("h100", bf16_tflops=989.4, hbm_tb_s=3.35, hbm_gib=80 * 1e9 / GIB,
+                link_gb_s=50.0)
+H200 = Hardware("h200", bf16_tflops=989.4, hbm_tb_s=4.8, hbm_gib=141 * 1e9 / GIB,
+                link_gb_s=50.0)
+HARDWARE = {h.name: h for h in (H100, H200)}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Discounts applied to datasheet peaks (assumptions, not measurements).
+
+    compute 0.55: large bf16 GEMMs in vLLM reach roughly 50-70% of dense peak on H100.
+    memory 0.80: decode weight/KV streaming reaches ~80% of HBM bandwidth.
+    tp 0.85: tensor-parallel all-reduce costs ~15% per extra-GPU group (NVLink 900 GB/s).
+    link 0.80: RDMA goodput vs line rate, plus `link_latency_s` 0.5 ms per transfer.
+    iteration_overhead_s 2 ms: scheduler, sampling and launch cost per engine step with
+    CUDA graphs (vLLM v1 on H100 reports ~1-4 ms).
+    gpu_memory_utilization 0.90 (vLLM default); activation_reserve_gib 4 per GPU.
+    """
+
+    compute: float = 0.55
+    memory: float = 0.80
+    tp: float = 0.85
+    link: float = 0.80
+    link_latency_s: float = 0.0005
+    iteration_overhead_s: float = 0.002
+    gpu_memory_utilization: float = 0.90
+    activation_reserve_gib: float = 4.0
+
+
+class RooflineModel:
+    """time = overhead + max(FLOPs / effective compute, bytes / effective bandwidth)."""
+
+    def __init__(self, model: ModelShape, hardware: Hardware, tp: int = 1,
+                 eff: Efficiency | None = None) -> None:
+        self.model, self.hw, self.tp, self.eff = model, hardware, tp, eff or Efficiency()
+        self.name = f"roofline-{model.name}-{hardware.name}-tp{tp}"
+        scale = tp * (self.eff.tp if tp > 1 else 1.0)
+        self._flops_s = hardware.bf16_tflops * 1e12 * self.eff.compute * scale
+        self._bytes_s = hardware.hbm_tb_s * 1e12 * self.eff.memory * scale
+        self._attn_flops_per_pair = 4 * model.layers * model.heads * model.head_dim
+        self._gemm_flops_per_token = 2.0 * model.matmul_params
+        self._weight_bytes = model.weight_bytes
+        self._kv_bytes = model.kv_bytes_per_token
+        self._overhead = self.eff.iteration_overhead_s
+        free = tp * (hardware.hbm_gib * self.eff.gpu_memory_utilization
+                     - self.eff.activation_reserve_gib) * GIB - model.weight_bytes
+        if free <= 0:
+            raise ValueError(f"{model.name} does not fit on {tp} x {hardware.name}")
+        self._kv_capacity = int(free // model.kv_bytes_per_token)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self._kv_capacity
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return float(self.model.kv_bytes_per_token)
+
+    @property
+    def link_bytes_s(self) -> float:
+        return self.hw.link_gb_s * 1e9 * self.tp * self.eff.link
+
+    def iteration_time(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int,
+                       decode_ctx: float) -> float:
+        tokens = prefill_tokens + decode_seqs
+        if tokens == 0:
+            return 0.0
+        flops = self._gemm_flops_per_token * tokens \
+            + self._attn_flops_per_pair * (prefill_pairs + decode_ctx)
+        bytes_moved = self._weight_bytes + self._kv_bytes * (decode_ctx + tokens)
+        compute_s = flops / self._flops_s
+        memory_s = bytes_moved / self._bytes_s
+        return self._overhead + (compute_s if compute_s > memory_s else memory_s)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "model": asdict(self.model), "hardware": asdict(self.hw),
+                "tp": self.tp, "efficiency": asdict(self.eff),
+                "params": self.model.params, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_capacity_tokens": self.kv_capacity_tokens,
+                "effective_tflops": self._flops_s / 1e12,
+                "effective_tb_s": self._bytes_s / 1e12, "link_gb_s": self.link_bytes_s / 1e9}
+
+
+def roofline(model: str = "llama-3.1-8b", hardware: str = "h100", tp: int | None = None,
+             eff: Efficiency | None = None) -> RooflineModel:
+    """Roofline model by name; default TP: 1 for 8B, 4 on H100 / 2 on H200 for 70B."""
+    shape, hw = MODELS[model], HARDWARE[hardware]
+    if tp is None:
+        tp = 1 if shape.params < 20e9 else (4 if hw.hbm_gib < 100 else 2)
+    return RooflineModel(shape, hw, tp, eff)
+
+
+@dataclass
+class FittedModel:
+    """Fits of measured points (seconds):
+
+    prefill(L) = a L^2 + b L + c           (Arrow's quadratic in prompt length)
+    decode(n, ctx) = d0 + d1 n + d2 ctx     (linear in batch size and batch KV tokens)
+
+    A mixed iteration costs prefill(L) + decode(n, ctx) - d0 (one shared fixed overhead).
+    """
+
+    prefill_coef: tuple[float, float, float]
+    decode_coef: tuple[float, float, float]
+    kv_capacity: int
+    kv_bytes: float = 0.0
+    link_bytes_per_s: float = 1e9
+    name: str = "fitted"
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_capacity
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.kv_bytes
+
+    @property
+    def link_bytes_s(self) -> float:
+        return self.link_bytes_per_s
+
+    def iteration_time(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int,
+                       decode_ctx: float) -> float:
+        a, b, c = self.prefill_coef
+        d0, d1, d2 = self.decode_coef
+        t = 0.0
+        if decode_seqs:
+            t += d0 + d1 * decode_seqs + d2 * decode_ctx
+        if prefill_tokens:
+            # quadratic term via attention pairs: L^2 ~ 2*pairs for a whole prompt
+            t += 2 * a * prefill_pairs + b * prefill_tokens + (c if not decode_seqs else 0.0)
+        return max(t, 0.0)
+
+    @classmethod
+    def fit(cls, prefill_points: list[tuple[float, float]],
+            decode_points: list[tuple[float, float, float]], kv_capacity: int,
+            kv_bytes: float = 0.0, link_bytes_per_s: float = 1e9,
+            name: str = "fitted") -> FittedModel:
+        """prefill_points: (prompt_len, seconds); decode_points: (num_seqs, ctx_tokens,
+        seconds per step)."""
+        p = np.asarray(prefill_points, dtype=float)
+        degree = min(2, len(np.unique(p[:, 0])) - 1)  # fewer distinct lengths: lower degree
+        coefs = np.polyfit(p[:, 0], p[:, 1], degree) if degree > 0 else [p[:, 1].mean()]
+        a, b, c = [0.0] * (2 - degree) + [float(x) for x in coefs]
+        d = np.asarray(decode_points, dtype=float)
+        design = np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1]])
+        coef, *_ = np.linalg.lstsq(design, d[:, 2], rcond=None)
+        return cls((float(a), float(b), float(c)), tuple(float(x) for x in coef),  # type: ignore[arg-type]
+                   kv_capacity, kv_bytes, link_bytes_per_s, name)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> FittedModel:
+        d = json.loads(Path(path).read_text())
+        if "prefill_coef" not in d:  # raw points file from `fulcrum profile`
+            return cls.fit([tuple(x) for x in d["prefill"]], [tuple(x) for x in d["decode"]],
+                           int(d["kv_capacity_tokens"]), float(d.get("kv_bytes_per_token", 0)),
+                           float(d.get("link_bytes_per_s", 1e9)), d.get("name", "fitted"))
+        d["prefill_coef"] = tuple(d["prefill_coef"])
+        d["decode_coef"] = tuple(d["decode_coef"])
+        return cls(**d)

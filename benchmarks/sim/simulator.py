@@ -1,0 +1,438 @@
+"""The discrete-event loop: arrivals, engine iterations, KV transfers, control ticks.
+
+Routing goes through a `router.policy.RoutingPolicy` (pick_prefill at arrival, pick_decode
+when the prompt's KV is ready, on a `ClusterSnapshot` of simulated state), role flips
+through an `instance_manager.controller.base.ControlPolicy` (decide(ControlSnapshot) every
+`control_interval_s`). Policies with `observe_prefill`, `observe_decode`, `observe_prompt`
+or `observe_finished` methods are fed the same measurements the live gateway sees.
+
+Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
+in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
+the old role is gone); either way it is unroutable for `flip_rewarm_s` afterwards.
+KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
+needs KV room on the decode worker before it starts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from benchmarks.arrivals import Trace
+from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
+from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
+from benchmarks.sim.fastinit import fast_constructor
+from benchmarks.sim.perf import PerfModel
+from instance_manager.controller.base import (
+    ControlPolicy,
+    ControlSnapshot,
+    SLOTargets,
+    WorkerMetrics,
+)
+from router.cluster import ClusterSnapshot, Role, WorkerState
+from router.policy import RequestInfo, RoutingPolicy
+
+_make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
+                                             "arrival_time", "tbt_target_s"))
+ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
+
+
+@dataclass
+class SimConfig:
+    """Cluster shape and knobs of one simulated run."""
+
+    prefill: int = 1
+    decode: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    slo: SLO = field(default_factory=SLO)
+    control_interval_s: float = 1.0
+    window_s: float = 10.0
+    flip_mode: str = "relabel"
+    flip_rewarm_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.flip_mode not in ("relabel", "drain"):
+            raise ValueError("flip_mode must be 'relabel' or 'drain'")
+        if self.prefill + self.decode <= 0:
+            raise ValueError("the cluster needs at least one worker")
+
+
+@dataclass
+class SimResult:
+    """Per-request outcomes plus cluster history."""
+
+    arrival: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    failed: np.ndarray
+    finish_count: np.ndarray
+    roles: list[tuple[float, int, int]]
+    flips: list[tuple[float, str, str, str]]
+    events: int
+    wall_s: float
+    cpu_s: float
+    busy_s: dict[str, float]
+
+    @property
+    def ttft(self) -> np.ndarray:
+        return self.first_token - self.arrival
+
+    @property
+    def latency(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    @property
+    def duration(self) -> float:
+        ok = ~self.failed
+        if not ok.any():
+            return 0.0
+        return float(np.nanmax(self.finish[ok]) - self.arrival.min())
+
+    def metrics(self, slo: SLO | None = None,
+                percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+        ok = ~self.failed
+        result = summarize_arrays(
+            duration_s=self.duration, prompt_tokens=self.prompt_tokens.astype(float),
+            output_tokens=self.output_tokens.astype(float), success=ok,
+            ttft_s=np.where(ok, self.ttft, 0.0), latency_s=np.where(ok, self.latency, 0.0),
+            slo=slo, percentiles=percentiles)
+        result["num_prompts"] = int(self.arrival.size)
+        result["flips"] = len(self.flips)
+        result["sim_events"] = self.events
+        result["sim_wall_s"] = self.wall_s
+        result["sim_cpu_s"] = self.cpu_s
+        result["sim_requests_per_cpu_s"] = self.arrival.size / self.cpu_s if self.cpu_s else None
+        return result
+
+
+class Simulator:
+    """One run of one cluster configuration on one trace."""
+
+    def __init__(self, config: SimConfig, perf: PerfModel, routing: RoutingPolicy,
+                 control: ControlPolicy | None = None) -> None:
+        self.config, self.perf, self.routing, self.control = config, perf, routing, control
+        roles = [Role.PREFILL] * config.prefill + [Role.DECODE] * config.decode
+        self.engines = [Engine(i, f"w{i}", r, perf, config.engine) for i, r in enumerate(roles)]
+        self.by_name = {e.name: e for e in self.engines}
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._snapshot: ClusterSnapshot | None = None
+        self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
+        eff = getattr(perf, "eff", None)
+        self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
+        self.kv_bytes = float(perf.kv_bytes_per_token)
+        self._obs_prefill = getattr(routing, "observe_prefill", None)
+        self._obs_decode = getattr(routing, "observe_decode", None)
+        self._obs_prompt = getattr(routing, "observe_prompt", None)
+        self._obs_finished = getattr(routing, "observe_finished", None)
+        self.roles: list[tuple[float, int, int]] = []
+        self.flips: list[tuple[float, str, str, str]] = []
+        self._recent_prompts: deque[tuple[float, int, int]] = deque()
+        self._last_counters: dict[str, tuple[int, int, int]] = {}
+
+    # ---- plumbing ------------------------------------------------------------------
+    def _push(self, t: float, kind: int, a: object = None, b: object = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, a, b))
+
+    def _changed(self, e: Engine) -> None:
+        e._view = None
+        self._snapshot = None
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        snap = self._snapshot
+        if snap is None:
+            snap = self._snapshot = ClusterSnapshot(tuple(e.view() for e in self.engines), now)
+        return snap
+
+    def _kick(self, e: Engine, now: float) -> None:
+        if e.plan is None:
+            plan = e.start(now)
+            if plan is not None:
+                if plan.first_tokens or plan.chunks:  # joins or KV reservations
+                    self._changed(e)
+                self._push(now + plan.steps * plan.step_s, ITER_END, e, e.version)
+        else:
+            end = e.interrupt(now)
+            if end is not None:
+                self._push(end, ITER_END, e, e.version)
+
+    def _record_roles(self, now: float) -> None:
+        n_p = sum(1 for e in self.engines if e.role == Role.PREFILL)
+        self.roles.append((now, n_p, len(self.engines) - n_p))
+
+    # ---- request life cycle ------------------------------------------------------------
+    def _arrive(self, req: SimRequest, now: float) -> None:
+        tbt = self.config.slo.tpot_ms / 1000 if self.config.slo.tpot_ms else None
+        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, tbt)
+        if self._obs_prompt is not None:
+            self._obs_prompt(req.prompt)
+        if self.control is not None:
+            self._recent_prompts.append((now, req.prompt, req.output))
+        snap = self.snapshot(now)
+        pname = self.routing.pick_prefill(info, snap)
+        if pname is None:
+            dname = self.routing.pick_decode(info, snap)
+            if dname is None:
+                return self._fail(req)
+            e = self.by_name[dname]
+            req.local_decode = True
+            if req.prompt + req.output > e.kv_cap:
+                return self._fail(req)
+            req.decode_worker = e.idx
+            e.in_flight_decode += 1
+            e.decode_tokens_in_flight += req.prompt + req.output
+        else:
+            e = self.by_name[pname]
+            if req.prompt > e.kv_cap:
+                return self._fail(req)
+            e.in_flight_prefill += 1
+            e.prefill_tokens_in_flight += req.prompt
+        req.prefill_worker = e.idx
+        e.prefill_queue.append(req)
+        self._changed(e)
+        self._kick(e, now)
+
+    def _fail(self, req: SimRequest) -> None:
+        req.failed = True
+        self._finished += 1
+
+    def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
+        if self._obs_prefill is not None and req.prefill_start == req.prefill_start:
+            self._obs_prefill(e.name, req.prompt, now - req.prefill_start)
+        if req.local_decode:  # aggregated: the prefill iteration emits the first token
+            self._start_local_decode(e, req, now)
+            return
+        e.in_flight_prefill -= 1
+        e.prefill_tokens_in_flight -= req.prompt
+        dname = self.routing.pick_decode(req.info, self.snapshot(now))
+        if dname is None or dname == e.name:
+            req.local_decode = True
+            req.kv_held += req.output
+            e.kv_used += req.output
+            e.in_flight_decode += 1
+            e.decode_tokens_in_flight += req.prompt + req.output
+            req.decode_worker = e.idx
+            self._start_local_decode(e, req, now)
+            return
+        d = self.by_name[dname]
+        if req.prompt + req.output > d.kv_cap:
+            e.kv_used -= req.kv_held
+            self._fail(req)
+            return
+        req.decode_worker = d.idx
+        d.in_flight_decode += 1
+        d.decode_tokens_in_flight += req.prompt + req.output
+        d.decode_wait.append(req)
+        self._changed(d)
+        self._admit_pulls(d, now)
+
+    def _start_local_decode(self, e: Engine, req: SimRequest, now: float) -> None:
+        req.first_token = now
+        self._sample_ttft(e, req, now)
+        if req.output <= 1:
+            self._finish(e, req, now)
+        else:
+            e.join_local(req, req.output - 1, now)
+
+    def _sample_ttft(self, e: Engine, req: SimRequest, now: float) -> None:
+        if self.control is not None:
+            e.samples_ttft.append((now, now - req.arrival))
+
+    def _admit_pulls(self, d: Engine, now: float) -> None:
+        """Start KV pulls for waiting decodes while the decode worker has room."""
+        limit = d.config.max_num_seqs
+        while d.decode_wait:
+            req = d.decode_wait[0]
+            need = req.prompt + req.output
+            if d.kv_used + need > d.kv_cap or \
+                    len(d.running) + len(d.ready) + d.transferring >= limit:
+                break
+            d.decode_wait.popleft()
+            d.kv_used += need
+            d.transferring += 1
+            secs = req.prompt * self.kv_bytes / self.link_bytes_s + self.link_latency_s
+            self._push(now + secs, XFER_DONE, req, need)
+
+    def _transfer_done(self, req: SimRequest, need: int, now: float) -> None:
+        src = self.engines[req.prefill_worker]
+        src.kv_used -= req.kv_held
+        req.kv_held = need
+        self._changed(src)
+        self._kick(src, now)  # its queue may have been waiting for KV room
+        self._check_drained(src, now)
+        d = self.engines[req.decode_worker]
+        d.transferring -= 1
+        d.ready.append(req)
+        self._changed(d)
+        self._kick(d, now)
+
+    def _finish(self, e: Engine, req: SimRequest, now: float) -> None:
+        req.finish = now
+        self.finish_count[req.rid] += 1
+        self._finished += 1
+        e.kv_used -= req.kv_held
+        req.kv_held = 0
+        e.in_flight_decode -= 1
+        e.decode_tokens_in_flight -= req.prompt + req.output
+        e.requests_finished += 1
+        if self.control is not None and req.output > 1:
+            e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
+        if self._obs_finished is not None:
+            self._obs_finished(req.info.request_id)
+
+    def _iteration_end(self, e: Engine, now: float) -> None:
+        plan = e.plan
+        n = len(e.running)
+        prefilled, finished = e.complete(now)
+        if self._obs_decode is not None and n and plan is not None and not plan.chunks:
+            self._obs_decode(e.name, e.ctx_total, plan.step_s)
+        if plan is not None and plan.first_tokens and self.control is not None:
+            for req in plan.first_tokens:
+                self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
+        for req in prefilled:
+            self._prefill_done(e, req, now)
+        for req in finished:
+            self._finish(e, req, now)
+        if prefilled or finished or (plan is not None and plan.first_tokens):
+            self._changed(e)
+        if finished:
+            self._admit_pulls(e, now)
+        self._kick(e, now)
+        self._check_drained(e, now)
+
+    # ---- control -----------------------------------------------------------------------
+    def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
+        horizon = now - self.config.window_s
+        for samples in (e.samples_ttft, e.samples_itl):
+            while samples and samples[0][0] < horizon:
+                samples.popleft()
+        ttft = np.array([s[1] for s in e.samples_ttft]) if e.samples_ttft else None
+        itl = np.array([s[1] for s in e.samples_itl]) if e.samples_itl else None
+        prev = self._last_counters.get(e.name, (0, 0, 0))
+        cur = (e.prompt_tokens_done, e.tokens_generated, e.requests_finished)
+        self._last_counters[e.name] = cur
+        return WorkerMetrics(
+            name=e.name,
+            ttft_p50_s=float(np.percentile(ttft, 50)) if ttft is not None else None,
+            ttft_p90_s=float(np.percentile(ttft, 90)) if ttft is not None else None,
+            itl_p50_s=float(np.percentile(itl, 50)) if itl is not None else None,
+            itl_p90_s=float(np.percentile(itl, 90)) if itl is not None else None,
+            num_running=len(e.running), num_waiting=len(e.prefill_queue) + len(e.decode_wait),
+            kv_cache_usage=e.kv_used / e.kv_cap if e.kv_cap else 1.0,
+            prompt_tokens_per_s=(cur[0] - prev[0]) / interval,
+            generation_tokens_per_s=(cur[1] - prev[1]) / interval,
+            requests_finished_per_s=(cur[2] - prev[2]) / interval)
+
+    def _control_tick(self, now: float) -> None:
+        assert self.control is not None
+        interval = self.config.control_interval_s
+        horizon = now - self.config.window_s
+        recent = self._recent_prompts
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        slo = self.config.slo
+        snap = ControlSnapshot(
+            time=now, cluster=self.snapshot(now),
+            metrics={e.name: self._worker_metrics(e, now, interval) for e in self.engines},
+            window_s=self.config.window_s,
+            slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
+                           tpot_s=(slo.tpot_ms or 100.0) / 1000),
+            mean_prompt_tokens=float(np.mean([r[1] for r in recent])) if recent else None,
+            mean_output_tokens=float(np.mean([r[2] for r in recent])) if recent else None)
+        for action in self.control.decide(snap):
+            self.apply_flip(action.worker, action.to, action.reason, now)
+
+    def apply_flip(self, worker: str, to: Role, reason: str, now: float) -> None:
+        e = self.by_name.get(worker)
+        if e is None or e.role == to or e.pending_role is not None:
+            return
+        self.flips.append((now, worker, to.value, reason))
+        if self.config.flip_mode == "relabel":
+            e.role = to
+            self._record_roles(now)
+            self._rewarm(e, now)
+        else:
+            e.state = WorkerState.DRAINING
+            e.pending_role = to
+            self._changed(e)
+            self._check_drained(e, now)
+
+    def _check_drained(self, e: Engine, now: float) -> None:
+        if e.pending_role is None or e.state != WorkerState.DRAINING:
+            return
+        if e.has_role_work(e.role):
+            return
+        e.role = e.pending_role
+        e.pending_role = None
+        self._record_roles(now)
+        self._rewarm(e, now)
+
+    def _rewarm(self, e: Engine, now: float) -> None:
+        if self.config.flip_rewarm_s > 0:
+            e.state = WorkerState.STARTING
+            self._push(now + self.config.flip_rewarm_s, FLIP_DONE, e, None)
+        else:
+            e.state = WorkerState.READY
+        self._changed(e)
+
+    # ---- main loop -----------------------------------------------------------------------
+    def run(self, trace: Trace) -> SimResult:
+        """Simulate the trace to completion (every request finishes or fails once)."""
+        wall0 = time.perf_counter()
+        cpu0 = time.process_time()
+        n = len(trace)
+        reqs = [SimRequest(i, float(t), max(1, r.prompt_tokens), max(1, r.output_tokens))
+                for i, (t, r) in enumerate(trace)]
+        self.finish_count = np.zeros(n, dtype=np.int64)
+        self._finished = 0
+        self._record_roles(0.0)
+        if n:
+            self._push(reqs[0].arrival, ARRIVAL, 0)
+        if self.control is not None:
+            self._push(self.config.control_interval_s, CONTROL)
+        heap = self._heap
+        pop = heapq.heappop
+        events = 0
+        while heap:
+            now, _, kind, a, b = pop(heap)
+            events += 1
+            if kind == ITER_END:
+                if b == a.version:
+                    self._iteration_end(a, now)
+            elif kind == ARRIVAL:
+                if a + 1 < n:
+                    self._push(reqs[a + 1].arrival, ARRIVAL, a + 1)
+                self._arrive(reqs[a], now)
+            elif kind == XFER_DONE:
+                self._transfer_done(a, b, now)
+            elif kind == CONTROL:
+                if self._finished < n:
+                    self._control_tick(now)
+                    self._push(now + self.config.control_interval_s, CONTROL)
+            elif kind == FLIP_DONE:
+                a.state = WorkerState.READY
+                self._changed(a)
+                self._kick(a, now)
+        unfinished = [r.rid for r in reqs if not r.failed and r.finish != r.finish]
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} requests never finished (simulator bug)")
+        return SimResult(
+            arrival=np.array([r.arrival for r in reqs]),
+            first_token=np.array([r.first_token for r in reqs]),
+            finish=np.array([r.finish for r in reqs]),
+            prompt_tokens=np.array([r.prompt for r in reqs]),
+            output_tokens=np.array([r.output for r in reqs]),
+            failed=np.array([r.failed for r in reqs], dtype=bool),
+            finish_count=self.finish_count, roles=self.roles, flips=self.flips,
+            events=events, wall_s=time.perf_counter() - wall0,
+            cpu_s=time.process_time() - cpu0,
+            busy_s={e.name: e.busy_s for e in self.engines})
