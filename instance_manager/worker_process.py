@@ -21,6 +21,8 @@ from pathlib import Path
 
 from kv_transfer.settings import KVSettings
 
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -60,6 +62,8 @@ class WorkerSpec:
         env = dict(os.environ if base is None else base)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
+        # vLLM imports our connector module in its own processes: make sure they find it.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             if self.cpu_core is not None:
