@@ -32,6 +32,7 @@ from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.policy import make_policy
+from router.request_mix import RequestMix
 from router.validation import CHAT, COMPLETIONS, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
@@ -71,13 +72,15 @@ class GatewayConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
 
 
-def _make_controller(control: ControlConfig, flips: FlipCoordinator) -> Controller | None:
+def _make_controller(control: ControlConfig, flips: FlipCoordinator,
+                     mix: RequestMix) -> Controller | None:
     if control.policy is None:
         return None
     policy = make_control_policy(control.policy, **dict(control.knobs))
     collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
     return Controller(collector, flips, policy, interval_s=control.interval_s,
-                      advisory=control.advisory, drain_timeout_s=control.drain_timeout_s)
+                      advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
+                      request_mix=mix.means)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -97,7 +100,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         async with httpx.AsyncClient(limits=limits, timeout=None) as client:
             app.state.client = client
             app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), client,
-                                              app.state.metrics, config.dispatch)
+                                              app.state.metrics, config.dispatch,
+                                              app.state.request_mix)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                           config.stats_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
@@ -127,7 +131,9 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.admin_open = config.admin_open
     app.state.flips = FlipCoordinator(cluster, drain_timeout_s=config.control.drain_timeout_s)
     app.state.metrics.registry.register(FlipMetrics(app.state.flips))
-    app.state.controller = _make_controller(config.control, app.state.flips)
+    app.state.request_mix = RequestMix()
+    app.state.controller = _make_controller(config.control, app.state.flips,
+                                            app.state.request_mix)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 

@@ -29,7 +29,8 @@ from router.cluster import Cluster, Role
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.policy import RequestInfo, RoutingPolicy
-from router.sse import StreamObserver
+from router.request_mix import RequestMix
+from router.sse import StreamObserver, is_usage_only
 from router.streaming import ProxyStreamResponse
 from router.validation import ParsedRequest
 
@@ -83,8 +84,10 @@ class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
     def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: httpx.AsyncClient,
-                 metrics: GatewayMetrics, config: DispatchConfig) -> None:
+                 metrics: GatewayMetrics, config: DispatchConfig,
+                 mix: RequestMix | None = None) -> None:
         self.cluster = cluster
+        self.mix = mix or RequestMix()
         self.policy = policy
         self.client = client
         self.metrics = metrics
@@ -177,6 +180,9 @@ class Dispatcher:
             body = dict(req.body)
             if kv_params:
                 body["kv_transfer_params"] = kv_params
+            if req.stream and not req.include_usage:  # we count tokens; the client won't see it
+                body["stream_options"] = {**(body.get("stream_options") or {}),
+                                          "include_usage": True}
             url = self.cluster.view(worker).url + req.route
             read_timeout = (self.config.stream_idle_timeout_s if req.stream
                             else self.config.request_timeout_s)
@@ -248,8 +254,10 @@ class Dispatcher:
     def _record_usage(self, usage: dict | None) -> None:
         if not isinstance(usage, dict):
             return
-        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
-        self.metrics.completion_tokens.inc(usage.get("completion_tokens") or 0)
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.completion_tokens.inc(completion)
+        self.mix.record(prompt, completion)
 
     def observe_stream(self, worker: str, req: ParsedRequest, request_id: str,
                        obs: StreamObserver, started: float) -> None:
@@ -264,7 +272,10 @@ class Dispatcher:
                 self.metrics.tpot.labels(req.route).observe(tpot)
                 resident = self.cluster.view(worker).decode_tokens_in_flight
                 self.feedback("observe_decode", worker, resident, tpot)
-        self._record_usage(obs.usage)
+        if obs.usage:
+            self._record_usage(obs.usage)
+        elif obs.content_events:  # no usage asked for: count what we relayed
+            self.mix.record(req.prompt_tokens_estimate, obs.content_events)
         self.feedback("observe_finished", request_id)
 
 
@@ -288,12 +299,18 @@ class _StreamRelay:
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             reported = 0
+            hide_usage = not self.req.include_usage
             async for chunk in self.upstream.aiter_raw():
-                self.obs.feed(chunk)
+                events = self.obs.feed(chunk)
                 if self.obs.content_events - reported >= self.progress_every:
                     reported = self.obs.content_events
                     self.d.feedback("observe_progress", self.request_id, reported)
-                yield chunk
+                out = b"".join(raw for raw, parsed in events
+                               if not (hide_usage and is_usage_only(parsed)))
+                if out:
+                    yield out
+            if self.obs.pending.strip():
+                yield self.obs.pending
             if not self.obs.saw_done:
                 raise httpx.RemoteProtocolError("stream ended without [DONE]")
         except httpx.HTTPError as exc:

@@ -29,13 +29,22 @@ class StreamObserver:
     saw_error: bool = False
     _buffer: bytes = b""
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> list[tuple[bytes, dict | None]]:
+        """Take raw bytes; return the events they completed, each with its parsed chunk."""
         self._buffer += data
+        events = []
         while b"\n\n" in self._buffer:
             event, self._buffer = self._buffer.split(b"\n\n", 1)
-            self._on_event(event)
+            events.append((event + b"\n\n", self._on_event(event)))
+        return events
 
-    def _on_event(self, event: bytes) -> None:
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet complete."""
+        return self._buffer
+
+    def _on_event(self, event: bytes) -> dict | None:
+        chunk = None
         for line in event.splitlines():
             if not line.startswith(b"data:"):
                 continue
@@ -55,6 +64,7 @@ class StreamObserver:
                 self.content_events += 1
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
+        return chunk
 
     @property
     def ttft(self) -> float | None:
@@ -65,3 +75,8 @@ class StreamObserver:
         if self.usage and isinstance(self.usage.get("completion_tokens"), int):
             return self.usage["completion_tokens"]
         return self.content_events
+
+
+def is_usage_only(chunk: dict | None) -> bool:
+    """The final chunk vLLM sends for `stream_options.include_usage`: usage, no choices."""
+    return bool(chunk) and bool(chunk.get("usage")) and not chunk.get("choices")

@@ -234,3 +234,30 @@ def test_gateway_feeds_learning_policies_and_leaks_no_state(stream: bool) -> Non
                     d_app.state.behaviour.token_delay_s = 0.0
                     assert _in_flight_zero(cluster)
                     assert policy.residents() == {}  # every finished request forgotten
+
+
+def test_stream_without_usage_hides_it_but_gateway_still_counts_tokens(rig: Rig) -> None:
+    body = {"model": MODEL, "prompt": "a b", "max_tokens": 7, "stream": True}
+    with httpx.stream("POST", rig.url + "/v1/completions", json=body, timeout=10) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]"
+    assert not any('"usage"' in e for e in events)
+    assert rig.decode.state.stats.bodies[-1]["stream_options"] == {"include_usage": True}
+    text = httpx.get(rig.url + "/metrics").text
+    assert "fulcrum_completion_tokens_total 7.0" in text
+
+
+def test_request_mix_windows_recent_requests() -> None:
+    from router.request_mix import RequestMix
+
+    now = [0.0]
+    mix = RequestMix(horizon_s=100, clock=lambda: now[0])
+    assert mix.means(10) == (None, None, 0)
+    mix.record(1000, 2)
+    now[0] = 20.0
+    mix.record(10, 200)
+    mix.record(30, 100)
+    assert mix.means(10) == (20.0, 150.0, 2)
+    assert mix.means(60) == (1040 / 3, 302 / 3, 3)
+    now[0] = 500.0
+    assert mix.means(1000) == (None, None, 0)  # past the horizon, forgotten

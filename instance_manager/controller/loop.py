@@ -74,7 +74,9 @@ class Controller:
     def __init__(self, collector: MetricsCollector, flips: FlipCoordinator,
                  policy: ControlPolicy, *, interval_s: float = 5.0, advisory: bool = False,
                  drain_timeout_s: float | None = None, history_size: int = 50,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 request_mix: Callable[[float], tuple[float | None, float | None, int]]
+                 | None = None) -> None:
         self.collector = collector
         self.flips = flips
         self.policy = policy
@@ -82,6 +84,7 @@ class Controller:
         self.advisory = advisory
         self.drain_timeout_s = drain_timeout_s
         self._wall = wall_clock
+        self._request_mix = request_mix
         self._decisions: deque[Decision] = deque(maxlen=history_size)
         self._ticks = 0
         self.last_snapshot: ControlSnapshot | None = None
@@ -109,6 +112,11 @@ class Controller:
         """One scrape-decide-act round."""
         self._ticks += 1
         snapshot = await self.collector.scrape_once(self.flips.cluster.snapshot(), client)
+        if self._request_mix is not None:  # the gateway's own view of the length mix
+            prompt, output, n = self._request_mix(self.collector.window_s)
+            if n:
+                snapshot = replace(snapshot, mean_prompt_tokens=prompt,
+                                   mean_output_tokens=output)
         self.last_snapshot = snapshot
         mode = "advisory" if self.advisory else "act"
         if self.flips.active:
