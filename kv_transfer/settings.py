@@ -16,6 +16,9 @@ from typing import Any
 NIXL_CPU_MODULE = "kv_transfer.nixl_cpu"
 """Module vLLM imports (``kv_connector_module_path``) for our CPU-fixed NixlConnector."""
 
+FULCRUM_MODULE = "kv_transfer.fulcrum.connector"
+"""Module vLLM imports (``kv_connector_module_path``) for our own connector."""
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -74,10 +77,34 @@ def _nixl(*, side_channel_port: int, host: str) -> KVSettings:
     return KVSettings(connector="nixl", kv_transfer_config=config, env=env)
 
 
+def _fulcrum(*, side_channel_port: int, host: str) -> KVSettings:
+    """Our own connector (``kv_transfer/fulcrum``): per-request roles under ``kv_both``.
+
+    The block server listens on ``side_channel_port``; decoders reach it at ``host``. The
+    transport follows the KV cache's device (NCCL for CUDA, otherwise single-copy reads on
+    one host with a TCP fallback). ``recompute``: a decode leg whose pull fails computes
+    the prompt itself.
+    """
+    config = {
+        "kv_connector": "FulcrumConnector",
+        "kv_connector_module_path": FULCRUM_MODULE,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "host": host,
+            "port": side_channel_port,
+            "transport": "auto",
+            "lease_seconds": 30,
+        },
+    }
+    return KVSettings(connector="fulcrum", kv_transfer_config=config, env={})
+
+
 CONNECTORS: Mapping[str, Callable[..., KVSettings]] = MappingProxyType(
     {
         "none": _no_kv_transfer,
         "nixl": _nixl,
+        "fulcrum": _fulcrum,
     }
 )
 """Known connector names and the builders of their per-worker settings."""

@@ -1,0 +1,319 @@
+"""KV transfer benchmark (not a test): Fulcrum vs a plain memory copy vs NIXL, one run.
+
+Part 1, transfer throughput: the KV of a 1k / 8k / 32k-token prompt in vLLM's CPU layout for
+a SmolLM2-135M-shaped model (30 layers, 3 KV heads, head size 64, bf16, 128-token blocks:
+~23 KiB per token) is pulled from a producer *process* by the Fulcrum loader (same-host
+single-copy path, and the TCP fallback), copied with ``Tensor.copy_`` inside one process
+(memcpy baseline), and READ by a NIXL agent over UCX on loopback (as vLLM's NixlConnector
+does here). Reported as GB/s and ratios.
+
+Part 2 (``--e2e``), end-to-end P/D latency on real vLLM CPU workers (tiny model), per
+connector: prefill leg + decode leg, against one instance doing the whole request.
+
+    .venv/bin/python -m benchmarks.kv_transfer_bench --e2e
+writes benchmarks/results/kv_transfer.json and kv_transfer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX on loopback, set before import
+
+import torch  # noqa: E402
+
+from kv_transfer.fulcrum.blocks import KVBlockStore  # noqa: E402
+from kv_transfer.fulcrum.lease import LeaseTable  # noqa: E402
+from kv_transfer.fulcrum.loader import BlockLoader, PullJob  # noqa: E402
+from kv_transfer.fulcrum.server import BlockServer  # noqa: E402
+from kv_transfer.fulcrum.stats import StatsRecorder  # noqa: E402
+from kv_transfer.fulcrum.transport.cpu import CpuTransport  # noqa: E402
+
+LAYERS, KV_HEADS, HEAD, BLOCK = 30, 3, 64, 128
+SIZES = (1024, 8192, 32768)
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_PORT = 5990
+
+
+def make_caches(num_blocks: int, fill: bool) -> dict[str, torch.Tensor]:
+    make = torch.randn if fill else torch.zeros
+    return {f"model.layers.{i}.self_attn.attn": make(num_blocks, KV_HEADS, BLOCK, 2 * HEAD,
+                                                     dtype=torch.bfloat16)
+            for i in range(LAYERS)}
+
+
+def checksum(store: KVBlockStore, block_ids: list[int]) -> float:
+    return float(sum(lay.tensor[block_ids].float().sum() for lay in store.layers))
+
+
+def producer_main(conn, num_blocks: int, port: int) -> None:
+    """Child process: owns the source KV, serves it, registers leases on request."""
+    store = KVBlockStore(make_caches(num_blocks, fill=True), num_blocks)
+    leases = LeaseTable()
+    server = BlockServer("127.0.0.1", port, store, leases, CpuTransport(), StatsRecorder())
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "hold":
+            leases.hold(cmd[1], "req", cmd[2], ttl_s=60)
+            conn.send("ok")
+        elif cmd[0] == "checksum":
+            conn.send(checksum(store, cmd[1]))
+        else:
+            break
+    server.close()
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def bench_fulcrum(dst: KVBlockStore, num_blocks: int, repeats: int) -> dict:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=producer_main, args=(child, num_blocks, BENCH_PORT))
+    proc.start()
+    assert parent.recv() == "ready"
+    out: dict = {}
+    try:
+        for mode, transport in (("cma", CpuTransport()), ("tcp", CpuTransport(False))):
+            loader = BlockLoader(dst, transport, StatsRecorder())
+            for tokens in SIZES:
+                ids = list(range(tokens // BLOCK))
+                samples = []
+                for rep in range(repeats + 1):  # the first is a warm-up
+                    tid = f"{mode}-{tokens}-{rep}"
+                    parent.send(("hold", tid, ids))
+                    parent.recv()
+                    job = PullJob("r", tid, "127.0.0.1", BENCH_PORT, tuple(ids), tuple(ids))
+                    t = time.perf_counter()
+                    loader.pull(job)
+                    samples.append(time.perf_counter() - t)
+                parent.send(("checksum", ids))
+                ok = parent.recv() == checksum(dst, ids)
+                out.setdefault(mode, {})[tokens] = {"seconds": statistics.median(samples[1:]),
+                                                    "data_ok": ok}
+            loader.close()
+    finally:
+        parent.send(("stop",))
+        proc.join(30)
+    return out
+
+
+def bench_memcpy_and_nixl(dst: KVBlockStore, num_blocks: int, repeats: int,
+                          nixl_repeats: int) -> tuple[dict, dict]:
+    src = KVBlockStore(make_caches(num_blocks, fill=True), num_blocks)
+    memcpy: dict = {}
+    for tokens in SIZES:
+        n = tokens // BLOCK
+
+        def copy(n: int = n) -> None:
+            for s, d in zip(src.layers, dst.layers, strict=True):
+                d.tensor[:n].copy_(s.tensor[:n])
+
+        memcpy[tokens] = {"seconds": timed(copy, repeats)}
+    nixl: dict = {}
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as exc:
+        return memcpy, {"error": f"nixl not importable: {exc}"}
+    cfg = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+    owner, reader = nixl_agent("bench-src", cfg), nixl_agent("bench-dst", cfg)
+    owner.register_memory(owner.get_reg_descs([lay.tensor for lay in src.layers]))
+    reader.register_memory(reader.get_reg_descs([lay.tensor for lay in dst.layers]))
+    peer = reader.add_remote_agent(owner.get_agent_metadata())
+    for tokens in SIZES:
+        ids = list(range(tokens // BLOCK))
+        local = reader.get_xfer_descs([(a, n, 0) for a, n in dst.segments(ids)], "DRAM")
+        remote = reader.get_xfer_descs([(a, n, 0) for a, n in src.segments(ids)], "DRAM")
+
+        def read(local=local, remote=remote) -> None:
+            handle = reader.initialize_xfer("READ", local, remote, peer)
+            state = reader.transfer(handle)
+            while state not in ("DONE", "ERR"):
+                state = reader.check_xfer_state(handle)
+                owner.get_new_notifs()  # progress the owner side too
+            reader.release_xfer_handle(handle)
+            if state == "ERR":
+                raise RuntimeError("NIXL transfer failed")
+
+        for lay in dst.layers:
+            lay.tensor.zero_()
+        secs = timed(read, nixl_repeats)
+        nixl[tokens] = {"seconds": secs,
+                        "data_ok": checksum(dst, ids) == checksum(src, ids)}
+    return memcpy, nixl
+
+
+def e2e(connector: str, prompts: int, port_base: int = 8600) -> dict:
+    """Median latencies of P/D requests (500-token prompts, 32 tokens out) on two vLLM
+    workers with ``connector``, and of the same requests on one instance."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from kv_transfer.settings import worker_kv_settings
+
+    model = str(Path.home() / ".cache/fulcrum/models/tiny-llama-seed0")
+    procs, urls = [], []
+    for i in range(2):
+        kv = worker_kv_settings(connector, side_channel_port=5900 + i)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+                   VLLM_CPU_OMP_THREADS_BIND=str(i), PYTHONPATH=str(RESULTS.parents[1]),
+                   **kv.env)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", "tiny", "--port", str(port_base + i), "--enforce-eager",
+               "--max-model-len", "1024", "--disable-uvicorn-access-log", *kv.cli_args()]
+        log = open(RESULTS / f".e2e-{connector}-{i}.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        urls.append(f"http://127.0.0.1:{port_base + i}")
+    try:
+        for url in urls:
+            for _ in range(900):
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+        p_url, d_url = urls
+
+        def post(url: str, prompt: str, **extra) -> dict:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 32, "temperature": 0,
+                    "ignore_eos": True, **extra}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+            r.raise_for_status()
+            return r.json()
+
+        rng = random.Random(0)
+        single, pd, p_leg = [], [], []
+        for i in range(prompts + 2):
+            prompt = f"[{i}:{time.time_ns()}] " + " ".join(
+                rng.choice("ab cd ef gh ij kl mn op".split()) for _ in range(230))
+            t = time.perf_counter()
+            post(d_url, prompt + " x")  # single instance, a different prompt: no cache hit
+            t1 = time.perf_counter()
+            params = post(p_url, prompt, max_tokens=1, kv_transfer_params={
+                "do_remote_decode": True, "do_remote_prefill": False})["kv_transfer_params"]
+            t2 = time.perf_counter()
+            post(d_url, prompt, kv_transfer_params=params)
+            t3 = time.perf_counter()
+            if i >= 2:  # warm-up
+                single.append(t1 - t)
+                pd.append(t3 - t1)
+                p_leg.append(t2 - t1)
+        return {"single_instance_ms": 1e3 * statistics.median(single),
+                "pd_ms": 1e3 * statistics.median(pd),
+                "prefill_leg_ms": 1e3 * statistics.median(p_leg),
+                "decode_leg_ms": 1e3 * (statistics.median(pd) - statistics.median(p_leg)),
+                "requests": prompts}
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = result["throughput_GBps"]
+    series = [k for k in ("memcpy", "fulcrum_cma", "fulcrum_tcp", "nixl") if k in tp]
+    fig, axes = plt.subplots(1, 2 if result.get("e2e") else 1, figsize=(12, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / len(series)
+    for j, name in enumerate(series):
+        xs = [i + j * width for i in range(len(SIZES))]
+        ax.bar(xs, [tp[name][str(t)] for t in SIZES], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(SIZES))],
+                  [f"{t // 1024}k tokens" for t in SIZES])
+    ax.set_yscale("log")
+    ax.set_ylabel("GB/s (log)")
+    ax.set_title("KV transfer throughput, one host")
+    ax.legend()
+    if result.get("e2e"):
+        ax2 = axes[0][1]
+        names = list(result["e2e"])
+        for j, key in enumerate(("single_instance_ms", "prefill_leg_ms", "decode_leg_ms")):
+            ax2.bar([i + j * 0.27 for i in range(len(names))],
+                    [result["e2e"][n][key] for n in names], 0.27, label=key)
+        ax2.set_xticks([i + 0.27 for i in range(len(names))], names)
+        ax2.set_ylabel("median ms")
+        ax2.set_title("End-to-end P/D latency (tiny model, ~500-token prompt, 32 out)")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--nixl-repeats", type=int, default=2)
+    parser.add_argument("--e2e", action="store_true", help="also run real vLLM workers")
+    parser.add_argument("--e2e-requests", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS / "kv_transfer.json")
+    args = parser.parse_args()
+    num_blocks = max(SIZES) // BLOCK
+    dst = KVBlockStore(make_caches(num_blocks, fill=False), num_blocks)
+    fulcrum = bench_fulcrum(dst, num_blocks, args.repeats)
+    memcpy, nixl = bench_memcpy_and_nixl(dst, num_blocks, args.repeats, args.nixl_repeats)
+    nbytes = {t: (t // BLOCK) * dst.bytes_per_block for t in SIZES}
+
+    def gbps(table: dict) -> dict:
+        return {str(t): nbytes[t] / table[t]["seconds"] / 1e9 for t in SIZES if t in table}
+
+    tp = {"memcpy": gbps(memcpy), "fulcrum_cma": gbps(fulcrum["cma"]),
+          "fulcrum_tcp": gbps(fulcrum["tcp"])}
+    if "error" not in nixl:
+        tp["nixl"] = gbps(nixl)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "kv_layout": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_size": HEAD,
+                      "dtype": "bfloat16", "block_tokens": BLOCK,
+                      "bytes_per_token": dst.bytes_per_block // BLOCK},
+        "bytes": {str(t): nbytes[t] for t in SIZES},
+        "data_ok": {"fulcrum": {m: all(v["data_ok"] for v in fulcrum[m].values())
+                                for m in fulcrum},
+                    "nixl": all(v["data_ok"] for v in nixl.values())
+                    if "error" not in nixl else None},
+        "throughput_GBps": tp,
+        "ratio_fulcrum_over_memcpy": {t: tp["fulcrum_cma"][t] / tp["memcpy"][t]
+                                      for t in tp["memcpy"]},
+        "ratio_fulcrum_over_nixl": ({t: tp["fulcrum_cma"][t] / tp["nixl"][t]
+                                     for t in tp["nixl"]} if "nixl" in tp else nixl),
+    }
+    print(json.dumps(result, indent=2), flush=True)
+    if args.e2e:
+        result["e2e"] = {name: e2e(name, args.e2e_requests) for name in ("fulcrum", "nixl")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result.get("e2e"), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Producer side: a small TCP server that hands held blocks to decoders.
+
+One accept thread blocks in ``accept()`` (no polling; closing the socket stops it) and a
+bounded pool serves connections, so the forward pass never waits on a transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from kv_transfer.fulcrum.blocks import KVBlockStore
+from kv_transfer.fulcrum.lease import LeaseTable
+from kv_transfer.fulcrum.stats import StatsRecorder
+from kv_transfer.fulcrum.transport.base import Transport
+from kv_transfer.fulcrum.wire import Channel, ChannelError, tune
+
+log = logging.getLogger(__name__)
+
+CLAIM_WAIT_S = 2.0
+"""How long a read waits for its lease to be registered (the decode leg may be faster than
+the producer's next engine step)."""
+IO_TIMEOUT_S = 30.0
+
+
+class BlockServer:
+    """Serves ``read`` and ``release`` requests for leased transfers."""
+
+    def __init__(self, host: str, port: int, store: KVBlockStore, leases: LeaseTable,
+                 transport: Transport, stats: StatsRecorder, max_concurrent: int = 4) -> None:
+        self.store = store
+        self.leases = leases
+        self.transport = transport
+        self.stats = stats
+        self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
+        self.port = self._listener.getsockname()[1]
+        self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="fulcrum-serve")
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="fulcrum-accept",
+                                        daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            tune(sock)
+            sock.settimeout(IO_TIMEOUT_S)
+            self._pool.submit(self._serve, Channel(sock))
+
+    def _serve(self, chan: Channel) -> None:
+        try:
+            msg = chan.recv_msg()
+            op, tid = msg.get("op"), str(msg.get("transfer_id"))
+            if op == "release":
+                chan.send_msg({"ok": self.leases.release(tid)})
+            elif op == "read":
+                self._serve_read(chan, tid, msg)
+            else:
+                chan.send_msg({"ok": False, "error": f"unknown op {op!r}"})
+        except (ChannelError, OSError, ValueError) as exc:
+            log.warning("fulcrum: serving a peer failed: %s", exc)
+        except Exception:  # noqa: BLE001 - a server thread must not die silently
+            log.exception("fulcrum: serving a peer failed")
+        finally:
+            chan.close()
+
+    def _serve_read(self, chan: Channel, tid: str, msg: dict) -> None:
+        lease = self.leases.claim(tid, wait_s=CLAIM_WAIT_S)
+        if lease is None:
+            chan.send_msg({"ok": False, "error": f"transfer {tid} unknown, expired or busy"})
+            return
+        try:
+            wanted = [int(b) for b in msg.get("block_ids", ())]
+            if msg.get("signature") != self.store.signature():
+                chan.send_msg({"ok": False, "error": "KV layouts differ"})
+                return
+            if not set(wanted) <= set(lease.block_ids):
+                chan.send_msg({"ok": False, "error": "blocks outside the lease"})
+                return
+            chan.send_msg({"ok": True})
+            nbytes = self.transport.send(chan, self.store, wanted, msg.get("hello", {}))
+            done = chan.recv_msg()
+            if done.get("op") == "done" and done.get("ok"):
+                self.stats.served(nbytes)
+        finally:
+            # Read, failed or abandoned: the decoder either has the KV or recomputes.
+            self.leases.release(tid)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
