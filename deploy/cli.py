@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first worker port (default: gateway port + 1)")
     up.add_argument("--side-channel-base-port", type=int, default=5600,
                     help="first KV side-channel port")
-    up.add_argument("--kv-connector", default="nixl", choices=("nixl", "fulcrum", "none"),
-                    help="KV transport between workers ('none': aggregated serving)")
+    up.add_argument("--kv-connector", default="fulcrum", choices=("fulcrum", "nixl", "none"),
+                    help="KV transport between workers: 'fulcrum' (ours), 'nixl' (vLLM's, "
+                         "with CPU fixes), 'none' (aggregated serving)")
     up.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     up.add_argument("--max-model-len", type=int, default=None)
     up.add_argument("--kv-cache-gib", type=int, default=2,

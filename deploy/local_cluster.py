@@ -31,7 +31,7 @@ class ClusterOptions:
     worker_host: str = "127.0.0.1"
     worker_base_port: int | None = None
     side_channel_base_port: int = 5600
-    kv_connector: str = "nixl"
+    kv_connector: str = "fulcrum"
     device: str = "cpu"
     max_model_len: int | None = None
     kv_cache_gib: int = 2

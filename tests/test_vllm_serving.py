@@ -1,8 +1,9 @@
 """The serving path on real vLLM CPU workers: `fulcrum up` on the tiny test model,
-one prefill and one decode worker, KV moved by NIXL.
+one prefill and one decode worker, KV moved by each connector in turn (Fulcrum's own,
+then vLLM's NIXL with our CPU fixes).
 
-One cluster serves the whole module; the fault tests at the end kill workers and
-wait for the manager to restart them.
+One cluster per connector serves the whole module; the fault tests at the end kill
+workers and wait for the manager to restart them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def unique_prompt(n_words: int, seed: int) -> str:
     return f"[{seed}:{time.time_ns()}] " + " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
-    live = start_cluster(tmp_path_factory.mktemp("fulcrum"))
+@pytest.fixture(scope="module", params=["fulcrum", "nixl"])
+def cluster(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    live = start_cluster(tmp_path_factory.mktemp(request.param),
+                         extra_args=("--kv-connector", request.param))
     try:
         yield live
     finally:
