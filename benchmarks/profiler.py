@@ -1,8 +1,10 @@
 """`fulcrum profile`: measure one live worker and write points for the fitted sim model.
 
-Prefill: sequential requests with max_tokens=1 at several prompt lengths (TTFT ~ prefill
-time). Decode: n concurrent streams of fixed length; the median inter-token gap is the step
-time at batch n with about n*(prompt + output/2) resident tokens. The KV capacity is read
+Prefill: after one warm-up request, sequential requests with max_tokens=1 at several prompt
+lengths; the median TTFT per length is the prefill time. Decode: n concurrent streams of
+fixed length; the median per-stream TPOT, (latency - TTFT) / (tokens - 1), is the step time
+at batch n with about n*(prompt + output/2) resident tokens. (Inter-chunk gaps are not used:
+servers coalesce SSE events under load, which makes most gaps ~0.) The KV capacity is read
 from vLLM's `vllm:cache_config_info` metric (num_gpu_blocks x block_size) unless given.
 
     python -m benchmarks.profiler --base-url http://127.0.0.1:8100 --out profile.json
@@ -32,12 +34,17 @@ async def measure_prefill(endpoint: Endpoint, lengths: Sequence[int],
     """(prompt_tokens, seconds) points: TTFT of single max_tokens=1 requests."""
     points = []
     async with httpx.AsyncClient(timeout=endpoint.timeout_s) as client:
+        await send_request(client, endpoint, BenchRequest(synthetic_prompt(32, 7), 32, 4))
         for length in lengths:
+            seen = []
             for r in range(repeats):
                 req = BenchRequest(synthetic_prompt(length, seed=length * 100 + r), length, 1)
                 tl = await send_request(client, endpoint, req)
                 if tl.success:
-                    points.append((float(tl.prompt_tokens), tl.ttft_s))
+                    seen.append((float(tl.prompt_tokens), tl.ttft_s))
+            if seen:
+                points.append((statistics.median(p for p, _ in seen),
+                               statistics.median(t for _, t in seen)))
     return points
 
 
@@ -50,11 +57,12 @@ async def measure_decode(endpoint: Endpoint, batch_sizes: Sequence[int], prompt_
             reqs = [BenchRequest(synthetic_prompt(prompt_tokens, seed=i), prompt_tokens,
                                  output_tokens) for i in range(n)]
             tls = await asyncio.gather(*(send_request(client, endpoint, r) for r in reqs))
-            gaps = [g for t in tls if t.success for g in t.itls_s]
-            if gaps:
+            tpots = [(t.latency_s - t.ttft_s) / (t.output_tokens - 1) for t in tls
+                     if t.success and t.output_tokens > 1]
+            if tpots:
                 prompt = statistics.mean(t.prompt_tokens for t in tls if t.success)
                 points.append((float(n), n * (prompt + output_tokens / 2),
-                               statistics.median(gaps)))
+                               statistics.median(tpots)))
     return points
 
 

@@ -1,10 +1,26 @@
 """Side-by-side comparison in the simulator: every system on the same traces.
 
-Systems: aggregated (vLLM-like, chunked prefill on every worker), static P/D at several
-ratios (DistServe-like), and the adaptive policies that exist in the repo (Arrow, DOPD,
-ARES decode placement). For each workload, a rate sweep finds the highest request rate
-that keeps >= 90% SLO attainment; goodput ratios are relative to the best static split.
+Systems: aggregated (vLLM-like, chunked prefill on every worker), static P/D at every
+ratio (DistServe-like), and the adaptive systems in the repo: Arrow (SLO-aware routing +
+SLO-pressure flips), DOPD (length-aware routing + throughput-balance flips) and ARES
+(predicted-remaining-work decode placement, with DOPD's flips). For each workload a rate
+sweep finds the highest request rate that keeps >= 90% SLO attainment; ratios are
+relative to the best static split (the oracle a static operator would pick per trace).
 SLAI is an intra-engine iteration scheduler and is not modelled here.
+
+Flips are priced: a flipped worker takes no new work for `--flip-rewarm` seconds
+(default 2 s; `--flip-mode drain` also waits for its in-flight work of the old role).
+
+Knobs (written into the JSON under "knobs"):
+* DOPD's throughput constants are calibrated from the performance model itself
+  (`dopd_knobs`): the prefill cost curve is a quadratic fit of one-prompt iterations,
+  and decode throughput is B*/tau(B*) at the largest batch B* whose step meets the TPOT
+  target at a `--decode-context` tokens-per-sequence context (capped by KV room and
+  max_num_seqs). The shipped defaults describe a small model on one CPU core and make
+  DOPD starve the prefill pool on an H100.
+* Arrow's and DOPD's cooldowns are shortened to 10 s (defaults 20 s and 30 s) so that
+  each can react inside one 40 s phase of the phase-shift trace; Arrow's metrics window
+  is the simulator's (10 s).
 
     python -m benchmarks.sim.compare --out benchmarks/results
 """
@@ -14,18 +30,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.arrivals import Phase, Trace, pair, phase_mix, poisson_times, synthetic_pool
 from benchmarks.dataset import approx_token_count, load_sharegpt, sample_requests
 from benchmarks.metrics import SLO
-from benchmarks.sim.perf import roofline
+from benchmarks.sim.engine import EngineConfig
+from benchmarks.sim.perf import PerfModel, roofline
 from benchmarks.sim.policies import make_control, make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
 from benchmarks.sweep import sweep_rates
+
+DEFAULT_RATES = "2,4,8,16,24,32,48,64,96,128,192,256,384,512,768,1024"
 
 
 @dataclass(frozen=True)
@@ -35,70 +57,122 @@ class System:
     decode: int
     routing: str = "least-loaded"
     control: str = "none"
+    knobs: dict = field(default_factory=dict, hash=False)
 
 
-def systems(n: int) -> list[System]:
+def dopd_knobs(perf: PerfModel, slo: SLO, engine: EngineConfig,
+               decode_context: float) -> dict[str, float]:
+    """DOPD's cost constants measured on the performance model (see module doc)."""
+    lengths = np.array([128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192], dtype=float)
+    secs = [perf.iteration_time(int(n), n * n / 2, 0, 0.0) for n in lengths]
+    a, b, c = np.polyfit(lengths, secs, 2)
+    tpot = (slo.tpot_ms or 100.0) / 1000
+    best = 1
+    kv_room = perf.kv_capacity_tokens
+    for batch in range(1, engine.max_num_seqs + 1):
+        if batch * decode_context > kv_room:
+            break
+        if perf.iteration_time(0, 0.0, batch, batch * decode_context) <= tpot:
+            best = batch
+    step = perf.iteration_time(0, 0.0, best, best * decode_context)
+    return {"prefill_quadratic_s": max(0.0, float(a)), "prefill_tokens_per_s": 1.0 / float(b),
+            "prefill_overhead_s": max(0.0, float(c)), "decode_tokens_per_s": best / step,
+            "adjustment_interval_s": 10.0, "forecast_horizon_s": 10.0}
+
+
+ARROW_KNOBS = {"cooldown_s": 10.0}
+
+
+def systems(n: int, dopd: dict) -> list[System]:
     out = [System("aggregated", 0, n)]
-    for p in sorted({n // 4, n // 2, (3 * n) // 4} - {0, n}):
+    for p in range(1, n):
         out.append(System(f"static-{p}P{n - p}D", p, n - p))
-    out += [System("arrow", n // 2, n - n // 2, "arrow", "arrow"),
-            System("dopd", n // 2, n - n // 2, "dopd-match", "dopd"),
-            System("dopd+ares", n // 2, n - n // 2, "ares", "dopd")]
+    half = n // 2
+    out += [System("arrow", half, n - half, "arrow", "arrow", ARROW_KNOBS),
+            System("dopd", half, n - half, "dopd-match", "dopd", dopd),
+            System("dopd+ares", half, n - half, "ares", "dopd", dopd)]
     return out
 
 
-def workloads(duration_s: float, seed: int) -> dict:
+def workloads(phase_s: float, poisson_s: float, seed: int) -> dict:
     """name -> function(rate) -> Trace."""
     prompt_heavy = synthetic_pool(200, 3000, 60, seed=seed)
     output_heavy = synthetic_pool(200, 150, 700, seed=seed + 1)
     sharegpt = sample_requests(load_sharegpt(), approx_token_count, 5000, seed)
 
     def phases(rate: float) -> Trace:
-        cycle = [Phase(duration_s / 4, rate, prompt_heavy, "long-prompt"),
-                 Phase(duration_s / 4, rate, output_heavy, "long-output")]
+        cycle = [Phase(phase_s, rate, prompt_heavy, "long-prompt"),
+                 Phase(phase_s, rate, output_heavy, "long-output")]
         return phase_mix(cycle, cycles=2, seed=seed)
 
     def poisson(rate: float) -> Trace:
-        return pair(poisson_times(int(rate * duration_s), rate, seed), sharegpt)
+        return pair(poisson_times(int(rate * poisson_s), rate, seed), sharegpt)
 
     return {"phase-shift": phases, "sharegpt-poisson": poisson}
 
 
-def run(out_dir: Path, workers: int, duration_s: float, rates: Sequence[float], slo: SLO,
-        seed: int, refine: int, gpu: str, model: str) -> dict:
+def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Sequence[float],
+        slo: SLO, seed: int, refine: int, gpu: str, model: str, flip_rewarm_s: float,
+        flip_mode: str, decode_context: float, only: Sequence[str] | None = None) -> dict:
     perf = roofline(model, gpu)
+    engine = EngineConfig()
+    dopd = dopd_knobs(perf, slo, engine, decode_context)
+    chosen = [s for s in systems(workers, dopd) if not only or s.name in only]
     results: dict = {"perf": perf.describe(), "slo": slo.as_dict(), "workers": workers,
-                     "duration_s": duration_s, "seed": seed, "workloads": {}}
-    for wname, make_trace in workloads(duration_s, seed).items():
+                     "phase_s": phase_s, "poisson_s": poisson_s, "seed": seed,
+                     "flip_rewarm_s": flip_rewarm_s, "flip_mode": flip_mode,
+                     "rates": list(rates), "refine": refine,
+                     "knobs": {"arrow": ARROW_KNOBS, "dopd": dopd,
+                               "decode_context_tokens": decode_context},
+                     "workloads": {}}
+    for wname, make_trace in workloads(phase_s, poisson_s, seed).items():
         per_system = {}
-        for sysdef in systems(workers):
-            print(f"[{wname}] {sysdef.name}", file=sys.stderr, flush=True)
-            roles: dict[float, list] = {}
+        for sysdef in chosen:
+            t0 = time.process_time()
+            runs: dict[float, dict] = {}
 
-            def evaluate(rate: float, sysdef: System = sysdef, roles: dict = roles,
+            def evaluate(rate: float, sysdef: System = sysdef, runs: dict = runs,
                          make_trace=make_trace) -> dict:
-                cfg = SimConfig(prefill=sysdef.prefill, decode=sysdef.decode, slo=slo)
+                cfg = SimConfig(prefill=sysdef.prefill, decode=sysdef.decode, slo=slo,
+                                engine=engine, flip_mode=flip_mode, flip_rewarm_s=flip_rewarm_s)
                 sim = Simulator(cfg, perf, make_routing(sysdef.routing),
-                                make_control(sysdef.control))
+                                make_control(sysdef.control, dict(sysdef.knobs)))
                 res = sim.run(make_trace(rate))
-                roles[rate] = res.roles
+                runs[rate] = {"roles": res.roles, "flips": res.flips}
                 return res.metrics(slo, (50, 90, 99))
 
             try:
                 sweep = sweep_rates(evaluate, rates, 0.9, refine)
                 best = sweep.max_rate
-                per_system[sysdef.name] = {**sysdef.__dict__, "max_rate": best,
-                                           "sweep": sweep.as_dict()["points"],
-                                           "roles_at_max": roles.get(best) if best else None}
+                top = max(r for r, _ in sweep.points)
+                per_system[sysdef.name] = {
+                    "prefill": sysdef.prefill, "decode": sysdef.decode,
+                    "routing": sysdef.routing, "control": sysdef.control,
+                    "max_rate": best,
+                    "bracketed": any(not (p.get("slo_attainment") or 0) >= 0.9
+                                     for _, p in sweep.points),
+                    "sweep": sweep.as_dict()["points"],
+                    "roles_at_max": runs[best]["roles"] if best else None,
+                    "flips_at_max": runs[best]["flips"] if best else None,
+                    "flips_at_top_rate": runs[top]["flips"],
+                    "sim_cpu_s": round(time.process_time() - t0, 2)}
             except Exception as exc:  # a policy still under construction must not stop the run
-                per_system[sysdef.name] = {**sysdef.__dict__, "error": repr(exc),
+                per_system[sysdef.name] = {"error": repr(exc),
                                            "traceback": traceback.format_exc(limit=3)}
-        statics = [v["max_rate"] for k, v in per_system.items()
-                   if k.startswith("static") and v.get("max_rate")]
-        base = max(statics) if statics else None
+            v = per_system[sysdef.name]
+            print(f"[{wname}] {sysdef.name:<14} max {v.get('max_rate')} "
+                  f"({v.get('sim_cpu_s')} cpu-s) {v.get('error', '')}", file=sys.stderr,
+                  flush=True)
+        statics = {k: v["max_rate"] for k, v in per_system.items()
+                   if k.startswith("static") and v.get("max_rate")}
+        base = max(statics.values()) if statics else None
+        agg = per_system.get("aggregated", {}).get("max_rate")
         for v in per_system.values():
             if base and v.get("max_rate"):
-                v["rate_vs_best_static"] = v["max_rate"] / base
+                v["rate_vs_best_static"] = round(v["max_rate"] / base, 3)
+            if agg and v.get("max_rate"):
+                v["rate_vs_aggregated"] = round(v["max_rate"] / agg, 3)
+        per_system["_best_static"] = max(statics, key=statics.get) if statics else None
         results["workloads"][wname] = per_system
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sim_comparison.json").write_text(json.dumps(results, indent=2, default=str))
@@ -111,12 +185,28 @@ def plot(results: dict, out_dir: Path) -> None:
 
     for wname, per_system in results["workloads"].items():
         series = {name: [(p["request_rate"], p) for p in v["sweep"]]
-                  for name, v in per_system.items() if "sweep" in v}
+                  for name, v in per_system.items() if isinstance(v, dict) and "sweep" in v}
         plot_goodput_vs_rate(series, out_dir / f"sim_{wname}_attainment.png")
         roles = {name: v["roles_at_max"] for name, v in per_system.items()
-                 if v.get("roles_at_max") and len(v["roles_at_max"]) > 1}
+                 if isinstance(v, dict) and v.get("roles_at_max")
+                 and len(v["roles_at_max"]) > 1}
         if roles:
             plot_roles_over_time(roles, out_dir / f"sim_{wname}_roles.png")
+
+
+def table(results: dict) -> str:
+    lines = []
+    for wname, per_system in results["workloads"].items():
+        lines.append(f"== {wname} (best static: {per_system.get('_best_static')})")
+        for name, v in per_system.items():
+            if not isinstance(v, dict):
+                continue
+            lines.append(f"  {name:<14} max rate @90%: {v.get('max_rate')!s:<8} "
+                         f"vs best static: {v.get('rate_vs_best_static')!s:<6} "
+                         f"vs aggregated: {v.get('rate_vs_aggregated')!s:<6} "
+                         f"flips@max: {len(v.get('flips_at_max') or [])} "
+                         f"{v.get('error', '')}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,22 +214,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=120.0, help="simulated seconds")
-    parser.add_argument("--rates", default="4,8,16,32,64,128,256,512,1024")
+    parser.add_argument("--phase-s", type=float, default=40.0,
+                        help="length of one phase of the phase-shift trace (2 cycles)")
+    parser.add_argument("--poisson-s", type=float, default=60.0,
+                        help="simulated seconds of the ShareGPT Poisson trace")
+    parser.add_argument("--rates", default=DEFAULT_RATES)
     parser.add_argument("--refine", type=int, default=3)
     parser.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:40"])
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flip-rewarm", type=float, default=2.0)
+    parser.add_argument("--flip-mode", choices=("relabel", "drain"), default="relabel")
+    parser.add_argument("--decode-context", type=float, default=1000.0,
+                        help="tokens per sequence assumed when calibrating DOPD's decode rate")
+    parser.add_argument("--only", default=None, help="comma-separated system names")
     args = parser.parse_args(argv)
-    res = run(args.out, args.workers, args.duration,
+    res = run(args.out, args.workers, args.phase_s, args.poisson_s,
               [float(r) for r in args.rates.split(",")], SLO.parse(args.goodput), args.seed,
-              args.refine, args.gpu, args.model)
-    for wname, per_system in res["workloads"].items():
-        print(f"== {wname}")
-        for name, v in per_system.items():
-            print(f"  {name:<18} max rate @90%: {v.get('max_rate')}  "
-                  f"vs best static: {v.get('rate_vs_best_static')}  {v.get('error', '')}")
+              args.refine, args.gpu, args.model, args.flip_rewarm, args.flip_mode,
+              args.decode_context, args.only.split(",") if args.only else None)
+    print(table(res))
     return 0
 
 

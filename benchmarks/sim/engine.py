@@ -16,17 +16,15 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
-from router.cluster import Role, WorkerState, WorkerView
+from router.cluster import Role, WorkerState
 
 NAN = math.nan
-_make_view = fast_constructor(WorkerView, (
-    "name", "url", "role", "state", "in_flight_prefill", "in_flight_decode",
-    "prefill_tokens_in_flight", "decode_tokens_in_flight", "kv_cache_usage", "num_running",
-    "num_waiting"))
+_heappush, _heappop = heapq.heappush, heapq.heappop
+_NO_CHUNKS: list = []  # shared, never mutated: a decode-only plan's chunks
+_NONE: tuple = ()
 
 
 class SimRequest:
@@ -62,15 +60,18 @@ class EngineConfig:
     token_budget: int = 8192  # max_num_batched_tokens with chunked prefill
 
 
-@dataclass
 class Plan:
-    """What the iteration in flight does."""
+    """What the iteration in flight does (`steps` > 1: a merged decode-only macro step)."""
 
-    start: float
-    step_s: float
-    steps: int
-    chunks: list[tuple[SimRequest, int]] = field(default_factory=list)
-    first_tokens: list[SimRequest] = field(default_factory=list)
+    __slots__ = ("start", "step_s", "steps", "chunks", "first_tokens")
+
+    def __init__(self, start: float, step_s: float, steps: int,
+                 chunks: list[tuple[SimRequest, int]], first_tokens: list[SimRequest]) -> None:
+        self.start = start
+        self.step_s = step_s
+        self.steps = steps
+        self.chunks = chunks
+        self.first_tokens = first_tokens
 
 
 class Engine:
@@ -98,7 +99,6 @@ class Engine:
         self.in_flight_decode = 0
         self.prefill_tokens_in_flight = 0
         self.decode_tokens_in_flight = 0
-        self._view: WorkerView | None = None
         # windowed observations for control policies
         self.samples_ttft: deque[tuple[float, float]] = deque()
         self.samples_itl: deque[tuple[float, float]] = deque()
@@ -106,21 +106,6 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.busy_s = 0.0
-
-    # ---- views -------------------------------------------------------------------------
-    def touch(self) -> None:
-        self._view = None
-
-    def view(self) -> WorkerView:
-        v = self._view
-        if v is None:
-            v = self._view = _make_view(
-                self.name, self.url, self.role, self.state, self.in_flight_prefill,
-                self.in_flight_decode, self.prefill_tokens_in_flight,
-                self.decode_tokens_in_flight,
-                self.kv_used / self.kv_cap if self.kv_cap else 1.0,
-                len(self.running), len(self.prefill_queue) + len(self.decode_wait))
-        return v
 
     @property
     def n_running(self) -> int:
@@ -147,48 +132,66 @@ class Engine:
 
     def start(self, now: float) -> Plan | None:
         """Plan the next iteration at a step boundary (None: nothing to do)."""
-        first: list[SimRequest] = []
-        if self.ready:
-            for req in self.ready:
-                self._join(req, req.output)
-                first.append(req)
-            self.ready = []
-        cfg = self.config
-        n = len(self.running)
-        budget = cfg.token_budget - n
-        chunks: list[tuple[SimRequest, int]] = []
-        pairs = 0.0
-        tokens = 0
-        seqs = n
-        for req in self.prefill_queue:
-            if budget <= 0 or seqs >= cfg.max_num_seqs:
-                break
-            if req.prefilled == 0 and req.kv_held == 0:
-                need = req.prompt + (req.output if req.local_decode else 0)
-                if self.kv_used + need > self.kv_cap:
-                    break
-                self.kv_used += need
-                req.kv_held = need
-                req.prefill_start = now
-            chunk = min(req.prompt - req.prefilled, budget)
-            chunks.append((req, chunk))
-            pairs += chunk * (req.prefilled + chunk / 2)
-            tokens += chunk
-            budget -= chunk
-            seqs += 1
-        if chunks:
-            step_s = self.perf.iteration_time(tokens, pairs, n, self.ctx_total)
-            self.plan = Plan(now, step_s, 1, chunks, first)
-        elif n:
-            k = self.running[0][0] - self.step
-            ctx_mid = self.ctx_total + n * (k - 1) / 2
-            step_s = self.perf.iteration_time(0, 0.0, n, ctx_mid)
-            self.plan = Plan(now, step_s, k, chunks, first)
+        running = self.running
+        first = self.ready
+        if not first:
+            first = _NONE  # never the live `ready` list: join_local appends to that
         else:
-            self.plan = None
-        if self.plan is not None:
+            step = self.step
+            offset = self.ctx_offset
+            for req in first:
+                finish_step = step + req.output
+                _heappush(running, (finish_step, req.rid, req))
+                req.finish_step = finish_step
+                offset += req.prompt - step  # _join with steps = output
+            self.ctx_offset = offset
+            self.ready = []
+        n = len(running)
+        queue = self.prefill_queue
+        if queue:
+            cfg = self.config
+            budget = cfg.token_budget - n
+            max_seqs = cfg.max_num_seqs
+            chunks: list[tuple[SimRequest, int]] = []
+            pairs = 0.0
+            tokens = 0
+            seqs = n
+            kv_used, kv_cap = self.kv_used, self.kv_cap
+            for req in queue:
+                if budget <= 0 or seqs >= max_seqs:
+                    break
+                prefilled = req.prefilled
+                if prefilled == 0 and req.kv_held == 0:
+                    need = req.prompt + (req.output if req.local_decode else 0)
+                    if kv_used + need > kv_cap:
+                        break
+                    kv_used += need
+                    req.kv_held = need
+                    req.prefill_start = now
+                chunk = req.prompt - prefilled
+                if chunk > budget:
+                    chunk = budget
+                chunks.append((req, chunk))
+                pairs += chunk * (prefilled + chunk / 2)
+                tokens += chunk
+                budget -= chunk
+                seqs += 1
+            self.kv_used = kv_used
+            if chunks:
+                step_s = self.perf.iteration_time(tokens, pairs, n,
+                                                  self.ctx_offset + n * self.step)
+                plan = self.plan = Plan(now, step_s, 1, chunks, first)
+                self.version += 1
+                return plan
+        if n:
+            k = running[0][0] - self.step
+            ctx_mid = self.ctx_offset + n * self.step + n * (k - 1) / 2
+            step_s = self.perf.iteration_time(0, 0.0, n, ctx_mid)
+            plan = self.plan = Plan(now, step_s, k, _NO_CHUNKS, first)
             self.version += 1
-        return self.plan
+            return plan
+        self.plan = None
+        return None
 
     def interrupt(self, now: float) -> float | None:
         """Shorten a macro step to end at the first step boundary after `now`; returns
@@ -209,27 +212,35 @@ class Engine:
         assert p is not None
         self.plan = None
         self.busy_s += now - p.start
-        n = len(self.running)
-        self.step += p.steps
-        self.tokens_generated += n * p.steps
-        first_at = p.start + p.step_s
-        for req in p.first_tokens:
-            req.first_token = first_at
-        prefilled: list[SimRequest] = []
-        for req, chunk in p.chunks:
-            req.prefilled += chunk
-            self.prompt_tokens_done += chunk
-            if req.prefilled >= req.prompt:
-                prefilled.append(req)
-        for _ in prefilled:  # chunks are taken from the head, so finished ones lead
-            self.prefill_queue.popleft()
-        finished: list[SimRequest] = []
         running = self.running
-        while running and running[0][0] <= self.step:
-            _, _, req = heapq.heappop(running)
-            self.ctx_offset -= req.prompt + req.output - req.finish_step  # undo _join
-            req.finish = now
-            finished.append(req)
+        steps = p.steps
+        step = self.step = self.step + steps
+        self.tokens_generated += len(running) * steps
+        if p.first_tokens:
+            first_at = p.start + p.step_s
+            for req in p.first_tokens:
+                req.first_token = first_at
+        prefilled: list[SimRequest] = []
+        if p.chunks:
+            done = 0
+            for req, chunk in p.chunks:
+                req.prefilled += chunk
+                done += chunk
+                if req.prefilled >= req.prompt:
+                    prefilled.append(req)
+            self.prompt_tokens_done += done
+            queue = self.prefill_queue
+            for _ in prefilled:  # chunks are taken from the head, so finished ones lead
+                queue.popleft()
+        finished: list[SimRequest] = []
+        if running and running[0][0] <= step:
+            offset = self.ctx_offset
+            while running and running[0][0] <= step:
+                req = _heappop(running)[2]
+                offset -= req.prompt + req.output - req.finish_step  # undo _join
+                req.finish = now
+                finished.append(req)
+            self.ctx_offset = offset
         return prefilled, finished
 
     def join_local(self, req: SimRequest, steps: int, first_token_at: float | None) -> None:

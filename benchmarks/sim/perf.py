@@ -242,13 +242,34 @@ class FittedModel:
         seconds per step)."""
         p = np.asarray(prefill_points, dtype=float)
         degree = min(2, len(np.unique(p[:, 0])) - 1)  # fewer distinct lengths: lower degree
-        coefs = np.polyfit(p[:, 0], p[:, 1], degree) if degree > 0 else [p[:, 1].mean()]
-        a, b, c = [0.0] * (2 - degree) + [float(x) for x in coefs]
+        while True:  # a negative coefficient (noise) drops the highest power
+            coefs = np.polyfit(p[:, 0], p[:, 1], degree) if degree > 0 else [p[:, 1].mean()]
+            if degree == 0 or min(coefs[:-1]) >= 0:
+                break
+            degree -= 1
+        a, b, c = [0.0] * (2 - degree) + [max(0.0, float(x)) for x in coefs]
         d = np.asarray(decode_points, dtype=float)
-        design = np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1]])
-        coef, *_ = np.linalg.lstsq(design, d[:, 2], rcond=None)
-        return cls((float(a), float(b), float(c)), tuple(float(x) for x in coef),  # type: ignore[arg-type]
-                   kv_capacity, kv_bytes, link_bytes_per_s, name)
+        coef = cls._nonnegative_decode_fit(d)
+        return cls((float(a), float(b), float(c)), coef, kv_capacity, kv_bytes,
+                   link_bytes_per_s, name)
+
+    @staticmethod
+    def _nonnegative_decode_fit(d: np.ndarray) -> tuple[float, float, float]:
+        """step = d0 + d1 n + d2 ctx by least squares; when noise (or collinear n and ctx,
+        as in a profile with one prompt length) gives a negative slope, that term is
+        dropped and the rest refitted."""
+        columns = [1, 2]
+        while True:
+            design = np.column_stack([np.ones(len(d))] + [d[:, c - 1] for c in columns])
+            sol, *_ = np.linalg.lstsq(design, d[:, 2], rcond=None)
+            slopes = dict(zip(columns, sol[1:], strict=True))
+            negative = [c for c, v in slopes.items() if v < 0]
+            if not negative:
+                out = [max(0.0, float(sol[0])), 0.0, 0.0]
+                for c, v in slopes.items():
+                    out[c] = float(v)
+                return out[0], out[1], out[2]
+            columns.remove(2 if 2 in negative else 1)  # ctx first: it is the noisier
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))

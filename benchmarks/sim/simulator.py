@@ -29,6 +29,7 @@ from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
 from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
 from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
+from benchmarks.sim.snapshots import SnapshotCache
 from instance_manager.controller.base import (
     ControlPolicy,
     ControlSnapshot,
@@ -39,7 +40,8 @@ from router.cluster import ClusterSnapshot, Role, WorkerState
 from router.policy import RequestInfo, RoutingPolicy
 
 _make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
-                                             "arrival_time", "tbt_target_s"))
+                                             "arrival_time", "tbt_target_s", "prompt_text"))
+_heappush, _heappop = heapq.heappush, heapq.heappop
 ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
 
 
@@ -124,7 +126,8 @@ class Simulator:
         self.by_name = {e.name: e for e in self.engines}
         self._heap: list[tuple] = []
         self._seq = 0
-        self._snapshot: ClusterSnapshot | None = None
+        self._views = SnapshotCache(self.engines)
+        self._tbt = config.slo.tpot_ms / 1000 if config.slo.tpot_ms else None
         self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
@@ -140,26 +143,28 @@ class Simulator:
 
     # ---- plumbing ------------------------------------------------------------------
     def _push(self, t: float, kind: int, a: object = None, b: object = None) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, kind, a, b))
+        seq = self._seq = self._seq + 1
+        _heappush(self._heap, (t, seq, kind, a, b))
 
     def _changed(self, e: Engine) -> None:
-        e._view = None
-        self._snapshot = None
+        self._views.mark(e.idx)
+
+    def _changed_role_or_state(self, e: Engine) -> None:
+        self._views.mark_role_or_state(e.idx)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
-        snap = self._snapshot
-        if snap is None:
-            snap = self._snapshot = ClusterSnapshot(tuple(e.view() for e in self.engines), now)
-        return snap
+        """The cluster as policies see it; cached until a worker changes."""
+        return self._views.get(now)
 
     def _kick(self, e: Engine, now: float) -> None:
         if e.plan is None:
             plan = e.start(now)
             if plan is not None:
                 if plan.first_tokens or plan.chunks:  # joins or KV reservations
-                    self._changed(e)
-                self._push(now + plan.steps * plan.step_s, ITER_END, e, e.version)
+                    self._views.mark(e.idx)
+                seq = self._seq = self._seq + 1
+                _heappush(self._heap, (now + plan.steps * plan.step_s, seq, ITER_END, e,
+                                       e.version))
         else:
             end = e.interrupt(now)
             if end is not None:
@@ -171,8 +176,8 @@ class Simulator:
 
     # ---- request life cycle ------------------------------------------------------------
     def _arrive(self, req: SimRequest, now: float) -> None:
-        tbt = self.config.slo.tpot_ms / 1000 if self.config.slo.tpot_ms else None
-        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, tbt)
+        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, self._tbt,
+                                     None)
         if self._obs_prompt is not None:
             self._obs_prompt(req.prompt)
         if self.control is not None:
@@ -277,7 +282,7 @@ class Simulator:
 
     def _finish(self, e: Engine, req: SimRequest, now: float) -> None:
         req.finish = now
-        self.finish_count[req.rid] += 1
+        self._finish_count[req.rid] += 1
         self._finished += 1
         e.kv_used -= req.kv_held
         req.kv_held = 0
@@ -303,11 +308,12 @@ class Simulator:
         for req in finished:
             self._finish(e, req, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
-            self._changed(e)
-        if finished:
+            self._views.mark(e.idx)
+        if finished and e.decode_wait:
             self._admit_pulls(e, now)
         self._kick(e, now)
-        self._check_drained(e, now)
+        if e.pending_role is not None:
+            self._check_drained(e, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
@@ -363,7 +369,7 @@ class Simulator:
         else:
             e.state = WorkerState.DRAINING
             e.pending_role = to
-            self._changed(e)
+            self._changed_role_or_state(e)
             self._check_drained(e, now)
 
     def _check_drained(self, e: Engine, now: float) -> None:
@@ -382,7 +388,50 @@ class Simulator:
             self._push(now + self.config.flip_rewarm_s, FLIP_DONE, e, None)
         else:
             e.state = WorkerState.READY
-        self._changed(e)
+        self._changed_role_or_state(e)
+
+    def _loop(self, reqs: list[SimRequest], first_seq: int) -> int:
+        """Run events to exhaustion; returns how many were handled.
+
+        Arrivals are not kept in the heap: the next one waits beside it, ordered against
+        the heap's head by (time, sequence number) with the sequence number it would have
+        had as a heap entry (taken when the previous arrival is handled), so ties break
+        exactly as if it were queued."""
+        heap = self._heap
+        n = len(reqs)
+        events = 0
+        i = 0
+        arr_t, arr_seq = (reqs[0].arrival if n else math.inf), first_seq
+        iteration_end, arrive = self._iteration_end, self._arrive
+        while True:
+            if i < n and (not heap or arr_t < heap[0][0]
+                          or (arr_t == heap[0][0] and arr_seq < heap[0][1])):
+                events += 1
+                req = reqs[i]
+                i += 1
+                if i < n:
+                    self._seq += 1
+                    arr_t, arr_seq = reqs[i].arrival, self._seq
+                arrive(req, req.arrival)
+                continue
+            if not heap:
+                break
+            now, _, kind, a, b = _heappop(heap)
+            events += 1
+            if kind == ITER_END:
+                if b == a.version:
+                    iteration_end(a, now)
+            elif kind == XFER_DONE:
+                self._transfer_done(a, b, now)
+            elif kind == CONTROL:
+                if self._finished < n:
+                    self._control_tick(now)
+                    self._push(now + self.config.control_interval_s, CONTROL)
+            elif kind == FLIP_DONE:
+                a.state = WorkerState.READY
+                self._changed_role_or_state(a)
+                self._kick(a, now)
+        return events
 
     # ---- main loop -----------------------------------------------------------------------
     def run(self, trace: Trace) -> SimResult:
@@ -392,36 +441,14 @@ class Simulator:
         n = len(trace)
         reqs = [SimRequest(i, float(t), max(1, r.prompt_tokens), max(1, r.output_tokens))
                 for i, (t, r) in enumerate(trace)]
-        self.finish_count = np.zeros(n, dtype=np.int64)
+        self._finish_count = [0] * n
         self._finished = 0
         self._record_roles(0.0)
-        if n:
-            self._push(reqs[0].arrival, ARRIVAL, 0)
+        self._seq += 1  # the first arrival's place in the event order
+        first_seq = self._seq
         if self.control is not None:
             self._push(self.config.control_interval_s, CONTROL)
-        heap = self._heap
-        pop = heapq.heappop
-        events = 0
-        while heap:
-            now, _, kind, a, b = pop(heap)
-            events += 1
-            if kind == ITER_END:
-                if b == a.version:
-                    self._iteration_end(a, now)
-            elif kind == ARRIVAL:
-                if a + 1 < n:
-                    self._push(reqs[a + 1].arrival, ARRIVAL, a + 1)
-                self._arrive(reqs[a], now)
-            elif kind == XFER_DONE:
-                self._transfer_done(a, b, now)
-            elif kind == CONTROL:
-                if self._finished < n:
-                    self._control_tick(now)
-                    self._push(now + self.config.control_interval_s, CONTROL)
-            elif kind == FLIP_DONE:
-                a.state = WorkerState.READY
-                self._changed(a)
-                self._kick(a, now)
+        events = self._loop(reqs, first_seq)
         unfinished = [r.rid for r in reqs if not r.failed and r.finish != r.finish]
         if unfinished:
             raise RuntimeError(f"{len(unfinished)} requests never finished (simulator bug)")
@@ -432,7 +459,8 @@ class Simulator:
             prompt_tokens=np.array([r.prompt for r in reqs]),
             output_tokens=np.array([r.output for r in reqs]),
             failed=np.array([r.failed for r in reqs], dtype=bool),
-            finish_count=self.finish_count, roles=self.roles, flips=self.flips,
+            finish_count=np.array(self._finish_count, dtype=np.int64), roles=self.roles,
+            flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
             busy_s={e.name: e.busy_s for e in self.engines})

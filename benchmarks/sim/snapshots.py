@@ -1,0 +1,102 @@
+"""Cheap `ClusterSnapshot`s for the simulator, rebuilt only where a worker changed.
+
+The simulator hands policies two snapshots per request (pick_prefill at arrival,
+pick_decode when the KV is ready). Building them naively (a fresh frozen `WorkerView` per
+worker, then `ClusterSnapshot.routable` filtering every worker through a property on each
+call) cost more than the rest of the simulation together. `SnapshotCache` keeps one view
+per worker and rebuilds only the views of workers marked changed; `SimSnapshot` is a
+`ClusterSnapshot` whose `routable(role)` answers from per-role index lists that change
+only when a worker's role or state does, memoised per snapshot. Policies see the same
+immutable values as before: same type hierarchy, same fields, same `routable` results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
+
+_new = object.__new__
+_ROLES = (Role.PREFILL, Role.DECODE)
+
+
+class SimSnapshot(ClusterSnapshot):
+    """A `ClusterSnapshot` with precomputed routable pools (values are identical)."""
+
+    def routable(self, role: Role | None = None) -> tuple[WorkerView, ...]:
+        try:
+            pools: dict = self._pools  # type: ignore[attr-defined]
+        except AttributeError:  # built some other way (e.g. dataclasses.replace)
+            return super().routable(role)
+        pool = pools.get(role)
+        if pool is None:
+            index = self._index  # type: ignore[attr-defined]
+            if role not in index:
+                return super().routable(role)
+            workers = self.workers
+            pool = pools[role] = tuple([workers[i] for i in index[role]])
+        return pool
+
+
+def make_view(e: Any) -> WorkerView:
+    """A frozen `WorkerView` of a simulated engine, without dataclass __init__ overhead."""
+    v = _new(WorkerView)
+    v.__dict__.update({
+        "name": e.name, "url": e.url, "role": e.role, "state": e.state,
+        "in_flight_prefill": e.in_flight_prefill, "in_flight_decode": e.in_flight_decode,
+        "prefill_tokens_in_flight": e.prefill_tokens_in_flight,
+        "decode_tokens_in_flight": e.decode_tokens_in_flight,
+        "kv_cache_usage": e.kv_used / e.kv_cap if e.kv_cap else 1.0,
+        "num_running": len(e.running),
+        "num_waiting": len(e.prefill_queue) + len(e.decode_wait)})
+    return v
+
+
+class SnapshotCache:
+    """Current views of a fixed list of engines; `mark(i)` after engine i changes."""
+
+    def __init__(self, engines: Sequence[Any]) -> None:
+        self.engines = list(engines)
+        self.views: list[WorkerView | None] = [None] * len(self.engines)
+        self.dirty: list[int] = list(range(len(self.engines)))
+        self.snapshot: SimSnapshot | None = None
+        self.index: dict | None = None  # role (or None) -> routable worker indices
+
+    def mark(self, idx: int) -> None:
+        views = self.views
+        if views[idx] is not None:
+            views[idx] = None
+            self.dirty.append(idx)
+        self.snapshot = None
+
+    def mark_role_or_state(self, idx: int) -> None:
+        """Engine idx changed role or state: its pool membership may have changed."""
+        self.index = None
+        self.mark(idx)
+
+    def _build_index(self) -> dict:
+        ready = [i for i, e in enumerate(self.engines) if e.state == WorkerState.READY]
+        index: dict = {None: tuple(ready)}
+        for role in _ROLES:
+            index[role] = tuple(i for i in ready if self.engines[i].role == role)
+        return index
+
+    def get(self, now: float) -> SimSnapshot:
+        snap = self.snapshot
+        if snap is not None:
+            return snap
+        views = self.views
+        if self.dirty:
+            engines = self.engines
+            for i in self.dirty:
+                views[i] = make_view(engines[i])
+            self.dirty = []
+        index = self.index
+        if index is None:
+            index = self.index = self._build_index()
+        snap = _new(SimSnapshot)
+        snap.__dict__.update({"workers": tuple(views), "taken_at": now,
+                              "_pools": {}, "_index": index})
+        self.snapshot = snap
+        return snap
