@@ -110,6 +110,11 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
         else:
             stats.local_requests += 1
         n = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        prompt = body.get("prompt")
+        # token ids >= 1000 in a prompt are our own earlier output: continue after them
+        first = sum(1 for t in prompt if isinstance(t, int) and t >= 1000) \
+            if isinstance(prompt, list) else 0
+        want_ids = bool(body.get("return_token_ids"))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                  "total_tokens": prompt_tokens + n}
         if not body.get("stream"):
@@ -130,12 +135,17 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
         async def events() -> AsyncIterator[bytes]:
             stats.running += 1
             try:
-                for i in range(n):
+                for i in range(first, first + n):
                     if b.die_after_tokens is not None and i >= b.die_after_tokens:
                         raise ConnectionResetError("injected worker death")
                     await asyncio.sleep(b.token_delay_s)
-                    finish = "length" if i == n - 1 else None
-                    yield f"data: {json.dumps(chunk(kind, rid, i, f' t{i}', finish))}\n\n".encode()
+                    finish = "length" if i == first + n - 1 else None
+                    event = chunk(kind, rid, i, f" t{i}", finish)
+                    if want_ids:
+                        event["choices"][0]["token_ids"] = [1000 + i]
+                        if i == first:
+                            event["choices"][0]["prompt_token_ids"] = list(range(prompt_tokens))
+                    yield f"data: {json.dumps(event)}\n\n".encode()
                 if include_usage:
                     last = {"id": rid, "object": "chunk", "model": model, "choices": [],
                             "usage": usage}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 
 from router.errors import GatewayError
 
@@ -44,3 +45,30 @@ async def workers(request: Request) -> dict:
             "pid": rec.pid, "restarts": rec.restarts,
         })
     return {"workers": out, "policy": request.app.state.dispatcher.policy.name}
+
+
+class MigrateBody(BaseModel):
+    request_id: str
+    to: str
+
+
+@router.get("/streams")
+async def streams(request: Request) -> dict:
+    """Live streams: where each runs and how far it got (migratable ones can move)."""
+    relays = request.app.state.dispatcher.streams.values()
+    return {"streams": [{"request_id": r.request_id, "worker": r.worker,
+                         "generated": len(r.generated_ids), "migratable": r.migratable,
+                         "migrations": r.migrations} for r in relays]}
+
+
+@router.post("/migrate")
+async def migrate(body: MigrateBody, request: Request) -> dict:
+    """Move a live stream to another worker; it continues there without a break."""
+    try:
+        relay = request.app.state.dispatcher.migrate(body.request_id, body.to)
+    except KeyError as exc:
+        raise GatewayError(404, str(exc), code="no_such_stream") from None
+    except ValueError as exc:
+        raise GatewayError(409, str(exc), code="cannot_migrate") from None
+    return {"request_id": relay.request_id, "from": relay.worker, "to": body.to,
+            "generated": len(relay.generated_ids)}

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -29,8 +28,9 @@ from router.cluster import Cluster, Role
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.policy import RequestInfo, RoutingPolicy
+from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
-from router.sse import StreamObserver, is_usage_only
+from router.sse import StreamObserver
 from router.streaming import ProxyStreamResponse
 from router.validation import ParsedRequest
 
@@ -92,9 +92,26 @@ class Dispatcher:
         self.client = client
         self.metrics = metrics
         self.config = config
+        self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
 
     def _timeout(self, read: float) -> httpx.Timeout:
         return httpx.Timeout(read, connect=self.config.connect_timeout_s)
+
+    def stream_timeout(self) -> httpx.Timeout:
+        return self._timeout(self.config.stream_idle_timeout_s)
+
+    def migrate(self, request_id: str, target: str) -> StreamRelay:
+        """Ask a live stream to continue on `target` (a READY worker)."""
+        relay = self.streams.get(request_id)
+        if relay is None:
+            raise KeyError(f"no live stream {request_id!r}")
+        view = self.cluster.snapshot().by_name(target)
+        if view is None or not view.routable:
+            raise ValueError(f"worker {target!r} is not ready")
+        if target == relay.worker:
+            raise ValueError(f"stream {request_id!r} already runs on {target!r}")
+        relay.request_migration(target)
+        return relay
 
     async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
@@ -183,6 +200,8 @@ class Dispatcher:
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
+            if migratable(req):  # token ids let the stream continue on another worker
+                body["return_token_ids"] = True
             url = self.cluster.view(worker).url + req.route
             read_timeout = (self.config.stream_idle_timeout_s if req.stream
                             else self.config.request_timeout_s)
@@ -202,7 +221,8 @@ class Dispatcher:
                 raise
             else:
                 if upstream.status_code == 200:
-                    return await self._reply(worker, upstream, req, request_id, tokens, started)
+                    return await self._reply(worker, upstream, req, request_id, body, tokens,
+                                             started)
                 content = await upstream.aread()
                 await upstream.aclose()
                 self.cluster.end(worker, Role.DECODE, tokens)
@@ -226,10 +246,11 @@ class Dispatcher:
                            code="upstream_unavailable")
 
     async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
-                     request_id: str, tokens: int, started: float) -> Response:
+                     request_id: str, body: dict, tokens: int, started: float) -> Response:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
         if req.stream:
-            relay = _StreamRelay(self, worker, upstream, req, request_id, tokens, started)
+            relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
+            self.streams[request_id] = relay
             return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
                                        media_type="text/event-stream", headers=headers)
         try:
@@ -277,56 +298,3 @@ class Dispatcher:
         elif obs.content_events:  # no usage asked for: count what we relayed
             self.mix.record(req.prompt_tokens_estimate, obs.content_events)
         self.feedback("observe_finished", request_id)
-
-
-class _StreamRelay:
-    """Passes a worker's SSE bytes through, watching them; cleans up exactly once."""
-
-    progress_every = 32  # content events between length-predictor refreshes
-
-    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: httpx.Response,
-                 req: ParsedRequest, request_id: str, tokens: int, started: float) -> None:
-        self.d = dispatcher
-        self.worker = worker
-        self.request_id = request_id
-        self.upstream = upstream
-        self.req = req
-        self.tokens = tokens
-        self.started = started
-        self.obs = StreamObserver(started=started)
-        self._closed = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            reported = 0
-            hide_usage = not self.req.include_usage
-            async for chunk in self.upstream.aiter_raw():
-                events = self.obs.feed(chunk)
-                if self.obs.content_events - reported >= self.progress_every:
-                    reported = self.obs.content_events
-                    self.d.feedback("observe_progress", self.request_id, reported)
-                out = b"".join(raw for raw, parsed in events
-                               if not (hide_usage and is_usage_only(parsed)))
-                if out:
-                    yield out
-            if self.obs.pending.strip():
-                yield self.obs.pending
-            if not self.obs.saw_done:
-                raise httpx.RemoteProtocolError("stream ended without [DONE]")
-        except httpx.HTTPError as exc:
-            log.warning("decode stream from %s broke: %r", self.worker, exc)
-            self.d.metrics.leg_failures.labels("decode", "stream_error").inc()
-            yield GatewayError(502, f"worker {self.worker} failed mid-stream: {exc!r}",
-                               code="upstream_stream_error").sse_event()
-            yield b"data: [DONE]\n\n"
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        """Close the worker connection (aborting its request) and release the leg."""
-        if self._closed:
-            return
-        self._closed = True
-        await self.upstream.aclose()
-        self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
-        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started)

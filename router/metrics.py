@@ -65,6 +65,8 @@ class GatewayMetrics:
                                     ["leg", "action"], registry=r)
         self.pd_requests = Counter("fulcrum_dispatch",
                                    "Requests by dispatch mode (pd, local)", ["mode"], registry=r)
+        self.migrations = Counter("fulcrum_stream_migrations",
+                                  "Live streams moved to another decode worker", registry=r)
         self.prompt_tokens = Counter("fulcrum_prompt_tokens", "Prompt tokens served",
                                      registry=r)
         self.completion_tokens = Counter("fulcrum_completion_tokens",

@@ -38,6 +38,10 @@ class StreamObserver:
             events.append((event + b"\n\n", self._on_event(event)))
         return events
 
+    def discard_pending(self) -> None:
+        """Forget a partial event (its stream was closed mid-event)."""
+        self._buffer = b""
+
     @property
     def pending(self) -> bytes:
         """Bytes of an event not yet complete."""

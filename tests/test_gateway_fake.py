@@ -261,3 +261,47 @@ def test_request_mix_windows_recent_requests() -> None:
     assert mix.means(60) == (1040 / 3, 302 / 3, 3)
     now[0] = 500.0
     assert mix.means(1000) == (None, None, 0)  # past the horizon, forgotten
+
+
+def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.05
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.DECODE, WorkerState.DRAINING)  # not picked at first
+        with serve_in_thread(_gateway(cluster)) as url:
+            body = {"model": MODEL, "prompt": "one two three", "max_tokens": 30,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            texts, usage, ids = [], None, set()
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=20,
+                              headers={"X-Request-Id": "mig-1"}) as resp:
+                for line in resp.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    ids.add(chunk["id"])
+                    assert "token_ids" not in str(chunk)  # the client did not ask for ids
+                    if chunk["choices"]:
+                        texts.append(chunk["choices"][0]["text"])
+                    usage = chunk.get("usage") or usage
+                    if len(texts) == 5:
+                        listed = httpx.get(url + "/admin/streams").json()["streams"]
+                        assert listed[0]["request_id"] == "mig-1" and listed[0]["migratable"]
+                        bad = httpx.post(url + "/admin/migrate",
+                                         json={"request_id": "mig-1", "to": "d1"})
+                        assert bad.status_code == 409  # d1 is draining, not ready
+                        cluster.set_state("d1", WorkerState.READY)
+                        moved = httpx.post(url + "/admin/migrate",
+                                           json={"request_id": "mig-1", "to": "d1"})
+                        assert moved.status_code == 200, moved.text
+            assert "".join(texts) == "".join(f" t{i}" for i in range(30))
+            assert len(ids) == 1  # one stream id from start to end
+            assert usage == {"prompt_tokens": 3, "completion_tokens": 30, "total_tokens": 33}
+            assert d0.state.stats.aborted == 1
+            continued = d1.state.stats.bodies[-1]
+            assert continued["prompt"][:3] == [0, 1, 2] and continued["max_tokens"] < 30
+            assert httpx.post(url + "/admin/migrate", json={"request_id": "mig-1", "to": "d0"}
+                              ).status_code == 404
+            assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
+            assert _in_flight_zero(cluster)
