@@ -163,6 +163,21 @@ def test_arrow_counts_the_queue_in_ttft():
     assert policy.last_note.numbers["ttft_queue_incl_s"] == pytest.approx(2.05)
 
 
+def test_arrow_counts_decode_admission_queueing_as_decode_pressure():
+    # ITL is within target, but requests wait to be admitted on the decode pool: that wait
+    # is paid in TTFT, so the decode side is the starved one and gets a worker.
+    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    toy = ToyCluster()
+    snap = toy.snapshot(0, *LONG_OUTPUTS)
+    full = {n: (WorkerMetrics(n, itl_p90_s=0.01, itl_samples=50, num_waiting=20,
+                              requests_finished_per_s=2.0)
+                if toy.roles[n] == Role.DECODE else WorkerMetrics(n))
+            for n in snap.metrics}
+    snap = ControlSnapshot(snap.time, snap.cluster, full, snap.window_s, snap.slo)
+    actions = policy.decide(snap)
+    assert [a.to for a in actions] == [Role.DECODE]
+
+
 def test_dopd_moves_workers_with_the_mix_and_back():
     policy = DOPDPolicy(DOPDConfig(prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
                                    decode_tokens_per_s=DECODE_TOKENS_PER_S,

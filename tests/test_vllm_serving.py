@@ -182,6 +182,48 @@ def test_kv_cache_returns_to_idle_after_many_requests(cluster: LiveCluster,
     assert all(u == 0 for u in usage.values()), f"KV blocks still held: {usage}"
 
 
+def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
+                migrate_after: int | None = None) -> tuple[list[int], str, dict]:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    ids: list[int] = []
+    text, usage = "", {}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120,
+                      headers={"X-Request-Id": request_id}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                ids.extend(choice.get("token_ids") or [])
+                text += choice["text"]
+            usage = chunk.get("usage") or usage
+            if migrate_after is not None and len(ids) >= migrate_after:
+                here = httpx.get(cluster.url + "/admin/streams").json()["streams"][0]["worker"]
+                other = next(n for n in cluster.workers() if n != here)
+                moved = httpx.post(cluster.url + "/admin/migrate",
+                                   json={"request_id": request_id, "to": other})
+                assert moved.status_code == 200, moved.text
+                migrate_after = None
+    return ids, text, usage
+
+
+def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
+    prompt = unique_prompt(12, 21)
+    reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}")
+    migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=20)
+    assert len(reference[0]) == 300
+    assert migrated[0] == reference[0]
+    assert migrated[1] == reference[1]
+    assert migrated[2]["completion_tokens"] == 300
+    assert migrated[2]["prompt_tokens"] == reference[2]["prompt_tokens"]
+    metrics = httpx.get(cluster.url + "/metrics").text
+    assert "fulcrum_stream_migrations_total 1.0" in metrics
+
+
 # --- faults: these kill workers; the manager must bring them back -----------------
 
 def test_prefill_worker_killed_between_legs_decode_recomputes(cluster: LiveCluster) -> None:

@@ -72,8 +72,17 @@ def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int) -> tuple[
         lat = [prefill_latency_s(metrics_of(snapshot, w.name), min_samples) for w in members]
         target = snapshot.slo.ttft_s
     else:
-        lat = [decode_latency_s(metrics_of(snapshot, w.name), min_samples) for w in members]
-        target = snapshot.slo.tpot_s
+        lat, loads = [], []
+        for w in members:
+            m = metrics_of(snapshot, w.name)
+            itl = decode_latency_s(m, min_samples)
+            lat.append(itl)
+            # A full decode pool keeps ITL in target while requests queue for admission:
+            # that wait counts against TTFT, so it is decode pressure too.
+            wait = m.num_waiting / m.requests_finished_per_s \
+                if m.requests_finished_per_s > 0 else 0.0
+            loads.append(max(itl / snapshot.slo.tpot_s, wait / snapshot.slo.ttft_s))
+        return sum(lat) / len(lat), sum(loads) / len(loads)
     mean = sum(lat) / len(lat)
     return mean, mean / target
 
