@@ -260,15 +260,20 @@ def test_decode_worker_killed_mid_stream_client_gets_error_then_worker_returns(
     stream = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(20, 12),
                                        max_tokens=MAX_MODEL_LEN - 100, stream=True,
                                        extra_body={"ignore_eos": True})
-    received = 0
+    received, finish = 0, None
     started = time.monotonic()
-    with pytest.raises(openai.APIError):
-        for _chunk in stream:
+    try:
+        for chunk in stream:
             received += 1
-            if received == 3:
+            if received == 1:
                 cluster.kill_worker(decode)
+            finish = chunk.choices[0].finish_reason if chunk.choices else finish
+        # The worker may have finished generating before the kill landed (the gateway was
+        # still relaying): then the client must have the whole, untruncated output.
+        assert finish == "length"
+    except openai.APIError as exc:
+        assert "mid-stream" in str(exc)  # the gateway's error event, not a hang or a cut
     assert time.monotonic() - started < 60
-    assert received >= 3
     workers = cluster.wait_all_ready(timeout_s=400)
     assert workers[decode]["restarts"] >= 1
     # The restarted cluster serves P/D again.
