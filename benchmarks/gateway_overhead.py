@@ -4,7 +4,8 @@ the gateway, against fake workers that answer instantly, in one run.
     python -m benchmarks.gateway_overhead --streams 200 --requests 4000
 
 Writes benchmarks/results/gateway_overhead.json and .png: p50/p99 added latency
-(TTFT and end-to-end) and the highest request rate each path sustained. Every
+(TTFT and end-to-end) with one stream at a time and at full concurrency, and the
+request rate each path sustained at full concurrency. Every
 process (fake workers, gateways, this load generator) shares the machine's
 cores, so read the numbers as ratios measured side by side.
 """
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams")
     parser.add_argument("--requests", type=int, default=4000, help="requests per phase")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
+    parser.add_argument("--idle-requests", type=int, default=200,
+                        help="requests per path sent one at a time (added latency unloaded)")
     parser.add_argument("--out", type=Path, default=RESULTS / "gateway_overhead.json")
     args = parser.parse_args(argv)
 
@@ -150,30 +153,34 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(_process(
             ["-m", "deploy.cli", "gateway", "--model", MODEL, "--port", str(g_local),
              "--worker", f"decode={base(d_port)}"], base(g_local) + "/health"))
-        phases = []
+        phases, idle = [], []
         for label, port in (("direct", d_port), ("gateway (1 leg)", g_local),
                             ("gateway (P/D, 2 legs)", g_pd)):
             asyncio.run(_load(base(port), args.streams, min(400, args.requests),
                               args.max_tokens, f"warm-up {label}"))
+            idle.append(asyncio.run(_load(base(port), 1, args.idle_requests,
+                                          args.max_tokens, f"{label}, one stream")))
             phases.append(asyncio.run(_load(base(port), args.streams, args.requests,
                                             args.max_tokens, label)))
-    direct = phases[0]
+    direct, direct_idle = phases[0], idle[0]
+    metrics = ("p50_ttft_ms", "p99_ttft_ms", "p50_e2el_ms", "p99_e2el_ms")
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "streams": args.streams, "requests_per_phase": args.requests,
         "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
         "phases": [{k: v for k, v in p.items() if k != "e2el_ms"} for p in phases],
+        "one_stream_phases": [{k: v for k, v in p.items() if k != "e2el_ms"} for p in idle],
+        "added_latency_ms_one_stream": {
+            p["label"]: {m: p[m] - direct_idle[m] for m in metrics} for p in idle[1:]},
         "added_latency_ms": {
-            p["label"]: {m: p[m] - direct[m] for m in
-                         ("p50_ttft_ms", "p99_ttft_ms", "p50_e2el_ms", "p99_e2el_ms")}
-            for p in phases[1:]},
+            p["label"]: {m: p[m] - direct[m] for m in metrics} for p in phases[1:]},
         "throughput_ratio_vs_direct": {p["label"]: p["requests_per_s"] / direct["requests_per_s"]
                                        for p in phases[1:]},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     _plot(phases, args.out.with_suffix(".png"))
-    print(json.dumps({k: summary[k] for k in ("added_latency_ms",
+    print(json.dumps({k: summary[k] for k in ("added_latency_ms_one_stream", "added_latency_ms",
                                               "throughput_ratio_vs_direct")}, indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
