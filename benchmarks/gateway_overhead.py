@@ -75,6 +75,7 @@ async def _load(url: str, streams: int, requests: int, max_tokens: int,
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     results: list[tuple[float, float]] = []
     failures = 0
+    errors: dict[str, int] = {}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -86,8 +87,10 @@ async def _load(url: str, streams: int, requests: int, max_tokens: int,
             queue.get_nowait()
             try:
                 results.append(await _one(client, url, max_tokens))
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 failures += 1
+                kind = f"{type(exc).__name__}: {exc}"[:120]
+                errors[kind] = errors.get(kind, 0) + 1
             bar.update()
 
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
@@ -97,7 +100,7 @@ async def _load(url: str, streams: int, requests: int, max_tokens: int,
     bar.close()
     ttft = np.array([r[0] for r in results]) * 1000
     e2e = np.array([r[1] for r in results]) * 1000
-    return {"label": label, "completed": len(results), "failed": failures,
+    return {"label": label, "completed": len(results), "failed": failures, "errors": errors,
             "duration_s": wall, "requests_per_s": len(results) / wall,
             "p50_ttft_ms": float(np.percentile(ttft, 50)),
             "p99_ttft_ms": float(np.percentile(ttft, 99)),
