@@ -32,6 +32,7 @@ from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.policy import make_policy
+from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
 from router.validation import CHAT, COMPLETIONS, parse_request
 
@@ -69,6 +70,7 @@ class GatewayConfig:
     admin_token: str | None = None
     admin_open: bool = True
     stats_interval_s: float = 2.0
+    rebalance_interval_s: float = 2.0  # ARES decode rebalancing (policies with residents)
     control: ControlConfig = field(default_factory=ControlConfig)
 
 
@@ -104,6 +106,11 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                               app.state.request_mix)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                           config.stats_interval_s))
+            rebalance = None
+            if config.rebalance_interval_s > 0 and \
+                    hasattr(app.state.dispatcher.policy, "residents"):
+                rebalance = asyncio.create_task(rebalance_forever(
+                    app.state.dispatcher, default_planner(), config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             controller = app.state.controller
@@ -116,6 +123,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 yield
             finally:
                 stats.cancel()
+                if rebalance is not None:
+                    rebalance.cancel()
                 if control_loop is not None:
                     control_loop.cancel()
                 if announcer is not None:

@@ -305,3 +305,34 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
                               ).status_code == 404
             assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
             assert _in_flight_zero(cluster)
+
+
+def test_ares_rebalancer_moves_a_stream_off_the_loaded_decoder() -> None:
+    import concurrent.futures as cf
+
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.02
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.DECODE, WorkerState.DRAINING)  # everything lands on d0
+        app = _gateway(cluster, policy="ares", rebalance_interval_s=0.3)
+        with serve_in_thread(app) as url:
+            def stream(i: int) -> str:
+                body = {"model": MODEL, "prompt": f"tell me a long story {i}",
+                        "max_tokens": 300, "stream": True}
+                with httpx.stream("POST", url + "/v1/completions", json=body,
+                                  timeout=60) as resp:
+                    return "".join(json.loads(line[6:])["choices"][0]["text"]
+                                   for line in resp.iter_lines()
+                                   if line.startswith("data: {"))
+
+            with cf.ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(stream, i) for i in range(3)]
+                time.sleep(1.0)
+                cluster.set_state("d1", WorkerState.READY)  # an idle decoder appears
+                texts = [f.result() for f in futures]
+        assert texts == ["".join(f" t{i}" for i in range(300))] * 3  # nothing lost or doubled
+        assert d1.state.stats.request_ids, "the rebalancer moved nothing"
+        assert d0.state.stats.aborted >= 1
+        assert _in_flight_zero(cluster)
