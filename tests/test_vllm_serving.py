@@ -224,6 +224,26 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     assert "fulcrum_stream_migrations_total 1.0" in metrics
 
 
+def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCluster,
+                                                                 tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--base-url", cluster.url,
+                    "--model", MODEL_NAME, "--dataset", "random", "--input-len", "64",
+                    "--output-len", "8", "--num-prompts", "8", "--request-rate", "4",
+                    "--goodput", "ttft:30000", "tpot:10000", "--save-result",
+                    "--result-dir", str(tmp_path), "--result-filename", "run.json",
+                    "--no-progress"], check=True, timeout=300, capture_output=True)
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert result["completed"] == 8 and result["failed"] == 0
+    assert result["total_output_tokens"] == 64
+    for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "request_throughput",
+                "request_goodput", "slo_attainment"):
+        assert isinstance(result[key], int | float), key
+    assert result["mean_ttft_ms"] > 0 and result["slo_attainment"] == 1.0
+
+
 # --- faults: these kill workers; the manager must bring them back -----------------
 
 def test_prefill_worker_killed_between_legs_decode_recomputes(cluster: LiveCluster) -> None:
