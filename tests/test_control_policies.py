@@ -292,3 +292,16 @@ def test_arrow_ignores_percentiles_from_too_few_samples():
     enough = {n: (WorkerMetrics(n, ttft_p90_s=30.0, ttft_samples=3)
                   if toy.roles[n] == Role.PREFILL else WorkerMetrics(n)) for n in snap.metrics}
     assert len(policy.decide(ControlSnapshot(1, snap.cluster, enough, 20.0, SLO))) == 1
+
+
+def test_dopd_forecast_stays_with_the_data_after_a_gap():
+    # A steep rise, then 40 s without an update (no request finished), then the share is
+    # low: the level must move toward the data, not fly past 1 on the stale trend.
+    policy = DOPDPolicy(DOPDConfig(forecast_horizon_s=0.0))
+    for t, share in ((0, 0.1), (1, 0.4), (2, 0.7), (3, 0.9)):
+        policy._update_forecast(share, float(t))
+    after_gap = policy._update_forecast(0.03, 43.0)
+    assert after_gap < 0.9
+    settled = [policy._update_forecast(0.03, 44.0 + i) for i in range(6)]
+    assert settled[-1] < 0.2
+

@@ -50,6 +50,10 @@ class DOPDConfig:
     """Extra workers of dead band beyond rounding before a move (0 = plain rounding)."""
     adjustment_interval_s: float = 30.0
     """At most one flip per this many seconds."""
+    max_extrapolation_s: float = 5.0
+    """The trend extrapolates at most this far between two updates: after a gap (ticks
+    that saw no finished request) a steep old trend must not fling the level past the
+    data."""
 
 
 class DOPDPolicy:
@@ -81,7 +85,8 @@ class DOPDPolicy:
             self._level, self._trend = share, 0.0
         else:
             dt = now - self._seen_at
-            predicted = self._level + self._trend * dt
+            predicted = min(1.0, max(0.0, self._level + self._trend * min(
+                dt, cfg.max_extrapolation_s)))
             level = cfg.level_smoothing * share + (1 - cfg.level_smoothing) * predicted
             slope = (level - self._level) / dt
             self._trend = cfg.trend_smoothing * slope + (1 - cfg.trend_smoothing) * self._trend
