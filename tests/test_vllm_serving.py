@@ -270,7 +270,7 @@ def test_prefill_worker_killed_between_legs_decode_recomputes(cluster: LiveClust
     via_gateway = _greedy(cluster.url, prompt)
     assert via_gateway["choices"][0]["logprobs"]["token_logprobs"] == \
         resp.json()["choices"][0]["logprobs"]["token_logprobs"]
-    workers = cluster.wait_all_ready(timeout_s=400, min_restarts=0)
+    workers = cluster.wait_all_ready(timeout_s=400, restarted=prefill, old_pid=old_pid)
     assert workers[prefill]["pid"] != old_pid and workers[prefill]["restarts"] >= 1
 
 
@@ -280,13 +280,13 @@ def test_decode_worker_killed_mid_stream_client_gets_error_then_worker_returns(
     stream = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(20, 12),
                                        max_tokens=MAX_MODEL_LEN - 100, stream=True,
                                        extra_body={"ignore_eos": True})
-    received, finish = 0, None
+    received, finish, old_pid = 0, None, None
     started = time.monotonic()
     try:
         for chunk in stream:
             received += 1
             if received == 1:
-                cluster.kill_worker(decode)
+                old_pid = cluster.kill_worker(decode)
             finish = chunk.choices[0].finish_reason if chunk.choices else finish
         # The worker may have finished generating before the kill landed (the gateway was
         # still relaying): then the client must have the whole, untruncated output.
@@ -294,7 +294,7 @@ def test_decode_worker_killed_mid_stream_client_gets_error_then_worker_returns(
     except openai.APIError as exc:
         assert "mid-stream" in str(exc)  # the gateway's error event, not a hang or a cut
     assert time.monotonic() - started < 60
-    workers = cluster.wait_all_ready(timeout_s=400)
+    workers = cluster.wait_all_ready(timeout_s=400, restarted=decode, old_pid=old_pid)
     assert workers[decode]["restarts"] >= 1
     # The restarted cluster serves P/D again.
     out = client.completions.create(model=MODEL_NAME, prompt=unique_prompt(10, 13),

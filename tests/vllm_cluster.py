@@ -58,7 +58,10 @@ class LiveCluster:
     def by_role(self, role: str) -> str:
         return next(n for n, w in self.workers().items() if w["role"] == role)
 
-    def wait_all_ready(self, timeout_s: float = 600, min_restarts: int = 0) -> dict:
+    def wait_all_ready(self, timeout_s: float = 600, min_restarts: int = 0,
+                       restarted: str | None = None, old_pid: int | None = None) -> dict:
+        """Every worker ready; with `restarted`, that worker also runs a new process
+        (not `old_pid`), so a kill that the manager has not noticed yet cannot pass."""
         deadline = time.monotonic() + timeout_s
         last: dict = {}
         while time.monotonic() < deadline:
@@ -70,8 +73,11 @@ class LiveCluster:
                 crashed = [n for n, w in last.items() if w["restarts"] > min_restarts + 2]
                 if crashed:
                     raise RuntimeError(f"workers {crashed} keep crashing:\n{self.log_tail()}")
-                if last and all(w["state"] == "ready" and w["restarts"] >= min_restarts
-                                for w in last.values()):
+                fresh = restarted is None or (last[restarted]["pid"] != old_pid
+                                              and last[restarted]["restarts"] >= 1)
+                if last and fresh and all(w["state"] == "ready"
+                                          and w["restarts"] >= min_restarts
+                                          for w in last.values()):
                     return last
             except httpx.HTTPError:
                 pass
