@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,34 +28,19 @@ from pathlib import Path
 
 import httpx
 
+from deploy.ports import free_port_block
+
 RESULTS = Path(__file__).parent / "results"
 MODEL = "tiny-llama"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-
-
-def _free_port_block(count: int, start: int) -> int:
-    port = start
-    while True:
-        socks = []
-        try:
-            for p in range(port, port + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            port += count
-        finally:
-            for s in socks:
-                s.close()
 
 
 class Cluster:
     """A `fulcrum up` subprocess and its admin API."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.port = _free_port_block(4, 18700)
-        side = _free_port_block(3, 26700)
+        self.port = free_port_block(4, 18700)
+        side = free_port_block(3, 26700)
         cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny", "--workers", "3",
                "--prefill-workers", "1", "--port", str(self.port), "--max-model-len", "512",
                "--kv-cache-gib", "1", "--side-channel-base-port", str(side),

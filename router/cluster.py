@@ -65,6 +65,13 @@ class ClusterSnapshot:
             w for w in self.workers if w.routable and (role is None or w.role == role)
         )
 
+    def decode_candidates(self, exclude: frozenset[str] = frozenset()
+                          ) -> tuple[WorkerView, ...]:
+        """The decode pool minus `exclude`; with that empty, any routable worker (every
+        worker can decode, computing the prompt itself)."""
+        pool = tuple(w for w in self.routable(Role.DECODE) if w.name not in exclude)
+        return pool or tuple(w for w in self.routable() if w.name not in exclude)
+
     def by_name(self, name: str) -> WorkerView | None:
         return next((w for w in self.workers if w.name == name), None)
 

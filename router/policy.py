@@ -66,10 +66,7 @@ class LeastLoadedPolicy:
 
     def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
                     exclude: frozenset[str] = frozenset()) -> str | None:
-        pool = tuple(w for w in cluster.routable(Role.DECODE) if w.name not in exclude)
-        if not pool:  # no decode pool left: any routable worker can decode locally
-            pool = tuple(w for w in cluster.routable() if w.name not in exclude)
-        chosen = _least_loaded(pool, Role.DECODE)
+        chosen = _least_loaded(cluster.decode_candidates(exclude), Role.DECODE)
         return chosen.name if chosen else None
 
 

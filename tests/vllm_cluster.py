@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +16,10 @@ from pathlib import Path
 
 import httpx
 
+from deploy.ports import free_port_block
+
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 512
-
-
-def _free_block(count: int, start: int) -> int:
-    """First port p >= start with p..p+count-1 all free."""
-    port = start
-    while port < 65000:
-        try:
-            socks = []
-            for p in range(port, port + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            port += count
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 @dataclass
@@ -122,9 +104,9 @@ class LiveCluster:
 
 def start_cluster(tmp: Path, workers: int = 2, extra_args: tuple[str, ...] = ()) -> LiveCluster:
     """Launch `fulcrum up --model tiny` on free ports and wait until every worker serves."""
-    gateway = _free_block(1, 18000 + (os.getpid() % 500) * 8)
-    worker_base = _free_block(workers, gateway + 1)
-    side = _free_block(workers, 25600 + (os.getpid() % 500) * 8)
+    gateway = free_port_block(1, 18000 + (os.getpid() % 500) * 8)
+    worker_base = free_port_block(workers, gateway + 1)
+    side = free_port_block(workers, 25600 + (os.getpid() % 500) * 8)
     log_dir = tmp / "logs"
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny",
            "--served-model-name", MODEL_NAME, "--port", str(gateway),

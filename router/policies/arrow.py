@@ -92,9 +92,7 @@ class ArrowPolicy:
 
     def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
                     exclude: frozenset[str] = frozenset()) -> str | None:
-        pool = tuple(w for w in cluster.routable(Role.DECODE) if w.name not in exclude)
-        if not pool:
-            pool = tuple(w for w in cluster.routable() if w.name not in exclude)
+        pool = cluster.decode_candidates(exclude)
         if not pool:
             return None
         target = request.tbt_target_s or self.targets.tpot_s
