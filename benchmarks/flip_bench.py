@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cluster.admin("PUT", "/policy", advisory=False)
         load = Load(cluster.url, 6).start()
-        started, phases, pools = time.time(), [], []
+        started, phases, pools, watches = time.time(), [], [], []
         for _ in range(args.cycles):
             for name, shape in (("prompt-heavy", (150, 2)), ("output-heavy", (5, 100))):
                 load.shape = shape
@@ -220,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "decode": roles.count("decode")})
                     time.sleep(1)
                 phases.append({"name": name, "from": begin, "to": time.time()})
-                print(f"{name}: pools now {pools[-1]}", flush=True)
+                watch = subprocess.run(
+                    [sys.executable, "-m", "deploy.cli", "watch", "--once", "--url",
+                     cluster.url], capture_output=True, text=True, timeout=60).stdout
+                watches.append({"phase": name, "table": watch})
+                print(f"{name}: pools now {pools[-1]}\n{watch}", flush=True)
         load.stop()
         flips = cluster.admin("GET", "/flips")["flips"]
     finally:
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                   "requests": requests,
                   "requests_ok": sum(1 for r in requests if r.get("ok")),
                   "requests_failed": sum(1 for r in requests if not r.get("ok")),
-                  "automatic_flips": [f for f in flips if f["reason"] != "manual"]},
+                  "automatic_flips": [f for f in flips if f["reason"] != "manual"],
+                  "fulcrum_watch": watches},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
