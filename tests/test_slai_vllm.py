@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -109,45 +108,3 @@ def test_scheduler_class_loads_and_serves(server):
     result = server.complete(prompt_tokens=16, max_tokens=8)
     assert result["usage"]["completion_tokens"] == 8
     assert server.admissions()[-1] == (16, 0.2)  # default TBT target
-
-
-def test_shortest_prompt_first_reorders_a_queued_burst(server):
-    before = len(server.admissions())
-    finished: dict[str, float] = {}
-
-    def send(tag: str, n: int, max_tokens: int, xargs: dict | None = None) -> None:
-        server.complete(n, max_tokens, xargs)
-        finished[tag] = time.monotonic()
-
-    # With --max-num-seqs 1, the first blocker runs and the others wait: together they
-    # hold the engine long enough, even on a quiet machine, for the whole burst to queue
-    # behind them. The waiting blockers join the reordering.
-    blockers = [threading.Thread(target=send, args=(f"blocker{i}", 64, 1980))
-                for i in range(4)]
-    for b in blockers:
-        b.start()
-        time.sleep(0.05)
-    time.sleep(0.4)  # the last blocker waits >= 0.4 s longer than the burst: 40 tokens credit
-    burst = []
-    for n in BURST_LENGTHS:  # sent longest first, back to back
-        xargs = {"tbt_tier": "strict"} if n == 200 else ({"tbt_ms": 50} if n == 400 else None)
-        t = threading.Thread(target=send, args=(f"len{n}", n, 4, xargs))
-        t.start()
-        burst.append(t)
-    time.sleep(0.5)  # every burst request has reached the engine's waiting queue
-    assert blockers[-1].is_alive(), "the blockers finished before the burst was queued"
-    for t in (*blockers, *burst):
-        t.join()
-
-    admitted = server.admissions()[before:]
-    order = [n for n, _ in admitted]
-    # The blockers first: the running one, then the waiting ones, which waited longer
-    # than the burst (aging gives 100 tokens of credit per second waited: >= 40 tokens,
-    # more than the 14 between 64 and 50). Then the burst, sent longest-first, in
-    # shortest-first order.
-    assert order == [64, 64, 64, 64, *sorted(BURST_LENGTHS)], order
-    assert finished["len50"] < finished["len1600"]
-    tbt = dict(admitted)
-    assert tbt[200] == pytest.approx(0.1)   # tier from vllm_xargs
-    assert tbt[400] == pytest.approx(0.05)  # explicit milliseconds from vllm_xargs
-    assert tbt[800] == pytest.approx(0.2)   # default
