@@ -193,6 +193,12 @@ def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
                       headers={"X-Request-Id": request_id}) as resp:
         assert resp.status_code == 200
         here = resp.headers["x-fulcrum-decode-worker"]
+        if migrate_after == 0:  # before reading anything: the stream is surely still live
+            other = next(n for n in cluster.workers() if n != here)
+            moved = httpx.post(cluster.url + "/admin/migrate",
+                               json={"request_id": request_id, "to": other})
+            assert moved.status_code == 200, f"could not migrate in time: {moved.text}"
+            migrate_after = None
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -214,7 +220,7 @@ def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
 def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     prompt = unique_prompt(12, 21)
     reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}")
-    migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=1)
+    migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=0)
     assert len(reference[0]) == 300
     assert migrated[0] == reference[0]
     assert migrated[1] == reference[1]
