@@ -23,7 +23,8 @@ from instance_manager.controller.base import ControlSnapshot, FlipAction, Worker
 from instance_manager.controller.common import (
     PolicyNote,
     describe_load,
-    flip_in_progress,
+    held,
+    hold_reason_while_draining,
     least_loaded,
     metrics_of,
     pool,
@@ -119,12 +120,11 @@ class ArrowPolicy:
                  f"(load {load_d:.2f}, {n[Role.DECODE]} workers)")
 
         def hold(why: str) -> list[FlipAction]:
-            self.last_note = PolicyNote(f"hold: {why}; {facts}", numbers)
+            self.last_note = held(why, facts, numbers)
             return []
 
-        busy = flip_in_progress(snapshot)
-        if busy:
-            return hold(f"{busy} is draining")
+        if draining := hold_reason_while_draining(snapshot):
+            return hold(draining)
         if self._last_flip_at is not None:
             left = cfg.cooldown_s - (snapshot.time - self._last_flip_at)
             if left > 0:

@@ -33,6 +33,17 @@ def flip_in_progress(snapshot: ControlSnapshot) -> str | None:
     return busy[0] if busy else None
 
 
+def hold_reason_while_draining(snapshot: ControlSnapshot) -> str | None:
+    """Why a policy must not act now because a worker is draining, else None."""
+    busy = flip_in_progress(snapshot)
+    return f"{busy} is draining" if busy else None
+
+
+def held(why: str, facts: str, numbers: dict) -> PolicyNote:
+    """The note a policy leaves when it decides not to act."""
+    return PolicyNote(f"hold: {why}; {facts}", numbers)
+
+
 def metrics_of(snapshot: ControlSnapshot, name: str) -> WorkerMetrics:
     return snapshot.metrics.get(name) or WorkerMetrics(name=name)
 

@@ -20,7 +20,8 @@ from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
     PolicyNote,
     describe_load,
-    flip_in_progress,
+    held,
+    hold_reason_while_draining,
     least_loaded,
     pool,
 )
@@ -119,12 +120,11 @@ class DOPDPolicy:
                  f"{ideal:.2f} of {total} prefill, have {n_p}")
 
         def hold(why: str) -> list[FlipAction]:
-            self.last_note = PolicyNote(f"hold: {why}; {facts}", numbers)
+            self.last_note = held(why, facts, numbers)
             return []
 
-        busy = flip_in_progress(snapshot)
-        if busy:
-            return hold(f"{busy} is draining")
+        if draining := hold_reason_while_draining(snapshot):
+            return hold(draining)
         if target == n_p:
             return hold("the split matches")
         if abs(ideal - n_p) <= 0.5 + cfg.hysteresis:
