@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from router.errors import GatewayError
 
@@ -50,6 +50,8 @@ async def workers(request: Request) -> dict:
 class MigrateBody(BaseModel):
     request_id: str
     to: str
+    after_tokens: int = Field(0, ge=0)  # move once the stream has generated this many
+    planned: bool = False  # the stream has not started yet: move it when it does
 
 
 @router.get("/streams")
@@ -63,9 +65,16 @@ async def streams(request: Request) -> dict:
 
 @router.post("/migrate")
 async def migrate(body: MigrateBody, request: Request) -> dict:
-    """Move a live stream to another worker; it continues there without a break."""
+    """Move a live stream to another worker; it continues there without a break.
+
+    With `planned`, the stream may not have started yet: it moves once it streams."""
+    dispatcher = request.app.state.dispatcher
     try:
-        relay = request.app.state.dispatcher.migrate(body.request_id, body.to)
+        if body.planned and body.request_id not in dispatcher.streams:
+            dispatcher.plan_migration(body.request_id, body.to, body.after_tokens)
+            return {"request_id": body.request_id, "to": body.to, "planned": True,
+                    "after_tokens": body.after_tokens}
+        relay = dispatcher.migrate(body.request_id, body.to, body.after_tokens)
     except KeyError as exc:
         raise GatewayError(404, str(exc), code="no_such_stream") from None
     except ValueError as exc:

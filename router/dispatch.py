@@ -93,6 +93,8 @@ class Dispatcher:
         self.metrics = metrics
         self.config = config
         self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
+        # request id -> (target, after_tokens, expires_at): moves asked for before the start
+        self.pending_migrations: dict[str, tuple[str, int, float]] = {}
 
     def _timeout(self, read: float) -> httpx.Timeout:
         return httpx.Timeout(read, connect=self.config.connect_timeout_s)
@@ -100,18 +102,44 @@ class Dispatcher:
     def stream_timeout(self) -> httpx.Timeout:
         return self._timeout(self.config.stream_idle_timeout_s)
 
-    def migrate(self, request_id: str, target: str) -> StreamRelay:
-        """Ask a live stream to continue on `target` (a READY worker)."""
+    def migrate(self, request_id: str, target: str, after_tokens: int = 0) -> StreamRelay:
+        """Ask a live stream to continue on `target` (a READY worker) once it has generated
+        `after_tokens` tokens (at once by default)."""
         relay = self.streams.get(request_id)
         if relay is None:
             raise KeyError(f"no live stream {request_id!r}")
+        self._check_target(target)
+        if target == relay.worker:
+            raise ValueError(f"stream {request_id!r} already runs on {target!r}")
+        relay.request_migration(target, after_tokens)
+        return relay
+
+    def plan_migration(self, request_id: str, target: str, after_tokens: int,
+                       ttl_s: float = 60.0) -> None:
+        """Move a stream that has not started yet: when `request_id` starts streaming (within
+        `ttl_s`), it moves to `target` after `after_tokens` tokens."""
+        self._check_target(target)
+        now = time.monotonic()
+        self.pending_migrations = {k: v for k, v in self.pending_migrations.items()
+                                   if v[2] > now}
+        self.pending_migrations[request_id] = (target, after_tokens, now + ttl_s)
+
+    def _check_target(self, target: str) -> None:
         view = self.cluster.snapshot().by_name(target)
         if view is None or not view.routable:
             raise ValueError(f"worker {target!r} is not ready")
-        if target == relay.worker:
-            raise ValueError(f"stream {request_id!r} already runs on {target!r}")
-        relay.request_migration(target)
-        return relay
+
+    def _apply_planned_migration(self, relay: StreamRelay) -> None:
+        planned = self.pending_migrations.pop(relay.request_id, None)
+        if planned is None or planned[2] < time.monotonic():
+            return
+        target, after_tokens, _ = planned
+        if target == relay.worker or not relay.migratable:
+            log.warning("planned migration of %s to %s skipped (it runs on %s%s)",
+                        relay.request_id, target, relay.worker,
+                        "" if relay.migratable else " and cannot migrate")
+            return
+        relay.request_migration(target, after_tokens)
 
     async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
@@ -251,6 +279,8 @@ class Dispatcher:
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
             self.streams[request_id] = relay
+            if self.pending_migrations:
+                self._apply_planned_migration(relay)
             return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
                                        media_type="text/event-stream", headers=headers)
         try:

@@ -64,14 +64,21 @@ class StreamRelay:
         self._completion_before = 0  # tokens generated on earlier workers
         self._prompt_tokens: int | None = None
         self._migrate_to: str | None = None
+        self._migrate_after = 0  # move once this many tokens were generated
         self._closed = False
 
     # -- migration ----------------------------------------------------------------
-    def request_migration(self, target: str) -> None:
-        """Move this stream to `target` at the next event boundary."""
+    def request_migration(self, target: str, after_tokens: int = 0) -> None:
+        """Move this stream to `target` at the first event boundary at which at least
+        `after_tokens` tokens have been generated."""
         if not self.migratable:
             raise ValueError("only single-choice /v1/completions streams can migrate")
         self._migrate_to = target
+        self._migrate_after = max(0, after_tokens)
+
+    def _should_switch(self) -> bool:
+        return (self._migrate_to is not None and not self.obs.saw_done
+                and len(self.generated_ids) >= self._migrate_after and self._remaining() > 0)
 
     def _remaining(self) -> int:
         limit = self.req.max_tokens or 16
@@ -159,10 +166,10 @@ class StreamRelay:
                     out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
                     if out:
                         yield b"".join(out)
-                    if self._migrate_to and not self.obs.saw_done and self._remaining() > 0:
+                    if self._should_switch():
                         break
-                target, self._migrate_to = self._migrate_to, None
-                if target and not self.obs.saw_done and self._remaining() > 0:
+                if self._should_switch():
+                    target, self._migrate_to = self._migrate_to, None
                     await self._switch(target)
                     continue
                 break

@@ -307,6 +307,35 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
             assert _in_flight_zero(cluster)
 
 
+def test_planned_migration_moves_the_stream_after_the_asked_tokens() -> None:
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.01
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.PREFILL, WorkerState.READY)  # a target, not a decoder
+        with serve_in_thread(_gateway(cluster)) as url:
+            planned = httpx.post(url + "/admin/migrate", json={
+                "request_id": "plan-1", "to": "d1", "after_tokens": 7, "planned": True})
+            assert planned.status_code == 200 and planned.json()["planned"] is True
+            assert httpx.post(url + "/admin/migrate", json={
+                "request_id": "plan-2", "to": "nope", "planned": True}).status_code == 409
+            body = {"model": MODEL, "prompt": "one two", "max_tokens": 20, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=20,
+                              headers={"X-Request-Id": "plan-1"}) as resp:
+                text = "".join(json.loads(line[6:])["choices"][0]["text"]
+                               for line in resp.iter_lines()
+                               if line.startswith("data: {") and '"choices":[{' in line)
+            assert text == "".join(f" t{i}" for i in range(20))
+            continued = d1.state.stats.bodies[-1]
+            moved_after = 20 - continued["max_tokens"]
+            assert 7 <= moved_after < 20  # not before the asked point, and before the end
+            assert continued["prompt"] == [0, 1] + [1000 + i for i in range(moved_after)]
+            assert d0.state.stats.aborted == 1
+            assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
+            assert _in_flight_zero(cluster)
+
+
 def test_ares_rebalancer_moves_a_stream_off_the_loaded_decoder() -> None:
     import concurrent.futures as cf
 
