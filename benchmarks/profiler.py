@@ -48,21 +48,51 @@ async def measure_prefill(endpoint: Endpoint, lengths: Sequence[int],
     return points
 
 
+ITL_METRIC = "vllm:inter_token_latency_seconds"
+
+
+async def server_itl_totals(client: httpx.AsyncClient, base_url: str) -> tuple[float, float]:
+    """(sum, count) of the worker's inter-token-latency histogram; (0, 0) if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = (await client.get(base_url.rstrip("/") + "/metrics")).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ITL_METRIC + "_sum":
+                total += sample.value
+            elif sample.name == ITL_METRIC + "_count":
+                count += sample.value
+    return total, count
+
+
 async def measure_decode(endpoint: Endpoint, batch_sizes: Sequence[int], prompt_tokens: int,
                          output_tokens: int) -> list[tuple[float, float, float]]:
-    """(num_seqs, resident_tokens, step seconds) points from concurrent streams."""
+    """(num_seqs, resident_tokens, step seconds) points from concurrent streams.
+
+    The step time is the worker's own mean inter-token latency over the batch (histogram
+    deltas from its /metrics): a client on the same busy host reads coalesced SSE events,
+    which makes client-side TPOT of concurrent streams meaningless (near 0). Without that
+    metric it falls back to the client-side median TPOT."""
     points = []
     async with httpx.AsyncClient(timeout=endpoint.timeout_s) as client:
         for n in batch_sizes:
             reqs = [BenchRequest(synthetic_prompt(prompt_tokens, seed=i), prompt_tokens,
                                  output_tokens) for i in range(n)]
+            before = await server_itl_totals(client, endpoint.base_url)
             tls = await asyncio.gather(*(send_request(client, endpoint, r) for r in reqs))
+            after = await server_itl_totals(client, endpoint.base_url)
             tpots = [(t.latency_s - t.ttft_s) / (t.output_tokens - 1) for t in tls
                      if t.success and t.output_tokens > 1]
-            if tpots:
-                prompt = statistics.mean(t.prompt_tokens for t in tls if t.success)
-                points.append((float(n), n * (prompt + output_tokens / 2),
-                               statistics.median(tpots)))
+            if not tpots:
+                continue
+            prompt = statistics.mean(t.prompt_tokens for t in tls if t.success)
+            count = after[1] - before[1]
+            step = (after[0] - before[0]) / count if count > 0 else statistics.median(tpots)
+            points.append((float(n), n * (prompt + output_tokens / 2), step))
     return points
 
 
