@@ -56,16 +56,21 @@ async def server_itl_totals(client: httpx.AsyncClient, base_url: str) -> tuple[f
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = (await client.get(base_url.rstrip("/") + "/metrics")).text
+        resp = await client.get(base_url.rstrip("/") + "/metrics")
     except httpx.HTTPError:
         return 0.0, 0.0
     total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == ITL_METRIC + "_sum":
-                total += sample.value
-            elif sample.name == ITL_METRIC + "_count":
-                count += sample.value
+    if resp.status_code != 200:
+        return total, count
+    try:
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                if sample.name == ITL_METRIC + "_sum":
+                    total += sample.value
+                elif sample.name == ITL_METRIC + "_count":
+                    count += sample.value
+    except ValueError:  # not Prometheus text
+        return 0.0, 0.0
     return total, count
 
 
