@@ -29,6 +29,9 @@ class FakeBehaviour:
     fail_kv_load_status: int | None = None
     die_after_tokens: int | None = None
     max_model_len: int = 2048
+    # token indices whose text is held back and sent with the next token (as a real
+    # detokenizer does inside a multi-byte character)
+    held_back_tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -134,20 +137,26 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
 
         async def events() -> AsyncIterator[bytes]:
             stats.running += 1
+            held = ""
             try:
                 for i in range(first, first + n):
                     if b.die_after_tokens is not None and i >= b.die_after_tokens:
                         raise ConnectionResetError("injected worker death")
                     await asyncio.sleep(b.token_delay_s)
                     finish = "length" if i == first + n - 1 else None
-                    event = chunk(kind, rid, i, f" t{i}", finish)
+                    text, held = held + f" t{i}", ""
+                    if i in b.held_back_tokens and finish is None:
+                        text, held = "", text
+                    event = chunk(kind, rid, i, text, finish)
                     if want_ids:
                         event["choices"][0]["token_ids"] = [1000 + i]
-                        if i == first:
-                            event["choices"][0]["prompt_token_ids"] = list(range(prompt_tokens))
+                        if i == first:  # vLLM: top level for chat, in the choice otherwise
+                            where = event if kind == "chat" else event["choices"][0]
+                            where["prompt_token_ids"] = list(range(prompt_tokens))
                     yield f"data: {json.dumps(event)}\n\n".encode()
                 if include_usage:
-                    last = {"id": rid, "object": "chunk", "model": model, "choices": [],
+                    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+                    last = {"id": rid, "object": obj, "model": model, "choices": [],
                             "usage": usage}
                     yield f"data: {json.dumps(last)}\n\n".encode()
                 yield b"data: [DONE]\n\n"

@@ -1,12 +1,23 @@
 """Relays a worker's token stream to the client, and can move it to another worker.
 
 A live stream is *migratable* (ARES-style decode rebalancing) when it is a
-`/v1/completions` stream: the relay asks the worker for token ids, and on
-`request_migration(target)` it aborts the request on the current worker and
-continues it on `target` with prompt = original prompt ids + ids generated so far
-(the target recomputes that context; a KV-moving migration can replace this
-later). The client sees one stream with one id; only latency changes. At
-temperature 0 the output equals an unmigrated run.
+single-choice `/v1/completions` or `/v1/chat/completions` stream: the relay asks the
+worker for token ids, and on `request_migration(target)` it aborts the request on the
+current worker and continues it on `target` with a `/v1/completions` request whose
+prompt is the original prompt ids (for chat: the chat-templated prompt) + the ids
+generated so far (the target recomputes that context; a KV-moving migration can
+replace this later). For chat, the target's completion chunks are rewritten into
+`chat.completion.chunk` events. The client sees one stream with one id; only latency
+changes. At temperature 0 the output equals an unmigrated run.
+
+What cannot migrate (see `migration_blocker`): n > 1, echo, beam search, structured
+output (its grammar state would restart), prompt logprobs, prompt truncation; for chat
+also a stream without max_tokens/max_completion_tokens (the completions default is 16,
+not "the rest of the context"), logprobs/top_logprobs (the two APIs report them in
+different formats), tools/functions (the server's tool parser shapes the deltas),
+return_token_offsets, and non-text message parts (images are not in the token ids). A
+chat stream also stops being migratable when the worker streams anything but plain
+content (a reasoning or tool parser at work) or hides the token ids.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import httpx
 from router.cluster import Role
 from router.errors import GatewayError
 from router.sse import StreamObserver, is_usage_only
-from router.validation import COMPLETIONS, ParsedRequest
+from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
 if TYPE_CHECKING:
     from router.dispatch import Dispatcher
@@ -31,11 +42,64 @@ log = logging.getLogger("fulcrum.relay")
 _ID_FIELDS = ("token_ids", "prompt_token_ids")
 
 
-def migratable(req: ParsedRequest) -> bool:
-    """Streams the relay can move: completions, one choice, no echo."""
+# Chat-only request fields; a chat stream continued as a completion drops them.
+_CHAT_ONLY_FIELDS = (
+    "messages", "max_completion_tokens", "add_generation_prompt", "continue_final_message",
+    "chat_template", "chat_template_kwargs", "documents", "include_reasoning",
+    "reasoning_effort", "media_io_kwargs", "mm_processor_kwargs", "parallel_tool_calls",
+    "tool_choice", "tools", "top_logprobs", "return_prompt_text", "logprobs", "echo",
+    "add_special_tokens",
+)
+# Fields that make any stream non-migratable when set (truthy).
+_BLOCKING_FIELDS = ("echo", "use_beam_search", "structured_outputs", "prompt_logprobs",
+                    "truncate_prompt_tokens")
+_CHAT_BLOCKING_FIELDS = ("logprobs", "top_logprobs", "tools", "functions", "function_call",
+                         "return_token_offsets")
+
+
+def _text_only(messages: list) -> bool:
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(
+                not isinstance(part, dict) or part.get("type") != "text" for part in content):
+            return False
+    return True
+
+
+def migration_blocker(req: ParsedRequest) -> str | None:
+    """Why this request's stream cannot move to another worker (None: it can)."""
     body = req.body
-    return (req.stream and req.route == COMPLETIONS and body.get("n", 1) in (1, None)
-            and not body.get("echo"))
+    if not req.stream:
+        return "not a stream"
+    if req.route not in (COMPLETIONS, CHAT):
+        return f"route {req.route} cannot migrate"
+    if body.get("n", 1) not in (1, None):
+        return "n > 1"
+    fields = _BLOCKING_FIELDS + (_CHAT_BLOCKING_FIELDS if req.route == CHAT else ())
+    blocking = [key for key in fields if body.get(key)]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        blocking.append("response_format")
+    if req.route == CHAT:
+        if body.get("tool_choice") not in (None, "none"):
+            blocking.append("tool_choice")
+        if req.max_tokens is None:
+            blocking.append("no max_tokens/max_completion_tokens")
+        if not _text_only(body.get("messages") or []):
+            blocking.append("non-text message content")
+    return ", ".join(blocking) or None
+
+
+def migratable(req: ParsedRequest) -> bool:
+    """Streams the relay can move (see `migration_blocker`)."""
+    return migration_blocker(req) is None
+
+
+def _as_completion_body(chat_body: dict) -> dict:
+    """A chat request's sampling parameters, as a /v1/completions body (prompt not set)."""
+    body = {k: v for k, v in chat_body.items() if k not in _CHAT_ONLY_FIELDS}
+    body.pop("response_format", None)  # only {"type": "text"} gets here
+    return body
 
 
 class StreamRelay:
@@ -55,16 +119,24 @@ class StreamRelay:
         self.tokens = tokens
         self.started = started
         self.obs = StreamObserver(started=started)
-        self.migratable = migratable(req)
+        self.why_not_migratable = migration_blocker(req)
+        self.migratable = self.why_not_migratable is None
+        self.is_chat = req.route == CHAT
         self.client_wants_ids = bool(req.body.get("return_token_ids"))
         self.prompt_ids: list[int] = []
         self.generated_ids: list[int] = []
         self.stream_id: str | None = None
+        self._chat_stamp: dict = {}  # created/model of the client's chat chunks
         self.migrations = 0
         self._completion_before = 0  # tokens generated on earlier workers
         self._prompt_tokens: int | None = None
         self._migrate_to: str | None = None
         self._migrate_after = 0  # move once this many tokens were generated
+        # The last token's text came out whole. After a token that ends inside a UTF-8
+        # character (its text held back, or "\ufffd"), a target primed with these ids
+        # detokenizes wrongly (vLLM 0.32 streams the whole prompt's text as the first
+        # delta), so a move waits for a clean boundary.
+        self._text_caught_up = False
         self._closed = False
 
     # -- migration ----------------------------------------------------------------
@@ -72,13 +144,19 @@ class StreamRelay:
         """Move this stream to `target` at the first event boundary at which at least
         `after_tokens` tokens have been generated."""
         if not self.migratable:
-            raise ValueError("only single-choice /v1/completions streams can migrate")
+            raise ValueError(f"this stream cannot migrate: {self.why_not_migratable}")
         self._migrate_to = target
         self._migrate_after = max(0, after_tokens)
 
     def _should_switch(self) -> bool:
-        return (self._migrate_to is not None and not self.obs.saw_done
+        return (self._migrate_to is not None and self.migratable and not self.obs.saw_done
+                and bool(self.prompt_ids) and self._text_caught_up
                 and len(self.generated_ids) >= self._migrate_after and self._remaining() > 0)
+
+    def _lose_migratability(self, why: str) -> None:
+        if self.migratable:
+            log.info("stream %s can no longer migrate: %s", self.request_id, why)
+        self.migratable, self.why_not_migratable = False, why
 
     def _remaining(self) -> int:
         limit = self.req.max_tokens or 16
@@ -89,6 +167,8 @@ class StreamRelay:
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
         self._completion_before = len(self.generated_ids)
         body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
+        if "messages" in body:  # a chat stream continues as a completion of its token ids
+            body = _as_completion_body(body)
         body.update(prompt=self.prompt_ids + self.generated_ids, max_tokens=self._remaining(),
                     stream=True, return_token_ids=True,
                     stream_options={**(body.get("stream_options") or {}), "include_usage": True})
@@ -128,21 +208,11 @@ class StreamRelay:
         elif self.migrations and chunk.get("id") != self.stream_id:
             chunk["id"] = self.stream_id
             changed = True
-        for choice in chunk.get("choices") or ():
-            if "prompt_token_ids" in choice and choice["prompt_token_ids"] and \
-                    not self.prompt_ids:
-                self.prompt_ids = list(choice["prompt_token_ids"])
-                self._prompt_tokens = len(self.prompt_ids)
-            if choice.get("token_ids"):
-                self.generated_ids.extend(choice["token_ids"])
-            if not self.client_wants_ids:
-                for key in _ID_FIELDS:
-                    if key in choice:
-                        del choice[key]
-                        changed = True
-            elif self.migrations and "prompt_token_ids" in choice:
-                del choice["prompt_token_ids"]  # the client saw the real prompt already
-                changed = True
+        self._collect_ids(chunk)
+        if self.is_chat:
+            changed = self._rewrite_chat(chunk) or changed
+        else:
+            changed = self._hide_completion_ids(chunk) or changed
         usage = chunk.get("usage")
         if self.migrations and usage:
             prompt = self._prompt_tokens or usage.get("prompt_tokens", 0)
@@ -153,6 +223,88 @@ class StreamRelay:
         if not changed:
             return raw
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    def _collect_ids(self, chunk: dict) -> None:
+        """Learn the prompt ids (chat: top level; completions: in the choice) and the ids
+        each choice generated."""
+        if chunk.get("prompt_token_ids") and not self.prompt_ids:
+            self._set_prompt_ids(chunk["prompt_token_ids"])
+        for choice in chunk.get("choices") or ():
+            if choice.get("prompt_token_ids") and not self.prompt_ids:
+                self._set_prompt_ids(choice["prompt_token_ids"])
+            if choice.get("token_ids"):
+                self.generated_ids.extend(choice["token_ids"])
+                text = choice.get("text") if "text" in choice else \
+                    (choice.get("delta") or {}).get("content")
+                self._text_caught_up = bool(text) and not text.endswith("\ufffd")
+
+    def _set_prompt_ids(self, ids: list[int]) -> None:
+        self.prompt_ids = list(ids)
+        self._prompt_tokens = len(self.prompt_ids)
+
+    def _hide_completion_ids(self, chunk: dict) -> bool:
+        changed = False
+        for choice in chunk.get("choices") or ():
+            if not self.client_wants_ids:
+                for key in _ID_FIELDS:
+                    if key in choice:
+                        del choice[key]
+                        changed = True
+            elif self.migrations and "prompt_token_ids" in choice:
+                del choice["prompt_token_ids"]  # the client saw the real prompt already
+                changed = True
+        return changed
+
+    def _rewrite_chat(self, chunk: dict) -> bool:
+        """Keep a chat stream looking like one: completion chunks from a migration target
+        become chat chunks; token ids show only if the client asked (vLLM then sends
+        nulls)."""
+        if not self.migrations:  # still the chat worker's own stream
+            if not self._chat_stamp:
+                self._chat_stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
+            self._check_chat_choices(chunk)
+            changed = False
+            if not self.client_wants_ids:
+                if chunk.get("prompt_token_ids") is not None:
+                    chunk["prompt_token_ids"] = None
+                    changed = True
+                for choice in chunk.get("choices") or ():
+                    if choice.get("token_ids") is not None:
+                        choice["token_ids"] = None
+                        changed = True
+            return changed
+        if "choices" not in chunk:  # an error event: pass it on
+            return False
+        converted = self._chat_chunk_from_completion(chunk)
+        chunk.clear()
+        chunk.update(converted)
+        return True
+
+    def _check_chat_choices(self, chunk: dict) -> None:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            extra = [k for k, v in delta.items() if k not in ("role", "content") and v]
+            if extra:
+                self._lose_migratability(f"the worker streams {', '.join(extra)}")
+            elif delta.get("content") and not choice.get("token_ids"):
+                self._lose_migratability("the worker hides the token ids")
+
+    def _chat_chunk_from_completion(self, chunk: dict) -> dict:
+        out = {"id": self.stream_id, "object": "chat.completion.chunk",
+               "created": self._chat_stamp.get("created", chunk.get("created")),
+               "model": self._chat_stamp.get("model", chunk.get("model")), "choices": []}
+        for choice in chunk["choices"]:
+            converted = {"index": choice.get("index", 0),
+                         "delta": {"content": choice.get("text") or ""},
+                         "logprobs": None, "finish_reason": choice.get("finish_reason")}
+            if converted["finish_reason"] is not None:
+                converted["stop_reason"] = choice.get("stop_reason")
+            converted["token_ids"] = choice.get("token_ids") if self.client_wants_ids else None
+            out["choices"].append(converted)
+        for key in ("usage", "system_fingerprint"):
+            if key in chunk:
+                out[key] = chunk[key]
+        return out
 
     async def chunks(self) -> AsyncIterator[bytes]:
         reported = 0

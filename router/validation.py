@@ -96,7 +96,9 @@ def parse_request(route: str, raw: bytes, served_models: tuple[str, ...]) -> Par
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(400, "'stream' must be a boolean", param="stream")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # absent or null: fall back to the older field
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise GatewayError(400, "'max_tokens' must be a positive integer", param="max_tokens")
     n = body.get("n", 1)

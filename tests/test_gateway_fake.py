@@ -365,3 +365,90 @@ def test_ares_rebalancer_moves_a_stream_off_the_loaded_decoder() -> None:
         assert d1.state.stats.request_ids, "the rebalancer moved nothing"
         assert d0.state.stats.aborted >= 1
         assert _in_flight_zero(cluster)
+
+
+@pytest.mark.parametrize("want_ids", [False, True])
+def test_chat_stream_migrates_as_a_completion_and_reads_as_one_chat_stream(
+        want_ids: bool) -> None:
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.01
+    d0.state.behaviour.held_back_tokens = (6, 7)  # mid-character: no move after these
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.PREFILL, WorkerState.READY)  # a target, not a decoder
+        with serve_in_thread(_gateway(cluster)) as url:
+            assert httpx.post(url + "/admin/migrate", json={
+                "request_id": "chat-1", "to": "d1", "after_tokens": 7, "planned": True,
+            }).status_code == 200
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "one two three"}],
+                    "max_completion_tokens": 20, "stream": True, "min_tokens": 15,
+                    "stream_options": {"include_usage": True}}
+            if want_ids:
+                body["return_token_ids"] = True
+            chunks = []
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=20,
+                              headers={"X-Request-Id": "chat-1"}) as resp:
+                chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                          if line.startswith("data: {")]
+            assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+            assert len({c["id"] for c in chunks}) == 1 and {c["model"] for c in chunks} == {MODEL}
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            assert "".join(ch["delta"]["content"] for ch in choices) == \
+                "".join(f" t{i}" for i in range(20))
+            assert all("text" not in ch for ch in choices)
+            assert [ch["finish_reason"] for ch in choices] == [None] * 19 + ["length"]
+            assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 20,
+                                           "total_tokens": 23}
+            ids = [t for ch in choices for t in ch.get("token_ids") or []]
+            prompt_ids = [c["prompt_token_ids"] for c in chunks if c.get("prompt_token_ids")]
+            if want_ids:
+                assert ids == [1000 + i for i in range(20)] and prompt_ids == [[0, 1, 2]]
+            else:
+                assert ids == [] and prompt_ids == []
+            continued = d1.state.stats.bodies[-1]
+            moved_after = 20 - continued["max_tokens"]
+            assert 9 <= moved_after < 20  # asked after 7; tokens 7 and 8 ended mid-text
+            assert continued["prompt"] == [0, 1, 2] + [1000 + i for i in range(moved_after)]
+            assert "messages" not in continued and "max_completion_tokens" not in continued
+            assert continued["min_tokens"] == 15 - moved_after
+            assert d1.state.stats.request_ids[-1] == "chat-1-m1"
+            assert d0.state.stats.aborted == 1
+            assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
+            assert _in_flight_zero(cluster)
+
+
+@pytest.mark.parametrize(("extra", "blocker"), [
+    ({}, None),
+    ({"logprobs": True, "top_logprobs": 2}, "logprobs, top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "text"}}, None),
+    ({"n": 2}, "n > 1"),
+    ({"max_completion_tokens": None}, "no max_tokens/max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "non-text message content"),
+])
+def test_which_chat_streams_can_migrate(extra: dict, blocker: str | None) -> None:
+    from router.relay import migration_blocker
+    from router.validation import parse_request
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_completion_tokens": 8, **extra}
+    req = parse_request("/v1/chat/completions", json.dumps(body).encode(), (MODEL,))
+    assert migration_blocker(req) == blocker
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"max_completion_tokens": None, "max_tokens": 5}, 5),
+    ({"max_completion_tokens": 7, "max_tokens": 5}, 7),
+    ({"max_tokens": 3}, 3),
+    ({}, None),
+])
+def test_null_max_completion_tokens_falls_back_to_max_tokens(limits: dict,
+                                                             expected: int | None) -> None:
+    from router.validation import parse_request
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **limits}
+    req = parse_request("/v1/chat/completions", json.dumps(body).encode(), (MODEL,))
+    assert req.max_tokens == expected

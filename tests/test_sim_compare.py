@@ -32,7 +32,8 @@ def test_dopd_knobs_come_from_the_perf_model():
 def test_systems_cover_every_static_split_and_the_adaptive_ones():
     names = [s.name for s in systems(4, {})]
     assert names == ["aggregated", "static-1P3D", "static-2P2D", "static-3P1D", "arrow",
-                     "dopd", "dopd+ares"]
+                     "dopd", "dopd+ares", "aggregated+slai", "arrow+slai", "dopd+ares+slai"]
+    assert [s.name for s in systems(4, {}) if s.slai] == names[-3:]
 
 
 def test_tiny_comparison_writes_json_and_plots(tmp_path):

@@ -146,3 +146,37 @@ def test_metrics_from_a_run_have_vllm_keys():
     assert m["completed"] == 300 and m["failed"] == 0
     assert 0.0 <= m["slo_attainment"] <= 1.0
     assert m["median_tpot_ms"] > 0 and m["p90_ttft_ms"] >= m["median_ttft_ms"]
+
+
+def _admission_order(slai) -> list[int]:
+    """Prompt lengths in the order a one-slot engine finished their prefills."""
+    from benchmarks.sim.engine import EngineConfig as Cfg
+
+    perf = _fitted(prefill_s=0.01, per_token=1e-5, d0=0.01)
+    trace = [TraceEntry(0.0, BenchRequest("x", 100, 1))]
+    trace += [TraceEntry(1e-4 * (i + 1), BenchRequest("x", n, 1))
+              for i, n in enumerate((1600, 1200, 800, 400))]
+    cfg = SimConfig(prefill=0, decode=1, engine=Cfg(max_num_seqs=1, slai=slai))
+    res = Simulator(cfg, perf, LeastLoadedPolicy()).run(trace)
+    return [int(p) for p in res.prompt_tokens[np.argsort(res.first_token)]]
+
+
+def test_slai_engine_admits_the_shortest_waiting_prompt_first():
+    from instance_manager.engine_plugins.slai_policy import SLAIConfig
+
+    assert _admission_order(None) == [100, 1600, 1200, 800, 400]  # FCFS
+    assert _admission_order(SLAIConfig()) == [100, 400, 800, 1200, 1600]
+    # aging this strong makes 0.1 ms of waiting worth more than 1200 tokens: FCFS again
+    assert _admission_order(SLAIConfig(aging_tokens_per_s=1e8)) == [100, 1600, 1200, 800, 400]
+
+
+def test_slai_engine_conserves_requests_and_frees_everything():
+    from instance_manager.engine_plugins.slai_policy import SLAIConfig
+
+    perf = roofline("llama-3.1-8b", "h100")
+    cfg = SimConfig(prefill=2, decode=2, engine=EngineConfig(slai=SLAIConfig()))
+    sim = Simulator(cfg, perf, LeastLoadedPolicy())
+    res = sim.run(_trace(3000, 80.0, 4))
+    assert not res.failed.any() and np.all(res.finish_count == 1)
+    for e in sim.engines:
+        assert e.kv_used == 0 and e.idle()

@@ -213,8 +213,17 @@ def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
     return ids, text, usage
 
 
+def _migrations(cluster: LiveCluster) -> float:
+    """The gateway's fulcrum_stream_migrations_total."""
+    for line in httpx.get(cluster.url + "/metrics").text.splitlines():
+        if line.startswith("fulcrum_stream_migrations_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     prompt = unique_prompt(12, 21)
+    before = _migrations(cluster)
     reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}")
     migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=20)
     assert len(reference[0]) == 300
@@ -222,8 +231,56 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     assert migrated[1] == reference[1]
     assert migrated[2]["completion_tokens"] == 300
     assert migrated[2]["prompt_tokens"] == reference[2]["prompt_tokens"]
-    metrics = httpx.get(cluster.url + "/metrics").text
-    assert "fulcrum_stream_migrations_total 1.0" in metrics
+    assert _migrations(cluster) - before == 1
+
+
+def _chat_chunks(url: str, messages: list[dict], request_id: str) -> list[dict]:
+    body = {"model": MODEL_NAME, "messages": messages, "max_completion_tokens": 200,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"X-Request-Id": request_id}) as resp:
+        assert resp.status_code == 200
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert all("error" not in c for c in chunks), chunks
+    return chunks
+
+
+def _chat_text(chunks: list[dict]) -> str:
+    return "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+
+
+def _chunk_shapes(chunks: list[dict]) -> set[tuple]:
+    """Which keys each chunk, choice and delta carries, and which of them are null."""
+    def shape(obj: dict) -> tuple:
+        return tuple(sorted((k, v is None) for k, v in obj.items()))
+    return {(shape(c), tuple(shape(ch) for ch in c["choices"]),
+             tuple(shape(ch["delta"]) for ch in c["choices"]), shape(c.get("usage") or {}))
+            for c in chunks}
+
+
+def test_migrated_chat_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
+    messages = [{"role": "user", "content": unique_prompt(12, 22)}]
+    before = _migrations(cluster)
+    direct = _chat_chunks(cluster.worker_url(cluster.by_role("decode")), messages,
+                          f"direct-{time.time_ns()}")
+    reference = _chat_chunks(cluster.url, messages, f"chatref-{time.time_ns()}")
+    request_id = f"chatmig-{time.time_ns()}"
+    moved = httpx.post(cluster.url + "/admin/migrate", json={
+        "request_id": request_id, "to": cluster.by_role("prefill"), "after_tokens": 20,
+        "planned": True})
+    assert moved.status_code == 200, moved.text
+    migrated = _chat_chunks(cluster.url, messages, request_id)
+    assert _migrations(cluster) - before == 1  # the reference did not move; this one did
+    assert reference[-1]["usage"]["completion_tokens"] == 200
+    assert _chat_text(migrated) == _chat_text(reference) == _chat_text(direct)
+    assert migrated[-1]["usage"] == reference[-1]["usage"]
+    assert len({c["id"] for c in migrated}) == 1
+    assert {c["object"] for c in migrated} == {"chat.completion.chunk"}
+    assert len({(c["created"], c["model"]) for c in migrated}) == 1
+    # The client cannot tell: same chunk shapes as vLLM's own (no token ids: not asked).
+    assert _chunk_shapes(migrated) == _chunk_shapes(reference) == _chunk_shapes(direct)
 
 
 def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCluster,

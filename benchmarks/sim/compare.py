@@ -3,10 +3,12 @@
 Systems: aggregated (vLLM-like, chunked prefill on every worker), static P/D at every
 ratio (DistServe-like), and the adaptive systems in the repo: Arrow (SLO-aware routing +
 SLO-pressure flips), DOPD (length-aware routing + throughput-balance flips) and ARES
-(predicted-remaining-work decode placement, with DOPD's flips). For each workload a rate
-sweep finds the highest request rate that keeps >= 90% SLO attainment; ratios are
-relative to the best static split (the oracle a static operator would pick per trace).
-SLAI is an intra-engine iteration scheduler and is not modelled here.
+(predicted-remaining-work decode placement, with DOPD's flips). "+slai" variants run
+every engine with SLAI's waiting-queue order (shortest prompt first with aging, the same
+`waiting_key` the vLLM scheduler plugin uses; see `benchmarks.sim.engine` for what of
+SLAI the engine model can and cannot express). For each workload a rate sweep finds the
+highest request rate that keeps >= 90% SLO attainment; ratios are relative to the best
+static split (the oracle a static operator would pick per trace).
 
 Flips are priced: a flipped worker takes no new work for `--flip-rewarm` seconds
 (default 2 s; `--flip-mode drain` also waits for its in-flight work of the old role).
@@ -46,6 +48,7 @@ from benchmarks.sim.perf import PerfModel, roofline
 from benchmarks.sim.policies import make_control, make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
 from benchmarks.sweep import sweep_rates
+from instance_manager.engine_plugins.slai_policy import SLAIConfig
 
 DEFAULT_RATES = "2,4,8,16,24,32,48,64,96,128,192,256,384,512,768,1024"
 
@@ -58,6 +61,7 @@ class System:
     routing: str = "least-loaded"
     control: str = "none"
     knobs: dict = field(default_factory=dict, hash=False)
+    slai: bool = False  # engines order waiting prefills by SLAI's key
 
 
 def dopd_knobs(perf: PerfModel, slo: SLO, engine: EngineConfig,
@@ -90,7 +94,10 @@ def systems(n: int, dopd: dict) -> list[System]:
     half = n // 2
     out += [System("arrow", half, n - half, "arrow", "arrow", ARROW_KNOBS),
             System("dopd", half, n - half, "dopd-match", "dopd", dopd),
-            System("dopd+ares", half, n - half, "ares", "dopd", dopd)]
+            System("dopd+ares", half, n - half, "ares", "dopd", dopd),
+            System("aggregated+slai", 0, n, slai=True),
+            System("arrow+slai", half, n - half, "arrow", "arrow", ARROW_KNOBS, slai=True),
+            System("dopd+ares+slai", half, n - half, "ares", "dopd", dopd, slai=True)]
     return out
 
 
@@ -116,6 +123,7 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
         flip_mode: str, decode_context: float, only: Sequence[str] | None = None) -> dict:
     perf = roofline(model, gpu)
     engine = EngineConfig()
+    slai_engine = EngineConfig(slai=SLAIConfig())
     dopd = dopd_knobs(perf, slo, engine, decode_context)
     chosen = [s for s in systems(workers, dopd) if not only or s.name in only]
     results: dict = {"perf": perf.describe(), "slo": slo.as_dict(), "workers": workers,
@@ -123,6 +131,7 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                      "flip_rewarm_s": flip_rewarm_s, "flip_mode": flip_mode,
                      "rates": list(rates), "refine": refine,
                      "knobs": {"arrow": ARROW_KNOBS, "dopd": dopd,
+                               "slai": SLAIConfig().__dict__,
                                "decode_context_tokens": decode_context},
                      "workloads": {}}
     for wname, make_trace in workloads(phase_s, poisson_s, seed).items():
@@ -134,7 +143,8 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
             def evaluate(rate: float, sysdef: System = sysdef, runs: dict = runs,
                          make_trace=make_trace) -> dict:
                 cfg = SimConfig(prefill=sysdef.prefill, decode=sysdef.decode, slo=slo,
-                                engine=engine, flip_mode=flip_mode, flip_rewarm_s=flip_rewarm_s)
+                                engine=slai_engine if sysdef.slai else engine,
+                                flip_mode=flip_mode, flip_rewarm_s=flip_rewarm_s)
                 sim = Simulator(cfg, perf, make_routing(sysdef.routing),
                                 make_control(sysdef.control, dict(sysdef.knobs)))
                 res = sim.run(make_trace(rate))
@@ -148,6 +158,7 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                 per_system[sysdef.name] = {
                     "prefill": sysdef.prefill, "decode": sysdef.decode,
                     "routing": sysdef.routing, "control": sysdef.control,
+                    "slai": sysdef.slai,
                     "max_rate": best,
                     "bracketed": any(not (p.get("slo_attainment") or 0) >= 0.9
                                      for _, p in sweep.points),
@@ -160,7 +171,7 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                 per_system[sysdef.name] = {"error": repr(exc),
                                            "traceback": traceback.format_exc(limit=3)}
             v = per_system[sysdef.name]
-            print(f"[{wname}] {sysdef.name:<14} max {v.get('max_rate')} "
+            print(f"[{wname}] {sysdef.name:<16} max {v.get('max_rate')} "
                   f"({v.get('sim_cpu_s')} cpu-s) {v.get('error', '')}", file=sys.stderr,
                   flush=True)
         statics = {k: v["max_rate"] for k, v in per_system.items()
@@ -201,7 +212,7 @@ def table(results: dict) -> str:
         for name, v in per_system.items():
             if not isinstance(v, dict):
                 continue
-            lines.append(f"  {name:<14} max rate @90%: {v.get('max_rate')!s:<8} "
+            lines.append(f"  {name:<16} max rate @90%: {v.get('max_rate')!s:<8} "
                          f"vs best static: {v.get('rate_vs_best_static')!s:<6} "
                          f"vs aggregated: {v.get('rate_vs_aggregated')!s:<6} "
                          f"flips@max: {len(v.get('flips_at_max') or [])} "

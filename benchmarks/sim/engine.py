@@ -9,6 +9,14 @@ interrupts a macro step at the next step boundary, as a real engine would admit 
 
 KV memory is reserved up front (prompt, plus output for a local decode) and freed when
 a request leaves; there is no preemption (documented simplification).
+
+Waiting prefills are admitted first come, first served, or, with `EngineConfig.slai`, in
+the order of SLAI's `waiting_key` (shortest prompt first, with aging): the very function
+the vLLM scheduler plugin sorts its waiting queue by. A prefill already admitted (KV
+reserved, chunks under way) keeps its place ahead of every waiting one, as in vLLM's
+running list. SLAI's decode deadlines change nothing here: this engine runs every
+resident decode in every step (the token budget always covers them), so there is no
+decode order to choose.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from benchmarks.sim.perf import PerfModel
+from instance_manager.engine_plugins.slai_policy import SLAIConfig, waiting_key
 from router.cluster import Role, WorkerState
 
 NAN = math.nan
@@ -58,6 +67,7 @@ class EngineConfig:
 
     max_num_seqs: int = 256
     token_budget: int = 8192  # max_num_batched_tokens with chunked prefill
+    slai: SLAIConfig | None = None  # None: FCFS admission of waiting prefills
 
 
 class Plan:
@@ -85,7 +95,9 @@ class Engine:
         self.pending_role: Role | None = None
         self.kv_cap = perf.kv_capacity_tokens
         self.kv_used = 0
-        self.prefill_queue: deque[SimRequest] = deque()
+        self.prefill_queue: deque[SimRequest] = deque()  # admitted first, then FCFS waiting
+        self.slai = config.slai
+        self.slai_waiting: list[tuple[tuple, int, SimRequest]] = []  # heap by waiting_key
         self.decode_wait: deque[SimRequest] = deque()   # waiting for KV room to pull
         self.transferring = 0
         self.ready: list[SimRequest] = []                # KV here, join at next boundary
@@ -116,8 +128,20 @@ class Engine:
         return self.ctx_offset + len(self.running) * self.step
 
     def idle(self) -> bool:
-        return (not self.prefill_queue and not self.running and not self.ready
-                and not self.decode_wait and self.transferring == 0)
+        return (not self.prefill_queue and not self.slai_waiting and not self.running
+                and not self.ready and not self.decode_wait and self.transferring == 0)
+
+    @property
+    def num_waiting_prefills(self) -> int:
+        return len(self.prefill_queue) + len(self.slai_waiting)
+
+    def enqueue_prefill(self, req: SimRequest, now: float) -> None:
+        """A prompt arrives at this engine's waiting queue."""
+        if self.slai is None:
+            self.prefill_queue.append(req)
+        else:
+            key = waiting_key(req.prompt, now, self.slai.default_tbt_s, self.slai)
+            _heappush(self.slai_waiting, (key, req.rid, req))
 
     def has_role_work(self, role: Role) -> bool:
         if role == Role.PREFILL:
@@ -148,6 +172,8 @@ class Engine:
             self.ready = []
         n = len(running)
         queue = self.prefill_queue
+        if self.slai_waiting:
+            self._admit_slai(n)
         if queue:
             cfg = self.config
             budget = cfg.token_budget - n
@@ -192,6 +218,30 @@ class Engine:
             return plan
         self.plan = None
         return None
+
+    def _admit_slai(self, n_running: int) -> None:
+        """Move waiting prefills, best SLAI key first, behind the admitted ones while this
+        step has tokens and sequence slots for them (KV room is checked when planning)."""
+        cfg = self.config
+        budget = cfg.token_budget - n_running
+        seqs = n_running
+        kv_free = self.kv_cap - self.kv_used
+        for req in self.prefill_queue:
+            budget -= req.prompt - req.prefilled
+            seqs += 1
+            if req.kv_held == 0:
+                kv_free -= req.prompt + (req.output if req.local_decode else 0)
+        waiting = self.slai_waiting
+        while waiting and budget > 0 and seqs < cfg.max_num_seqs:
+            req = waiting[0][2]
+            need = req.prompt + (req.output if req.local_decode else 0)
+            if need > kv_free:  # vLLM stops admitting when the head cannot get blocks
+                break
+            _heappop(waiting)
+            self.prefill_queue.append(req)
+            kv_free -= need
+            budget -= req.prompt
+            seqs += 1
 
     def interrupt(self, now: float) -> float | None:
         """Shorten a macro step to end at the first step boundary after `now`; returns

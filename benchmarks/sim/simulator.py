@@ -202,7 +202,7 @@ class Simulator:
             e.in_flight_prefill += 1
             e.prefill_tokens_in_flight += req.prompt
         req.prefill_worker = e.idx
-        e.prefill_queue.append(req)
+        e.enqueue_prefill(req, now)
         self._changed(e)
         self._kick(e, now)
 
@@ -332,7 +332,7 @@ class Simulator:
             ttft_p90_s=float(np.percentile(ttft, 90)) if ttft is not None else None,
             itl_p50_s=float(np.percentile(itl, 50)) if itl is not None else None,
             itl_p90_s=float(np.percentile(itl, 90)) if itl is not None else None,
-            num_running=len(e.running), num_waiting=len(e.prefill_queue) + len(e.decode_wait),
+            num_running=len(e.running), num_waiting=e.num_waiting_prefills + len(e.decode_wait),
             kv_cache_usage=e.kv_used / e.kv_cap if e.kv_cap else 1.0,
             prompt_tokens_per_s=(cur[0] - prev[0]) / interval,
             generation_tokens_per_s=(cur[1] - prev[1]) / interval,

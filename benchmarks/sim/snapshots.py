@@ -49,7 +49,7 @@ def make_view(e: Any) -> WorkerView:
         "decode_tokens_in_flight": e.decode_tokens_in_flight,
         "kv_cache_usage": e.kv_used / e.kv_cap if e.kv_cap else 1.0,
         "num_running": len(e.running),
-        "num_waiting": len(e.prefill_queue) + len(e.decode_wait)})
+        "num_waiting": e.num_waiting_prefills + len(e.decode_wait)})
     return v
 
 

@@ -15,7 +15,11 @@ import numpy as np
 
 class OnlinePolyFit:
     """Least-squares polynomial fit `y ≈ Σ coef[k]·x^k` kept as forgetting-weighted normal
-    equations: O(degree²) memory, O(degree³) per refit, no stored samples."""
+    equations: O(degree²) memory, O(degree³) per refit, no stored samples.
+
+    Plain Python floats on purpose: for degree <= 2 the matrices are at most 3x3, where
+    numpy's per-call overhead costs ~10x the arithmetic (the simulator feeds one sample
+    per engine iteration)."""
 
     def __init__(self, degree: int, forget: float = 0.99, x_scale: float = 1.0) -> None:
         if degree < 0:
@@ -25,16 +29,22 @@ class OnlinePolyFit:
         self.degree = degree
         self.forget = forget
         self.x_scale = x_scale  # x is divided by this before powers: keeps XᵀX conditioned
-        n = degree + 1
-        self._xtx = np.zeros((n, n))
-        self._xty = np.zeros(n)
+        self._n = n = degree + 1
+        self._mom = [0.0] * (2 * degree + 1)  # Σ w·x^k: XᵀX is the Hankel matrix of these
+        self._xty = [0.0] * n
         self._xs: set[float] = set()  # distinct x seen (capped), to know when a fit is determined
         self.samples = 0
 
     def add(self, x: float, y: float) -> None:
-        powers = (x / self.x_scale) ** np.arange(self.degree + 1)
-        self._xtx = self.forget * self._xtx + np.outer(powers, powers)
-        self._xty = self.forget * self._xty + powers * y
+        f = self.forget
+        xs = x / self.x_scale
+        mom, xty = self._mom, self._xty
+        power = 1.0
+        for k in range(len(mom)):
+            mom[k] = f * mom[k] + power
+            if k < self._n:
+                xty[k] = f * xty[k] + power * y
+            power *= xs
         self.samples += 1
         if len(self._xs) <= self.degree:
             self._xs.add(float(x))
@@ -44,12 +54,48 @@ class OnlinePolyFit:
         """True once at least degree+1 distinct x values have been seen."""
         return len(self._xs) > self.degree
 
-    def coefficients(self) -> np.ndarray | None:
+    def coefficients(self) -> list[float] | None:
         """Coefficients in the caller's x units (lowest power first), or None if undetermined."""
         if not self.determined:
             return None
-        coef, *_ = np.linalg.lstsq(self._xtx, self._xty, rcond=None)
-        return coef / self.x_scale ** np.arange(self.degree + 1)
+        n, mom = self._n, self._mom
+        if n == 2:  # the decode model: closed form, the common case
+            det = mom[0] * mom[2] - mom[1] * mom[1]
+            if abs(det) > 1e-12 * mom[0] * mom[2]:
+                y0, y1 = self._xty
+                return [(y0 * mom[2] - y1 * mom[1]) / det,
+                        (mom[0] * y1 - mom[1] * y0) / det / self.x_scale]
+        coef = _solve([[mom[i + j] for j in range(n)] + [self._xty[i]] for i in range(n)])
+        if coef is None:  # numerically singular: fall back to a minimum-norm solution
+            xtx = np.array([[mom[i + j] for j in range(n)] for i in range(n)])
+            coef = list(np.linalg.lstsq(xtx, np.array(self._xty), rcond=None)[0])
+        scale = self.x_scale
+        return [float(c) / scale ** k for k, c in enumerate(coef)]
+
+
+def _solve(aug: list[list[float]]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting on an n x (n+1) augmented matrix;
+    None when a pivot is negligible against the matrix's scale."""
+    n = len(aug)
+    tol = 1e-12 * max(abs(v) for row in aug for v in row[:n])
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(aug[r][col]))
+        if abs(aug[pivot][col]) <= tol:
+            return None
+        aug[col], aug[pivot] = aug[pivot], aug[col]
+        head = aug[col]
+        for r in range(col + 1, n):
+            factor = aug[r][col] / head[col]
+            if factor:
+                row = aug[r]
+                for c in range(col, n + 1):
+                    row[c] -= factor * head[c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        row = aug[r]
+        acc = row[n] - sum(row[c] * out[c] for c in range(r + 1, n))
+        out[r] = acc / row[r]
+    return out
 
 
 @dataclass
