@@ -66,6 +66,19 @@ def test_progress_refresh_and_finish_update_the_ledger():
     assert policy.predicted_future_tokens("d1") == 0
 
 
+def test_migration_and_re_placement_move_the_ledger():
+    policy = AresDecodePolicy(LookupPredictor({10: 1000, 11: 300}))
+    policy.pick_decode(req("r", 10), decoders(d1=0, d2=5000))
+    policy.pick_decode(req("s", 11), decoders(d1=0, d2=5000))
+    assert policy.predicted_future_tokens("d1") == 1300
+    policy.observe_migrated("r", "d2")
+    assert policy.predicted_future_tokens("d1") == 300
+    assert policy.predicted_future_tokens("d2") == 1000
+    policy.pick_decode(req("s", 11), decoders(d1=9000, d2=0))  # a retry lands elsewhere
+    assert policy.predicted_future_tokens("d1") == 0
+    assert policy.predicted_future_tokens("d2") == 1300
+
+
 def test_max_tokens_caps_the_prediction():
     policy = AresDecodePolicy(LookupPredictor({10: 1000}))
     policy.pick_decode(req("r", 10, max_tokens=100), decoders(d1=0))

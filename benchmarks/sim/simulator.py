@@ -38,6 +38,7 @@ from instance_manager.controller.base import (
 )
 from router.cluster import ClusterSnapshot, Role, WorkerState
 from router.policy import RequestInfo, RoutingPolicy
+from router.quantile import linear_quantile
 
 _make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
                                              "arrival_time", "tbt_target_s", "prompt_text"))
@@ -321,17 +322,17 @@ class Simulator:
         for samples in (e.samples_ttft, e.samples_itl):
             while samples and samples[0][0] < horizon:
                 samples.popleft()
-        ttft = np.array([s[1] for s in e.samples_ttft]) if e.samples_ttft else None
-        itl = np.array([s[1] for s in e.samples_itl]) if e.samples_itl else None
+        ttft = sorted([s[1] for s in e.samples_ttft]) if e.samples_ttft else None
+        itl = sorted([s[1] for s in e.samples_itl]) if e.samples_itl else None
         prev = self._last_counters.get(e.name, (0, 0, 0))
         cur = (e.prompt_tokens_done, e.tokens_generated, e.requests_finished)
         self._last_counters[e.name] = cur
         return WorkerMetrics(
             name=e.name,
-            ttft_p50_s=float(np.percentile(ttft, 50)) if ttft is not None else None,
-            ttft_p90_s=float(np.percentile(ttft, 90)) if ttft is not None else None,
-            itl_p50_s=float(np.percentile(itl, 50)) if itl is not None else None,
-            itl_p90_s=float(np.percentile(itl, 90)) if itl is not None else None,
+            ttft_p50_s=linear_quantile(ttft, 0.5) if ttft else None,
+            ttft_p90_s=linear_quantile(ttft, 0.9) if ttft else None,
+            itl_p50_s=linear_quantile(itl, 0.5) if itl else None,
+            itl_p90_s=linear_quantile(itl, 0.9) if itl else None,
             num_running=len(e.running), num_waiting=e.num_waiting_prefills + len(e.decode_wait),
             kv_cache_usage=e.kv_used / e.kv_cap if e.kv_cap else 1.0,
             prompt_tokens_per_s=(cur[0] - prev[0]) / interval,

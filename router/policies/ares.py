@@ -35,6 +35,7 @@ class _Placed:
     tracker: LengthTracker
     max_tokens: int
     migrations: int = 0
+    counted: float = 0.0  # what this request adds to its worker's running total
 
     @property
     def predicted_remaining(self) -> float:
@@ -49,19 +50,36 @@ class AresDecodePolicy:
     def __init__(self, predictor: RemainingLengthPredictor | None = None) -> None:
         self.predictor = predictor if predictor is not None else load_default_predictor()
         self._placed: dict[str, _Placed] = {}
+        self._future: dict[str, float] = {}  # worker -> Σ predicted remaining, kept current
+
+    def _place(self, request_id: str, placed: _Placed) -> None:
+        self._placed[request_id] = placed
+        placed.counted = placed.predicted_remaining
+        self._future[placed.worker] = self._future.get(placed.worker, 0.0) + placed.counted
+
+    def _unplace(self, request_id: str) -> _Placed | None:
+        placed = self._placed.pop(request_id, None)
+        if placed is not None:
+            left = self._future[placed.worker] - placed.counted
+            self._future[placed.worker] = left if left > 1e-6 else 0.0  # no float dust
+        return placed
 
     # -- feeding progress -------------------------------------------------------------
     def observe_progress(self, request_id: str, generated_so_far: int) -> None:
         placed = self._placed.get(request_id)
         if placed is not None:
             placed.tracker.refresh(generated_so_far)
+            now = placed.predicted_remaining
+            self._future[placed.worker] += now - placed.counted
+            placed.counted = now
 
     def observe_finished(self, request_id: str) -> None:
-        self._placed.pop(request_id, None)
+        self._unplace(request_id)
 
     def predicted_future_tokens(self, worker: str) -> float:
-        """Σ predicted remaining output tokens of the requests this policy placed on worker."""
-        return sum(p.predicted_remaining for p in self._placed.values() if p.worker == worker)
+        """Σ predicted remaining output tokens of the requests this policy placed on worker
+        (a running total, updated as requests are placed, refreshed, moved or finished)."""
+        return self._future.get(worker, 0.0)
 
     def residents(self) -> dict[str, list[ResidentRequest]]:
         """This policy's placed requests grouped by worker, for `MigrationPlanner.decide`."""
@@ -74,10 +92,11 @@ class AresDecodePolicy:
 
     def observe_migrated(self, request_id: str, target: str) -> None:
         """A migration was carried out: the request now lives on `target`."""
-        placed = self._placed.get(request_id)
+        placed = self._unplace(request_id)
         if placed is not None:
             placed.worker = target
             placed.migrations += 1
+            self._place(request_id, placed)
 
     def _features(self, request: RequestInfo) -> PromptFeatures:
         return PromptFeatures(request.prompt_tokens, getattr(request, "prompt_text", None))
@@ -98,7 +117,8 @@ class AresDecodePolicy:
             w.decode_tokens_in_flight + self.predicted_future_tokens(w.name),
             w.in_flight_decode, w.name))
         tracker = LengthTracker(self.predictor, self._features(request))
-        self._placed[request.request_id] = _Placed(best.name, tracker, request.max_tokens)
+        self._unplace(request.request_id)  # a re-placed id (retry) is counted once
+        self._place(request.request_id, _Placed(best.name, tracker, request.max_tokens))
         return best.name
 
 

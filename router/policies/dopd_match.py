@@ -14,6 +14,7 @@ Decode: the worker whose resident tokens after admitting this request
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ import numpy as np
 
 from router.cluster import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import PrefillLatencyModel
+from router.quantile import linear_quantile
 
 if TYPE_CHECKING:
     from router.policy import RequestInfo
@@ -45,23 +47,49 @@ class DOPDMatchPolicy:
         self.config = config or DOPDMatchConfig()
         self.cost = cost or PrefillLatencyModel()
         self._recent: deque[int] = deque(maxlen=self.config.window)
+        # the same window kept sorted, with exact integer sums of L and L², so the
+        # threshold and the work share cost O(log n + long class) per arrival, not O(n)
+        self._sorted: list[int] = []
+        self._sum_l = 0
+        self._sum_l2 = 0
 
     def observe_prompt(self, prompt_tokens: int) -> None:
         """Record one arriving prompt length. The caller (gateway or simulator) feeds every
         arrival here; `pick_prefill` itself records nothing, so nothing is counted twice."""
-        self._recent.append(int(prompt_tokens))
+        length = int(prompt_tokens)
+        recent, ordered = self._recent, self._sorted
+        if len(recent) == recent.maxlen:
+            gone = recent[0]
+            del ordered[bisect_right(ordered, gone) - 1]
+            self._sum_l -= gone
+            self._sum_l2 -= gone * gone
+        recent.append(length)
+        insort(ordered, length)
+        self._sum_l += length
+        self._sum_l2 += length * length
 
     # -- the split ------------------------------------------------------------------
     def threshold(self) -> float | None:
         """Prompt length above which a request is "long", or None while there is no split."""
-        if len(self._recent) < self.config.min_samples:
+        ordered = self._sorted
+        if len(ordered) < self.config.min_samples:
             return None
-        return float(np.quantile(np.fromiter(self._recent, float), self.config.long_quantile))
+        return linear_quantile(ordered, self.config.long_quantile)
 
     def long_pool_size(self, n_workers: int, threshold: float) -> int:
         """Workers for the long class, ∝ its share of predicted prefill work, in [1, n-1]."""
         if n_workers < 2:
             return 0
+        a, b, c = self.cost.a, self.cost.b, self.cost.c
+        if a >= 0 and b >= 0 and c >= 0:  # every prompt's work is >= 0: sums decompose
+            ordered = self._sorted
+            top = ordered[bisect_right(ordered, threshold):]
+            total = a * self._sum_l2 + b * self._sum_l + c * len(ordered)
+            long_work = a * sum(x * x for x in top) + b * sum(top) + c * len(top)
+            share = long_work / total if total > 0 else 0.0
+            if share <= 0.0:
+                return 0
+            return min(n_workers - 1, max(1, round(share * n_workers)))
         lengths = np.fromiter(self._recent, float)
         work = np.maximum(self.cost.a * lengths ** 2 + self.cost.b * lengths + self.cost.c, 0)
         total = work.sum()
