@@ -60,6 +60,7 @@ async def streams(request: Request) -> dict:
     relays = request.app.state.dispatcher.streams.values()
     return {"streams": [{"request_id": r.request_id, "worker": r.worker,
                          "generated": len(r.generated_ids), "migratable": r.migratable,
+                         "why_not_migratable": r.why_not_migratable,
                          "migrations": r.migrations} for r in relays]}
 
 

@@ -11,7 +11,9 @@ replace this later). For chat, the target's completion chunks are rewritten into
 changes. At temperature 0 the output equals an unmigrated run.
 
 What cannot migrate (see `migration_blocker`): n > 1, echo, beam search, structured
-output (its grammar state would restart), prompt logprobs, prompt truncation; for chat
+output (its grammar state would restart), prompt logprobs, prompt truncation, a seed with
+temperature > 0 (the target's sampler would restart the seeded sequence), presence or
+frequency penalties (they count output tokens, which the target sees as prompt); for chat
 also a stream without max_tokens/max_completion_tokens (the completions default is 16,
 not "the rest of the context"), logprobs/top_logprobs (the two APIs report them in
 different formats), tools/functions (the server's tool parser shapes the deltas),
@@ -77,6 +79,10 @@ def migration_blocker(req: ParsedRequest) -> str | None:
         return "n > 1"
     fields = _BLOCKING_FIELDS + (_CHAT_BLOCKING_FIELDS if req.route == CHAT else ())
     blocking = [key for key in fields if body.get(key)]
+    if body.get("seed") is not None and body.get("temperature", 1.0) not in (0, 0.0):
+        blocking.append("seed")  # the target's sampler would restart the seeded stream
+    blocking += [key for key in ("presence_penalty", "frequency_penalty")
+                 if body.get(key)]  # they count output tokens; the target sees a prompt
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
         blocking.append("response_format")

@@ -288,6 +288,7 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
                     if len(texts) == 5:
                         listed = httpx.get(url + "/admin/streams").json()["streams"]
                         assert listed[0]["request_id"] == "mig-1" and listed[0]["migratable"]
+                        assert listed[0]["why_not_migratable"] is None
                         bad = httpx.post(url + "/admin/migrate",
                                          json={"request_id": "mig-1", "to": "d1"})
                         assert bad.status_code == 409  # d1 is draining, not ready
@@ -425,6 +426,9 @@ def test_chat_stream_migrates_as_a_completion_and_reads_as_one_chat_stream(
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "text"}}, None),
     ({"n": 2}, "n > 1"),
+    ({"seed": 7}, "seed"),
+    ({"seed": 7, "temperature": 0}, None),
+    ({"presence_penalty": 0.5, "frequency_penalty": 0.0}, "presence_penalty"),
     ({"max_completion_tokens": None}, "no max_tokens/max_completion_tokens"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "non-text message content"),
@@ -452,3 +456,32 @@ def test_null_max_completion_tokens_falls_back_to_max_tokens(limits: dict,
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **limits}
     req = parse_request("/v1/chat/completions", json.dumps(body).encode(), (MODEL,))
     assert req.max_tokens == expected
+
+
+def test_a_stream_that_cannot_move_says_why_and_is_refused() -> None:
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.05
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.PREFILL, WorkerState.READY)
+        with serve_in_thread(_gateway(cluster)) as url:
+            body = {"model": MODEL, "prompt": "one two", "max_tokens": 10, "stream": True,
+                    "echo": True}
+            seen = 0
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=20,
+                              headers={"X-Request-Id": "echo-1"}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        seen += 1
+                    if seen == 2:
+                        (listed,) = httpx.get(url + "/admin/streams").json()["streams"]
+                        assert not listed["migratable"]
+                        assert listed["why_not_migratable"] == "echo"
+                        refused = httpx.post(url + "/admin/migrate",
+                                             json={"request_id": "echo-1", "to": "d1"})
+                        assert refused.status_code == 409
+                        assert "echo" in refused.json()["error"]["message"]
+            assert seen >= 10  # the refused stream still finished on its own worker
+            assert d0.state.stats.aborted == 0
+            assert _in_flight_zero(cluster)
