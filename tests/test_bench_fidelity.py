@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import bench
-from benchmarks.fidelity import relative_errors, workload_argv
+from benchmarks.fidelity import relative_errors, summarize_runs, workload_argv
 from benchmarks.sim import cli as sim_cli
 from benchmarks.workload import WorkloadSpec, build_requests, build_trace
 
@@ -34,3 +34,12 @@ def test_bench_and_sim_build_the_same_trace_from_the_shared_arguments() -> None:
     assert len(a) == 20
     assert [(r.arrival_s, r.request.prompt_tokens, r.request.output_tokens) for r in a] == \
            [(r.arrival_s, r.request.prompt_tokens, r.request.output_tokens) for r in b]
+
+
+def test_rounds_are_summarized_by_their_median() -> None:
+    rounds = [relative_errors({"median_ttft_ms": real}, {"median_ttft_ms": sim})
+              for real, sim in ((10.0, 11.0), (20.0, 16.0), (10.0, 10.5))]
+    out = summarize_runs(rounds)["median_ttft_ms"]
+    assert out["real"] == 10.0 and out["sim"] == 11.0
+    assert [round(e, 3) for e in out["rel_errors"]] == [0.1, -0.2, 0.05]
+    assert abs(out["rel_error"] - 0.05) < 1e-12  # the median round, not the mean
