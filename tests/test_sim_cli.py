@@ -41,3 +41,18 @@ def test_registered_static_control_policy_moves_toward_its_ratio():
     assert res.flips and all(f[2] == Role.DECODE.value for f in res.flips)
     assert res.roles[-1][1:] == (1, 3)
     assert (res.finish_count == 1).all()
+
+
+def test_sim_cli_slai_lowers_median_ttft_of_a_mixed_overload(tmp_path):
+    """Shortest-first admission: under a queue, the median (short) request waits less."""
+    results = {}
+    for name, extra in (("fcfs", []), ("slai", ["--slai"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["--dataset", "random", "--input-len", "4000", "--range-ratio", "0.95",
+                     "--output-len", "8", "--num-prompts", "400", "--request-rate", "60",
+                     "--prefill", "0", "--decode", "1", "--result-json", str(out),
+                     *extra]) == 0
+        results[name] = json.loads(out.read_text())
+    assert results["slai"]["system"].endswith("/slai")
+    assert results["slai"]["completed"] == results["fcfs"]["completed"] == 400
+    assert results["slai"]["median_ttft_ms"] < 0.8 * results["fcfs"]["median_ttft_ms"]

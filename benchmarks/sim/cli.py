@@ -24,6 +24,7 @@ from benchmarks.sim.policies import make_control, make_routing, parse_knobs
 from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
 from benchmarks.sweep import sweep_rates
 from benchmarks.workload import WorkloadSpec, add_workload_args, build_requests, build_trace
+from instance_manager.engine_plugins.slai_policy import SLAIConfig
 
 
 def add_sim_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,10 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--max-num-seqs", type=int, default=256)
     c.add_argument("--token-budget", type=int, default=8192,
                    help="max_num_batched_tokens per iteration (chunked prefill)")
+    c.add_argument("--slai", action="store_true",
+                   help="engines admit waiting prefills in SLAI's order (shortest first, aged)")
+    c.add_argument("--slai-aging", type=float, default=None, metavar="TOKENS_PER_S",
+                   help="SLAI aging: prompt tokens a waiting request gains per second waited")
     p = parser.add_argument_group("performance model")
     p.add_argument("--perf", choices=("roofline", "fitted"), default="roofline")
     p.add_argument("--model", choices=sorted(MODELS), default="llama-3.1-8b")
@@ -77,8 +82,12 @@ def make_perf(args: argparse.Namespace) -> PerfModel:
 
 def simulate(args: argparse.Namespace, trace, perf: PerfModel, slo: SLO) -> SimResult:
     """One run with fresh policy objects (policies carry state)."""
+    slai = None
+    if args.slai or args.slai_aging is not None:
+        slai = SLAIConfig() if args.slai_aging is None else \
+            SLAIConfig(aging_tokens_per_s=args.slai_aging)
     cfg = SimConfig(prefill=args.prefill, decode=args.decode,
-                    engine=EngineConfig(args.max_num_seqs, args.token_budget), slo=slo,
+                    engine=EngineConfig(args.max_num_seqs, args.token_budget, slai), slo=slo,
                     control_interval_s=args.control_interval, window_s=args.window,
                     flip_mode=args.flip_mode, flip_rewarm_s=args.flip_rewarm)
     return Simulator(cfg, perf, make_routing(args.routing),
@@ -91,7 +100,9 @@ def run_sim(args: argparse.Namespace) -> dict:
     percentiles = [float(p) for p in args.metric_percentiles.split(",") if p]
     spec = WorkloadSpec.from_args(args)
     pool = build_requests(spec) if spec.dataset != "trace" else None
-    header = {"system": f"{args.routing}/{args.control}", "prefill": args.prefill,
+    slai = args.slai or args.slai_aging is not None
+    header = {"system": f"{args.routing}/{args.control}" + ("/slai" if slai else ""),
+              "prefill": args.prefill,
               "decode": args.decode, "perf_model": getattr(perf, "name", "?"),
               "perf": perf.describe() if hasattr(perf, "describe") else None,
               "dataset": spec.dataset, "arrival": spec.arrival, "seed": spec.seed}
