@@ -211,7 +211,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     add_workload_args(parser)
     s = parser.add_argument_group("SLOs and results")
     s.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
-                   help="SLOs in ms, vLLM syntax: ttft:1000 tpot:100 e2el:20000")
+                   help="SLOs in ms, vLLM syntax: ttft:1000 tpot:100 e2el:20000, plus tbt:MS "
+                        "(each request's p99 time between tokens)")
     s.add_argument("--metric-percentiles", default="90,99",
                    help="comma-separated percentiles (default 90,99)")
     s.add_argument("--sweep-rates", default=None,

@@ -61,7 +61,8 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
     add_workload_args(parser)
     s = parser.add_argument_group("SLOs and results")
     s.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:100"], metavar="KEY:MS",
-                   help="SLOs in ms (default ttft:1000 tpot:100)")
+                   help="SLOs in ms (default ttft:1000 tpot:100); tbt:MS judges each "
+                   "request's p99 time between tokens")
     s.add_argument("--metric-percentiles", default="50,90,99")
     s.add_argument("--sweep-rates", default=None,
                    help="comma-separated rates: highest keeping --target-attainment")

@@ -9,6 +9,14 @@ or `observe_finished` methods are fed the same measurements the live gateway see
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
 the old role is gone); either way it is unroutable for `flip_rewarm_s` afterwards.
+Flip cost: `flip_rewarm_s` is the median re-warm time; `flip_rewarm_sigma` > 0 draws each
+flip's time from a log-normal around it (seeded, capped at `flip_rewarm_max_s`), to
+replay a measured distribution rather than one number.
+
+Timing per leg: `prefill_done` is the end of the prefill leg (arrival -> prefill on its
+worker, what the prefill worker's own TTFT measures and what control policies are fed
+for it); `first_token` is when the client sees the first token, after the KV transfer,
+decode admission and the first decode step in P/D.
 KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
 needs KV room on the decode worker before it starts.
 """
@@ -58,6 +66,9 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    flip_rewarm_sigma: float = 0.0   # log-normal spread of the re-warm time (0: fixed)
+    flip_rewarm_max_s: float = math.inf
+    seed: int = 0                    # for sampled flip times
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
@@ -83,6 +94,10 @@ class SimResult:
     wall_s: float
     cpu_s: float
     busy_s: dict[str, float]
+    prefill_done: np.ndarray | None = None
+    slow_gaps: np.ndarray | None = None     # gaps above `tbt_limit_s`, per request
+    tbt_limit_s: float = math.inf
+    gap_log: np.ndarray | None = None       # rows (end time, gap s, count), all engines
 
     @property
     def ttft(self) -> np.ndarray:
@@ -99,15 +114,51 @@ class SimResult:
             return 0.0
         return float(np.nanmax(self.finish[ok]) - self.arrival.min())
 
+    def tbt_ok(self, tbt_ms: float) -> np.ndarray:
+        """Per request: its p99 inter-token gap (nearest rank) is <= tbt_ms."""
+        if self.slow_gaps is None or abs(self.tbt_limit_s - tbt_ms / 1000) > 1e-12:
+            raise ValueError(f"this run counted gaps above {self.tbt_limit_s * 1000} ms, "
+                             f"not {tbt_ms} ms: set SimConfig.slo.tbt_ms before running")
+        gaps = np.maximum(self.output_tokens - 1, 0)
+        return self.slow_gaps <= gaps // 100
+
     def metrics(self, slo: SLO | None = None,
-                percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
-        ok = ~self.failed
+                percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                warmup_s: float = 0.0) -> dict:
+        """vLLM-named metrics over requests arriving `warmup_s` or later after the first."""
+        keep = self.arrival >= self.arrival.min() + warmup_s if warmup_s > 0 else \
+            np.ones(self.arrival.size, dtype=bool)
+        ok = ~self.failed[keep]
+        arrival = self.arrival[keep]
+        finish = self.finish[keep]
+        done = ~np.isnan(finish) & ok
+        duration = float(np.nanmax(finish[done]) - arrival.min()) if done.any() else 0.0
+        ttft, latency = self.ttft[keep], self.latency[keep]
+        itls = weights = None
+        if self.gap_log is not None and self.gap_log.size:
+            log = self.gap_log[self.gap_log[:, 0] >= arrival.min()] if warmup_s > 0 \
+                else self.gap_log
+            if log.size:
+                itls, weights = log[:, 1], log[:, 2]
+        tbt_ok = None
+        if slo is not None and slo.tbt_ms is not None:
+            tbt_ok = self.tbt_ok(slo.tbt_ms)[keep]
         result = summarize_arrays(
-            duration_s=self.duration, prompt_tokens=self.prompt_tokens.astype(float),
-            output_tokens=self.output_tokens.astype(float), success=ok,
-            ttft_s=np.where(ok, self.ttft, 0.0), latency_s=np.where(ok, self.latency, 0.0),
-            slo=slo, percentiles=percentiles)
-        result["num_prompts"] = int(self.arrival.size)
+            duration_s=duration, prompt_tokens=self.prompt_tokens[keep].astype(float),
+            output_tokens=self.output_tokens[keep].astype(float), success=ok,
+            ttft_s=np.where(ok, ttft, 0.0), latency_s=np.where(ok, latency, 0.0),
+            itls_s=itls, itl_weights=weights, tbt_ok=tbt_ok, slo=slo,
+            percentiles=percentiles)
+        if self.prefill_done is not None:
+            leg = (self.prefill_done - self.arrival)[keep][ok]
+            handoff = (self.first_token - self.prefill_done)[keep][ok]
+            for name, values in (("ttft_prefill_leg", leg), ("ttft_handoff", handoff)):
+                values = values[~np.isnan(values)]
+                for p in (50, 90, 99):
+                    result[f"p{p}_{name}_ms"] = \
+                        float(np.percentile(values, p) * 1000) if values.size else None
+        result["num_prompts"] = int(keep.sum())
+        result["warmup_s"] = warmup_s
         result["flips"] = len(self.flips)
         result["sim_events"] = self.events
         result["sim_wall_s"] = self.wall_s
@@ -129,6 +180,10 @@ class Simulator:
         self._seq = 0
         self._views = SnapshotCache(self.engines)
         self._tbt = config.slo.tpot_ms / 1000 if config.slo.tpot_ms else None
+        self.tbt_limit_s = config.slo.tbt_ms / 1000 if config.slo.tbt_ms else math.inf
+        for e in self.engines:
+            e.tbt_limit_s = self.tbt_limit_s
+        self._rng = np.random.default_rng(config.seed)
         self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
@@ -212,6 +267,9 @@ class Simulator:
         self._finished += 1
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
+        req.prefill_done = now
+        if self.control is not None:  # the prefill leg, as the prefill worker measures it
+            e.samples_ttft.append((now, now - req.arrival))
         if self._obs_prefill is not None and req.prefill_start == req.prefill_start:
             self._obs_prefill(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
@@ -243,15 +301,10 @@ class Simulator:
 
     def _start_local_decode(self, e: Engine, req: SimRequest, now: float) -> None:
         req.first_token = now
-        self._sample_ttft(e, req, now)
         if req.output <= 1:
             self._finish(e, req, now)
         else:
             e.join_local(req, req.output - 1, now)
-
-    def _sample_ttft(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self.control is not None:
-            e.samples_ttft.append((now, now - req.arrival))
 
     def _admit_pulls(self, d: Engine, now: float) -> None:
         """Start KV pulls for waiting decodes while the decode worker has room."""
@@ -301,9 +354,6 @@ class Simulator:
         prefilled, finished = e.complete(now)
         if self._obs_decode is not None and n and plan is not None and not plan.chunks:
             self._obs_decode(e.name, e.ctx_total, plan.step_s)
-        if plan is not None and plan.first_tokens and self.control is not None:
-            for req in plan.first_tokens:
-                self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
         for req in prefilled:
             self._prefill_done(e, req, now)
         for req in finished:
@@ -383,10 +433,18 @@ class Simulator:
         self._record_roles(now)
         self._rewarm(e, now)
 
+    def _rewarm_s(self) -> float:
+        cfg = self.config
+        if cfg.flip_rewarm_sigma <= 0 or cfg.flip_rewarm_s <= 0:
+            return cfg.flip_rewarm_s
+        drawn = cfg.flip_rewarm_s * math.exp(cfg.flip_rewarm_sigma * self._rng.standard_normal())
+        return min(drawn, cfg.flip_rewarm_max_s)
+
     def _rewarm(self, e: Engine, now: float) -> None:
-        if self.config.flip_rewarm_s > 0:
+        secs = self._rewarm_s()
+        if secs > 0:
             e.state = WorkerState.STARTING
-            self._push(now + self.config.flip_rewarm_s, FLIP_DONE, e, None)
+            self._push(now + secs, FLIP_DONE, e, None)
         else:
             e.state = WorkerState.READY
         self._changed_role_or_state(e)
@@ -464,4 +522,9 @@ class Simulator:
             flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
-            busy_s={e.name: e.busy_s for e in self.engines})
+            busy_s={e.name: e.busy_s for e in self.engines},
+            prefill_done=np.array([r.prefill_done for r in reqs]),
+            slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
+            tbt_limit_s=self.tbt_limit_s,
+            gap_log=np.array([row for e in self.engines for row in e.gap_log],
+                             dtype=float).reshape(-1, 3))
