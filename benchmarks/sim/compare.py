@@ -353,7 +353,7 @@ def phase_best_splits(setup: Setup, wl: Workload, rates: Sequence[float], seed: 
     return out
 
 
-# ---- the whole run ---------------------------------------------------------------------------------
+# ---- the whole run ---------------------------------------------------------------------
 def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
          only_setups: Sequence[str] | None = None) -> tuple[list[Task], dict]:
     """Every task of the comparison, and per (setup, workload) its rate grid."""
@@ -553,6 +553,17 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
     results = _merge_oracle(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
+    raw.write_text(json.dumps({"results": results, "grids": {f"{k[0]}/{k[1]}": list(v)
+                                                              for k, v in grids.items()},
+                               "wall_s": round(time.perf_counter() - wall0, 1)}, default=str))
+    return finish(out_dir, results, grids, quick, seeds, calib_seed, wall0, cpu0)
+
+
+def finish(out_dir: Path, results: list[dict], grids: dict, quick: bool, seeds: Sequence[int],
+           calib_seed: int, wall0: float, cpu0: float) -> dict:
+    """Summaries, JSON and plots from the raw per-task results."""
     by_name = {s.name: s for s in setups(quick)}
     summary = summarize(results, by_name, seeds, calib_seed)
     out = {"description": (__doc__ or "").strip().splitlines()[0],
@@ -566,7 +577,8 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                                "perf": roofline(s.model, s.gpu).describe()}
                       for s in by_name.values() if s.name in summary},
            "workloads": {w.name: w.description for w in workloads(quick).values()},
-           "rate_grids": {f"{k[0]}/{k[1]}": list(v) for k, v in grids.items()},
+           "rate_grids": {(k if isinstance(k, str) else f"{k[0]}/{k[1]}"): list(v)
+                          for k, v in grids.items()},
            "results": summary,
            "wall_s": round(time.perf_counter() - wall0, 1),
            "main_cpu_s": round(time.process_time() - cpu0, 1),
@@ -586,7 +598,7 @@ def _progress(i: int, n: int, r: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-# ---- output ------------------------------------------------------------------------------------------
+# ---- output ----------------------------------------------------------------------------
 MARKERS = "os^vD<>pPXh*d8H"
 
 
@@ -678,7 +690,7 @@ def table(out: dict, setup: str | None = None) -> str:
             b = summ["baselines"]
             sysd = summ["systems"]
 
-            def cell(name: str | None) -> str:
+            def cell(name: str | None, sysd: dict = sysd) -> str:
                 if not name or name not in sysd:
                     return "-"
                 s = sysd[name]["max_rate"]
@@ -689,7 +701,7 @@ def table(out: dict, setup: str | None = None) -> str:
             adaptive = [n for n in sysd if not n.startswith(("static-", "agg@", "oracle"))]
             best = max(adaptive, key=lambda n: sysd[n]["max_rate"]["mean"] or -1, default=None)
 
-            def ratio(base: str) -> str:
+            def ratio(base: str, best: str | None = best, sysd: dict = sysd) -> str:
                 if not best or base not in sysd[best]["ratios"]:
                     return "-"
                 r = sysd[best]["ratios"][base]["max_rate"]
@@ -743,12 +755,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rates per grid (default 12; quick 5)")
     parser.add_argument("--processes", type=int, default=2, help="at most 2")
     parser.add_argument("--setups", default=None, help="comma-separated setup names")
+    parser.add_argument("--from-raw", type=Path, default=None,
+                        help="re-summarise a sim_comparison_raw*.json instead of simulating")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else \
         ([0, 1] if args.quick else [0, 1, 2])
     points = args.grid_points or (5 if args.quick else 12)
-    out = run(args.out, args.quick, seeds, args.calibration_seed, points,
-              min(2, max(1, args.processes)), args.setups.split(",") if args.setups else None)
+    if args.from_raw:
+        raw = json.loads(args.from_raw.read_text())
+        for r in raw["results"]:  # JSON turned the float keys of `roles` into strings
+            r["points"] = r["points"] or []
+        out = finish(args.out, raw["results"], raw["grids"], args.quick, seeds,
+                     args.calibration_seed, time.perf_counter() - raw.get("wall_s", 0.0),
+                     time.process_time())
+    else:
+        out = run(args.out, args.quick, seeds, args.calibration_seed, points,
+                  min(2, max(1, args.processes)),
+                  args.setups.split(",") if args.setups else None)
     print(table(out))
     print(f"\nwall {out['wall_s']} s, task cpu {out['task_cpu_s']} s", file=sys.stderr)
     return 0

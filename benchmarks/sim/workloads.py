@@ -27,8 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.arrivals import Phase, Trace, TraceEntry, gamma_times, pair, phase_mix, \
-    synthetic_pool
+from benchmarks.arrivals import (
+    Phase,
+    Trace,
+    TraceEntry,
+    gamma_times,
+    pair,
+    phase_mix,
+    synthetic_pool,
+)
 from benchmarks.dataset import BenchRequest, approx_token_count, load_sharegpt, sample_requests
 
 
