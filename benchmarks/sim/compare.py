@@ -102,6 +102,7 @@ class Setup:
     workloads: tuple[str, ...]
     flip_variants: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     workers: int = 8
+    reduced: bool = False  # fewer grid points, budgets 512/8192, no +slai variants
 
 
 def setups(quick: bool) -> list[Setup]:
@@ -115,9 +116,8 @@ def setups(quick: bool) -> list[Setup]:
     reduced = ("phase-1400",)
     flips = {"phase-1400": ("0s", "10s", "drain")}
     return [Setup("8b-h100", "llama-3.1-8b", "h100", slo_8b, every, flips),
-            Setup("8b-h200", "llama-3.1-8b", "h200", slo_8b, reduced),
-            Setup("70b-h100", "llama-3.1-70b", "h100", slo_70b, reduced),
-            Setup("70b-h200", "llama-3.1-70b", "h200", slo_70b, reduced)]
+            Setup("70b-h100", "llama-3.1-70b", "h100", slo_70b, reduced, reduced=True),
+            Setup("8b-h200", "llama-3.1-8b", "h200", slo_8b, reduced, reduced=True)]
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,13 @@ def adaptive_systems(n: int) -> list[System]:
     return out
 
 
-def systems(n: int, with_oracle: bool) -> list[System]:
-    out = [System(f"agg@{b}", "aggregated", 0, n, token_budget=b) for b in BUDGETS]
+def systems(n: int, with_oracle: bool, reduced: bool = False) -> list[System]:
+    budgets = (BUDGETS[0], DEFAULT_BUDGET) if reduced else BUDGETS
+    out = [System(f"agg@{b}", "aggregated", 0, n, token_budget=b) for b in budgets]
     out += [System(f"static-{p}P{n - p}D", "static", p, n - p) for p in range(1, n)]
     if with_oracle:
         out.append(System("oracle-schedule", "oracle", n // 2, n - n // 2))
-    return out + adaptive_systems(n)
+    return out + [s for s in adaptive_systems(n) if not (reduced and s.slai)]
 
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -327,18 +328,18 @@ def peak_goodput(points: list[dict]) -> float:
 
 
 # ---- the oracle's schedule -----------------------------------------------------------------------
-def phase_best_splits(setup: Setup, wl: Workload, rates: Sequence[float], seed: int,
-                      quick: bool) -> dict[float, dict[str, int]]:
-    """For each grid rate and phase pool: the split that serves that phase alone best
+def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int]:
+    """For one grid rate and each phase pool: the split that serves that phase alone best
     (attainment, then the lower of p90 TTFT and p90 TPOT relative to their SLOs)."""
     from benchmarks.arrivals import Phase, phase_mix
 
+    setup, wname, rate, seed, quick = args
+    wl = _workload(wname, quick)
     perf = roofline(setup.model, setup.gpu)
     n = setup.workers
     phase_s = wl.schedule[1][0] - wl.schedule[0][0]
-    out: dict[float, dict[str, int]] = {}
-    for rate in rates:
-        out[rate] = {}
+    out: dict[str, int] = {}
+    if True:
         for pool_name, pool in wl.pools.items():
             trace = phase_mix([Phase(phase_s, rate, pool)], seed=seed)
             scored = []
@@ -349,32 +350,41 @@ def phase_best_splits(setup: Setup, wl: Workload, rates: Sequence[float], seed: 
                 slack = max((m["p90_ttft_ms"] or 0) / (setup.slo.ttft_ms or 1000),
                             (m["p90_tpot_ms"] or 0) / (setup.slo.tpot_ms or 100))
                 scored.append(((m["slo_attainment"] or 0.0), -slack, p))
-            out[rate][pool_name] = max(scored)[2]
+            out[pool_name] = max(scored)[2]
     return out
 
 
 # ---- the whole run ---------------------------------------------------------------------
 def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
-         only_setups: Sequence[str] | None = None) -> tuple[list[Task], dict]:
-    """Every task of the comparison, and per (setup, workload) its rate grid."""
+         only_setups: Sequence[str] | None = None, pool=None) -> tuple[list[Task], dict]:
+    """Every task of the comparison, and per (setup, workload) its rate grid; the
+    oracle's per-phase splits are measured here (on `pool` when given)."""
     tasks: list[Task] = []
     grids: dict = {}
-    for setup in setups(quick):
-        if only_setups and setup.name not in only_setups:
-            continue
+    chosen = [s for s in setups(quick) if not only_setups or s.name in only_setups]
+    for setup in chosen:
         perf = roofline(setup.model, setup.gpu)
+        points = max(5, grid_points * 2 // 3) if setup.reduced else grid_points
         for wname in setup.workloads:
             wl = _workload(wname, quick)
-            rates = tuple(rate_grid(capacity_estimate(perf, wl, setup.workers, setup.slo),
-                                    grid_points))
-            grids[(setup.name, wname)] = rates
+            grids[(setup.name, wname)] = tuple(rate_grid(
+                capacity_estimate(perf, wl, setup.workers, setup.slo), points))
+    jobs = [(setup, wname, r, calib_seed, quick) for setup in chosen
+            for wname in setup.workloads if _workload(wname, quick).schedule
+            for r in grids[(setup.name, wname)]]
+    splits = list((pool.map if pool is not None else map)(phase_best_split, jobs))
+    best = {(j[0].name, j[1], j[2]): b for j, b in zip(jobs, splits, strict=True)}
+    for setup in chosen:
+        for wname in setup.workloads:
+            wl = _workload(wname, quick)
+            rates = grids[(setup.name, wname)]
             with_oracle = bool(wl.schedule)
             schedule_by_rate: dict[float, tuple] = {}
             if with_oracle:
-                best = phase_best_splits(setup, wl, rates, calib_seed, quick)
                 for r in rates:
-                    schedule_by_rate[r] = tuple((t, best[r][pool]) for t, pool in wl.schedule)
-            for sysdef in systems(setup.workers, with_oracle):
+                    schedule_by_rate[r] = tuple((t, best[(setup.name, wname, r)][p])
+                                                for t, p in wl.schedule)
+            for sysdef in systems(setup.workers, with_oracle, setup.reduced):
                 flips = ("live",)
                 if sysdef.kind in ("adaptive", "oracle"):
                     flips += setup.flip_variants.get(wname, ())
@@ -539,26 +549,35 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         calib_seed: int = 100, grid_points: int = 12, processes: int = 2,
         only_setups: Sequence[str] | None = None) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups)
-    print(f"{len(tasks)} tasks", file=sys.stderr, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
     results: list[dict] = []
+
+    def save() -> None:  # also every 20 tasks: a run cut short can still be summarised
+        raw.write_text(json.dumps({"results": _merge_oracle(results),
+                                   "grids": {f"{k[0]}/{k[1]}": list(v)
+                                             for k, v in grids.items()},
+                                   "wall_s": round(time.perf_counter() - wall0, 1)},
+                                  default=str))
+
     if processes > 1:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(processes, 2)) as pool:
+            tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, pool)
+            print(f"{len(tasks)} tasks", file=sys.stderr, flush=True)
             for i, r in enumerate(pool.imap_unordered(run_task, tasks, chunksize=1)):
                 results.append(r)
                 _progress(i, len(tasks), r)
+                if i % 20 == 19:
+                    save()
     else:
+        tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups)
         for i, t in enumerate(tasks):
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
-    results = _merge_oracle(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
-    raw.write_text(json.dumps({"results": results, "grids": {f"{k[0]}/{k[1]}": list(v)
-                                                              for k, v in grids.items()},
-                               "wall_s": round(time.perf_counter() - wall0, 1)}, default=str))
-    return finish(out_dir, results, grids, quick, seeds, calib_seed, wall0, cpu0)
+    save()
+    return finish(out_dir, _merge_oracle(results), grids, quick, seeds, calib_seed, wall0,
+                  cpu0)
 
 
 def finish(out_dir: Path, results: list[dict], grids: dict, quick: bool, seeds: Sequence[int],
