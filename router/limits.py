@@ -7,6 +7,7 @@ any encoder that would choke on it later) sees it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -48,10 +49,17 @@ def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: valid JSON syntax, but no JSON encoder can send it on
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def loads_strict(raw: bytes) -> object:
     """Parse JSON as RFC 8259 says: no NaN/Infinity, bounded nesting; 400 otherwise."""
     try:
-        value = json.loads(raw, parse_constant=_no_constants)
+        value = json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
