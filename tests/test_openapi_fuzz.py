@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
 from router.app import GatewayConfig, create_app
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.health import HealthConfig
 from tests.servers import serve_in_thread
 
