@@ -12,8 +12,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+from core.workers import Role, WorkerState
 from instance_manager.controller.base import ControlSnapshot, FlipAction
-from router.cluster import Role, WorkerState
 
 
 class OracleSchedule:
