@@ -44,7 +44,8 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--flip-mode", choices=("relabel", "drain"), default="relabel")
     c.add_argument("--flip-rewarm", type=float, default=0.0,
                    help="seconds a flipped worker is unroutable after the flip")
-    c.add_argument("--max-num-seqs", type=int, default=256)
+    c.add_argument("--max-num-seqs", type=int, default=1024,
+                   help="vLLM's default on H100/H200 (1024)")
     c.add_argument("--token-budget", type=int, default=8192,
                    help="max_num_batched_tokens per iteration (chunked prefill)")
     c.add_argument("--slai", action="store_true",

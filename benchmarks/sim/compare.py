@@ -85,6 +85,7 @@ class FlipCost:
     max_s: float = math.inf
 
 
+FLIP_VARIANT_SYSTEMS = ("arrow", "dopd", "dopd+ares")  # and the oracle; the rest: live only
 # measured live: 0.05 ms idle, 0.2 s median, 1.9 s worst under load (flip_bench)
 LIVE_FLIP = FlipCost("relabel", 0.2, 0.97, 1.9)
 FLIP_COSTS = {"0s": FlipCost(), "live": LIVE_FLIP, "10s": FlipCost("relabel", 10.0),
@@ -216,7 +217,7 @@ def capacity_estimate(perf: PerfModel, wl: Workload, workers: int, slo: SLO,
     return workers / cost
 
 
-def rate_grid(capacity: float, points: int, lo: float = 0.2, hi: float = 2.2) -> list[float]:
+def rate_grid(capacity: float, points: int, lo: float = 0.3, hi: float = 2.0) -> list[float]:
     return [float(f"{r:.3g}") for r in np.geomspace(lo * capacity, hi * capacity, points)]
 
 
@@ -356,12 +357,17 @@ def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int
 
 # ---- the whole run ---------------------------------------------------------------------
 def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
-         only_setups: Sequence[str] | None = None, pool=None) -> tuple[list[Task], dict]:
+         only_setups: Sequence[str] | None = None, pool=None,
+         only_workloads: Sequence[str] | None = None) -> tuple[list[Task], dict]:
     """Every task of the comparison, and per (setup, workload) its rate grid; the
     oracle's per-phase splits are measured here (on `pool` when given)."""
     tasks: list[Task] = []
     grids: dict = {}
     chosen = [s for s in setups(quick) if not only_setups or s.name in only_setups]
+    if only_workloads:
+        chosen = [dataclasses.replace(s, workloads=tuple(w for w in s.workloads
+                                                         if w in only_workloads))
+                  for s in chosen]
     for setup in chosen:
         perf = roofline(setup.model, setup.gpu)
         points = max(5, grid_points * 2 // 3) if setup.reduced else grid_points
@@ -386,7 +392,7 @@ def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
                                                 for t, p in wl.schedule)
             for sysdef in systems(setup.workers, with_oracle, setup.reduced):
                 flips = ("live",)
-                if sysdef.kind in ("adaptive", "oracle"):
+                if sysdef.kind == "oracle" or sysdef.name in FLIP_VARIANT_SYSTEMS:
                     flips += setup.flip_variants.get(wname, ())
                 run_seeds = list(seeds) + ([calib_seed] if sysdef.kind == "static" else [])
                 for flip in flips:
@@ -547,7 +553,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         calib_seed: int = 100, grid_points: int = 12, processes: int = 2,
-        only_setups: Sequence[str] | None = None) -> dict:
+        only_setups: Sequence[str] | None = None,
+        only_workloads: Sequence[str] | None = None) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
@@ -563,7 +570,8 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
     if processes > 1:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(processes, 2)) as pool:
-            tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, pool)
+            tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, pool,
+                                only_workloads)
             print(f"{len(tasks)} tasks", file=sys.stderr, flush=True)
             for i, r in enumerate(pool.imap_unordered(run_task, tasks, chunksize=1)):
                 results.append(r)
@@ -571,7 +579,8 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                 if i % 20 == 19:
                     save()
     else:
-        tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups)
+        tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, None,
+                            only_workloads)
         for i, t in enumerate(tasks):
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
@@ -586,7 +595,7 @@ def finish(out_dir: Path, results: list[dict], grids: dict, quick: bool, seeds: 
     by_name = {s.name: s for s in setups(quick)}
     summary = summarize(results, by_name, seeds, calib_seed)
     out = {"description": (__doc__ or "").strip().splitlines()[0],
-           "command": "python -m benchmarks.sim.compare" + (" --quick" if quick else ""),
+           "command": " ".join(["python -m benchmarks.sim.compare", *sys.argv[1:]]),
            "quick": quick, "seeds": list(seeds), "calibration_seed": calib_seed,
            "target_attainment": TARGET,
            "flip_costs": {k: dataclasses.asdict(v) for k, v in FLIP_COSTS.items()},
@@ -774,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rates per grid (default 12; quick 5)")
     parser.add_argument("--processes", type=int, default=2, help="at most 2")
     parser.add_argument("--setups", default=None, help="comma-separated setup names")
+    parser.add_argument("--workloads", default=None, help="comma-separated trace names")
     parser.add_argument("--from-raw", type=Path, default=None,
                         help="re-summarise a sim_comparison_raw*.json instead of simulating")
     args = parser.parse_args(argv)
@@ -790,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = run(args.out, args.quick, seeds, args.calibration_seed, points,
                   min(2, max(1, args.processes)),
-                  args.setups.split(",") if args.setups else None)
+                  args.setups.split(",") if args.setups else None,
+                  args.workloads.split(",") if args.workloads else None)
     print(table(out))
     print(f"\nwall {out['wall_s']} s, task cpu {out['task_cpu_s']} s", file=sys.stderr)
     return 0
