@@ -763,12 +763,35 @@ def adaptive_table(out: dict, setup: str, workload: str) -> str:
             v = s[key]["mean"]
             return "-" if v is None else f"{v:.1f}"
 
-        lines.append(f"| {name} | {mv('max_rate')} [{s['max_rate']['min']}-"
-                     f"{s['max_rate']['max']}] | {rr('agg-best')} | {rr('static-half')} | "
+        lo, hi = s["max_rate"]["min"], s["max_rate"]["max"]
+        spread = "" if lo is None else f" [{lo:.1f}-{hi:.1f}]"
+        lines.append(f"| {name} | {mv('max_rate')}{spread} | {rr('agg-best')} | "
+                     f"{rr('static-half')} | "
                      f"{rr('static-calibrated')} | {rr('static-best')} | {rr('oracle')} | "
                      f"{mv('peak_goodput')} | {mv('slai_capacity')} | "
                      f"{mv('p90_ttft_ms_at_op')} | {mv('p90_tpot_ms_at_op')} | "
                      f"{mv('p99_tpot_ms_at_op')} |")
+    return "\n".join(lines)
+
+
+def flip_table(out: dict, setup: str, workload: str) -> str:
+    """Max rate at each flip cost (mean [min-max] over seeds) for the systems run at all."""
+    summ = out["results"][setup][workload]
+    variants = summ["flip_variants"]
+    if not variants:
+        return ""
+    costs = ["live", *variants]
+    names = sorted({n for v in variants.values() for n in v})
+    lines = [f"| system ({setup}, {workload}) | " + " | ".join(f"flips {c}" for c in costs)
+             + " |", "|---|" + "---|" * len(costs)]
+    for name in names:
+        cells = []
+        for c in costs:
+            m = summ["systems"][name]["max_rate"] if c == "live" else \
+                variants[c].get(name, {}).get("max_rate", {})
+            cells.append("-" if not m or m.get("mean") is None else
+                         f"{m['mean']:.1f} [{m['min']:.1f}-{m['max']:.1f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -803,6 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   args.setups.split(",") if args.setups else None,
                   args.workloads.split(",") if args.workloads else None)
     print(table(out))
+    for sname, per_wl in out["results"].items():
+        for wname in per_wl:
+            print("\n" + adaptive_table(out, sname, wname))
+            print("\n" + flip_table(out, sname, wname))
     print(f"\nwall {out['wall_s']} s, task cpu {out['task_cpu_s']} s", file=sys.stderr)
     return 0
 
