@@ -331,7 +331,8 @@ def peak_goodput(points: list[dict]) -> float:
 # ---- the oracle's schedule -----------------------------------------------------------------------
 def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int]:
     """For one grid rate and each phase pool: the split that serves that phase alone best
-    (attainment, then the lower of p90 TTFT and p90 TPOT relative to their SLOs)."""
+    (attainment; among near-ties the split closest to the half split, so the oracle does
+    not pay flips for nothing; then the lower of p90 TTFT and p90 TPOT relative to SLO)."""
     from benchmarks.arrivals import Phase, phase_mix
 
     setup, wname, rate, seed, quick = args
@@ -351,7 +352,11 @@ def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int
                 slack = max((m["p90_ttft_ms"] or 0) / (setup.slo.ttft_ms or 1000),
                             (m["p90_tpot_ms"] or 0) / (setup.slo.tpot_ms or 100))
                 scored.append(((m["slo_attainment"] or 0.0), -slack, p))
-            out[pool_name] = max(scored)[2]
+            # among splits within 1% of the best attainment, the one nearest the half
+            # split (fewest flips), then the most slack
+            top = max(a for a, _, _ in scored)
+            near = [(-abs(p - n // 2), slack, p) for a, slack, p in scored if a >= top - 0.01]
+            out[pool_name] = max(near)[2]
     return out
 
 
