@@ -820,8 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = args.grid_points or (5 if args.quick else 12)
     if args.from_raw:
         raw = json.loads(args.from_raw.read_text())
-        for r in raw["results"]:  # JSON turned the float keys of `roles` into strings
-            r["points"] = r["points"] or []
+        if args.workloads:  # e.g. only the traces a run cut short had finished
+            keep = args.workloads.split(",")
+            raw["results"] = [r for r in raw["results"] if r["workload"] in keep]
+            raw["grids"] = {k: v for k, v in raw["grids"].items()
+                            if k.split("/")[1] in keep}
         out = finish(args.out, raw["results"], raw["grids"], args.quick, seeds,
                      args.calibration_seed, time.perf_counter() - raw.get("wall_s", 0.0),
                      time.process_time())
