@@ -331,7 +331,8 @@ def peak_goodput(points: list[dict]) -> float:
 # ---- the oracle's schedule -----------------------------------------------------------------------
 def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int]:
     """For one grid rate and each phase pool: the split that serves that phase alone best
-    (attainment, then the lower of p90 TTFT and p90 TPOT relative to their SLOs)."""
+    (attainment; among near-ties the split closest to the half split, so the oracle does
+    not pay flips for nothing; then the lower of p90 TTFT and p90 TPOT relative to SLO)."""
     from benchmarks.arrivals import Phase, phase_mix
 
     setup, wname, rate, seed, quick = args
@@ -351,7 +352,11 @@ def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int
                 slack = max((m["p90_ttft_ms"] or 0) / (setup.slo.ttft_ms or 1000),
                             (m["p90_tpot_ms"] or 0) / (setup.slo.tpot_ms or 100))
                 scored.append(((m["slo_attainment"] or 0.0), -slack, p))
-            out[pool_name] = max(scored)[2]
+            # among splits within 1% of the best attainment, the one nearest the half
+            # split (fewest flips), then the most slack
+            top = max(a for a, _, _ in scored)
+            near = [(-abs(p - n // 2), slack, p) for a, slack, p in scored if a >= top - 0.01]
+            out[pool_name] = max(near)[2]
     return out
 
 
@@ -763,12 +768,35 @@ def adaptive_table(out: dict, setup: str, workload: str) -> str:
             v = s[key]["mean"]
             return "-" if v is None else f"{v:.1f}"
 
-        lines.append(f"| {name} | {mv('max_rate')} [{s['max_rate']['min']}-"
-                     f"{s['max_rate']['max']}] | {rr('agg-best')} | {rr('static-half')} | "
+        lo, hi = s["max_rate"]["min"], s["max_rate"]["max"]
+        spread = "" if lo is None else f" [{lo:.1f}-{hi:.1f}]"
+        lines.append(f"| {name} | {mv('max_rate')}{spread} | {rr('agg-best')} | "
+                     f"{rr('static-half')} | "
                      f"{rr('static-calibrated')} | {rr('static-best')} | {rr('oracle')} | "
                      f"{mv('peak_goodput')} | {mv('slai_capacity')} | "
                      f"{mv('p90_ttft_ms_at_op')} | {mv('p90_tpot_ms_at_op')} | "
                      f"{mv('p99_tpot_ms_at_op')} |")
+    return "\n".join(lines)
+
+
+def flip_table(out: dict, setup: str, workload: str) -> str:
+    """Max rate at each flip cost (mean [min-max] over seeds) for the systems run at all."""
+    summ = out["results"][setup][workload]
+    variants = summ["flip_variants"]
+    if not variants:
+        return ""
+    costs = ["live", *variants]
+    names = sorted({n for v in variants.values() for n in v})
+    lines = [f"| system ({setup}, {workload}) | " + " | ".join(f"flips {c}" for c in costs)
+             + " |", "|---|" + "---|" * len(costs)]
+    for name in names:
+        cells = []
+        for c in costs:
+            m = summ["systems"][name]["max_rate"] if c == "live" else \
+                variants[c].get(name, {}).get("max_rate", {})
+            cells.append("-" if not m or m.get("mean") is None else
+                         f"{m['mean']:.1f} [{m['min']:.1f}-{m['max']:.1f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -792,8 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = args.grid_points or (5 if args.quick else 12)
     if args.from_raw:
         raw = json.loads(args.from_raw.read_text())
-        for r in raw["results"]:  # JSON turned the float keys of `roles` into strings
-            r["points"] = r["points"] or []
+        if args.workloads:  # e.g. only the traces a run cut short had finished
+            keep = args.workloads.split(",")
+            raw["results"] = [r for r in raw["results"] if r["workload"] in keep]
+            raw["grids"] = {k: v for k, v in raw["grids"].items()
+                            if k.split("/")[1] in keep}
         out = finish(args.out, raw["results"], raw["grids"], args.quick, seeds,
                      args.calibration_seed, time.perf_counter() - raw.get("wall_s", 0.0),
                      time.process_time())
@@ -803,6 +834,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   args.setups.split(",") if args.setups else None,
                   args.workloads.split(",") if args.workloads else None)
     print(table(out))
+    for sname, per_wl in out["results"].items():
+        for wname in per_wl:
+            print("\n" + adaptive_table(out, sname, wname))
+            print("\n" + flip_table(out, sname, wname))
     print(f"\nwall {out['wall_s']} s, task cpu {out['task_cpu_s']} s", file=sys.stderr)
     return 0
 
