@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from instance_manager.controller.base import SLOTargets
 from instance_manager.controller.loop import Controller
+from instance_manager.controller.metrics import ControllerMetrics
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
@@ -30,11 +31,11 @@ from router.cluster import Cluster, WorkerState
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError
-from router.metrics import GatewayMetrics
+from router.metrics import ERROR, GatewayMetrics
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
-from router.validation import CHAT, COMPLETIONS, parse_request
+from router.validation import CHAT, COMPLETIONS, ParsedRequest, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -143,6 +144,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
+    app.state.metrics.registry.register(
+        ControllerMetrics(lambda: getattr(app.state, "controller", None)))
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 
@@ -159,6 +162,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         request_id = request.headers.get("x-request-id") or f"fulcrum-{uuid.uuid4().hex}"
         headers = {"X-Request-Id": request_id}
         started = time.monotonic()
+        parsed: ParsedRequest | None = None
         try:
             parsed = parse_request(route, await request.body(), config.served_models)
             work = asyncio.ensure_future(app.state.dispatcher.dispatch(parsed, request_id))
@@ -169,7 +173,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work
                 log.info("client left before a reply; aborted %s", request_id)
-                metrics.requests.labels(route, "499").inc()
+                metrics.count_request(route, 499)
                 return Response(status_code=499)
             gone.cancel()
             response = work.result()
@@ -177,9 +181,10 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             response = exc.response(headers)
         except UpstreamReply as exc:
             response = exc.response(headers)
-        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.count_request(route, response.status_code)
         if response.status_code != 200:
-            metrics.e2e.labels(route).observe(time.monotonic() - started)
+            model = parsed.model if parsed is not None else ""
+            metrics.latency(route, model, ERROR, "").e2e.observe(time.monotonic() - started)
         return response
 
     @app.post(COMPLETIONS)

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.cluster import Cluster, Role
 from router.errors import GatewayError
-from router.metrics import GatewayMetrics
+from router.metrics import LOCAL, PD, GatewayMetrics
 from router.policy import RequestInfo, RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
@@ -177,7 +177,7 @@ class Dispatcher:
             prefill = self.policy.pick_prefill(info, snap)
             if prefill is not None and prefill != decode:
                 kv_params = await self._prefill_leg(prefill, req, request_id)
-        self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
+        (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
         return await self._decode_leg(decode, req, request_id, kv_params, started)
 
     async def _prefill_leg(self, worker: str, req: ParsedRequest,
@@ -276,6 +276,7 @@ class Dispatcher:
     async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
                      request_id: str, body: dict, tokens: int, started: float) -> Response:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
+        mode = PD if "kv_transfer_params" in body else LOCAL
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
             self.streams[request_id] = relay
@@ -299,7 +300,8 @@ class Dispatcher:
                                code="upstream_error") from None
         body.pop("kv_transfer_params", None)
         self._record_usage(body.get("usage"))
-        self.metrics.e2e.labels(req.route).observe(time.monotonic() - started)
+        self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
+            time.monotonic() - started)
         return JSONResponse(body, headers=headers)
 
     def _record_usage(self, usage: dict | None) -> None:
@@ -311,16 +313,17 @@ class Dispatcher:
         self.mix.record(prompt, completion)
 
     def observe_stream(self, worker: str, req: ParsedRequest, request_id: str,
-                       obs: StreamObserver, started: float) -> None:
+                       obs: StreamObserver, started: float, mode: str = LOCAL) -> None:
         """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
-        self.metrics.e2e.labels(req.route).observe(e2e)
+        children = self.metrics.latency(req.route, req.model, mode, worker)
+        children.e2e.observe(e2e)
         if obs.ttft is not None:
-            self.metrics.ttft.labels(req.route).observe(obs.ttft)
+            children.ttft.observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
-                self.metrics.tpot.labels(req.route).observe(tpot)
+                children.tpot.observe(tpot)
                 resident = self.cluster.view(worker).decode_tokens_in_flight
                 self.feedback("observe_decode", worker, resident, tpot)
         if obs.usage:

@@ -33,6 +33,7 @@ import httpx
 
 from router.cluster import Role
 from router.errors import GatewayError
+from router.metrics import LOCAL, PD
 from router.sse import StreamObserver, is_usage_only
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
@@ -122,6 +123,7 @@ class StreamRelay:
         self.upstream = upstream
         self.req = req
         self.body = body  # what the current worker was sent
+        self.mode = PD if "kv_transfer_params" in body else LOCAL  # as dispatched
         self.tokens = tokens
         self.started = started
         self.obs = StreamObserver(started=started)
@@ -352,4 +354,5 @@ class StreamRelay:
         self.d.streams.pop(self.request_id, None)
         await self.upstream.aclose()
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
-        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started)
+        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started,
+                             self.mode)
