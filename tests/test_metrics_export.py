@@ -12,7 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.fake_worker import create_fake_worker
 from instance_manager.controller.base import FlipAction
 from instance_manager.controller.loop import Decision
-from instance_manager.controller.metrics import ControllerMetrics, target_prefill_workers
+from instance_manager.controller.metrics import (
+    ControllerMetrics,
+    decision_metrics,
+    target_prefill_workers,
+)
 from router.build_info import fulcrum_version
 from router.cluster import Cluster, Role, WorkerState
 from tests.servers import serve_in_thread
@@ -89,7 +93,8 @@ def test_controller_exports_targets_slo_and_load() -> None:
     before = _scrape(metrics)
     assert value(before, "fulcrum_controller_slo_target_seconds", metric="tpot") == 0.1
     assert value(before, "fulcrum_controller_ticks_total") == 0
-    assert "fulcrum_controller_target_workers" not in before
+    assert value(before, "fulcrum_controller_target_workers", role="prefill") is None
+    assert "# TYPE fulcrum_controller_target_workers gauge" in before
     tick_controller(app, ticks=2)
     after = _scrape(metrics)
     assert value(after, "fulcrum_controller_ticks_total") == 2
@@ -117,11 +122,9 @@ def test_target_comes_from_the_policy_or_from_its_actions() -> None:
 
 
 def test_dopd_forecast_is_exported() -> None:
-    from instance_manager.controller.metrics import _decision_metrics
-
     numbers = {"prefill_workers": 1, "decode_workers": 3, "prefill_share_now": 0.4,
                "prefill_share_forecast": 0.55, "target_prefill_workers": 2}
-    fams = {f.name: f for f in _decision_metrics(_decision(numbers))}
+    fams = {f.name: f for f in decision_metrics(_decision(numbers))}
     share = {s.labels["kind"]: s.value for s in fams["fulcrum_controller_prefill_share_ratio"]
              .samples}
     assert share == {"observed": 0.4, "forecast": 0.55}

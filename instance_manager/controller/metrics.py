@@ -59,34 +59,36 @@ class ControllerMetrics(Collector):
         ticks = CounterMetricFamily("fulcrum_controller_ticks", "Controller decisions made")
         ticks.add_metric([], decisions[-1].tick if decisions else 0)
         yield ticks
-        if not decisions:
-            return
-        last = decisions[-1]
-        yield from _decision_metrics(last)
+        yield from decision_metrics(decisions[-1] if decisions else None)
 
 
-def _decision_metrics(last: Decision) -> Iterator[GaugeMetricFamily]:
-    numbers = last.numbers
-    target = target_prefill_workers(last)
+def decision_metrics(last: Decision | None) -> Iterator[GaugeMetricFamily]:
+    """Target pools, dopd's share forecast and arrow's pool load of one decision.
+
+    Every family is declared even when the policy does not state its numbers (no
+    samples then), so dashboards and alerts see one stable set of names.
+    """
+    numbers = last.numbers if last is not None else {}
+    pools = GaugeMetricFamily("fulcrum_controller_target_workers",
+                              "Pool sizes the control policy aims for", labels=["role"])
+    target = target_prefill_workers(last) if last is not None else None
     total = sum(numbers.get(k, 0) or 0 for k in ("prefill_workers", "decode_workers"))
     if target is not None and total:
-        pools = GaugeMetricFamily("fulcrum_controller_target_workers",
-                                  "Pool sizes the control policy aims for", labels=["role"])
         pools.add_metric(["prefill"], target)
         pools.add_metric(["decode"], total - target)
-        yield pools
+    yield pools
+    share = GaugeMetricFamily("fulcrum_controller_prefill_share_ratio",
+                              "Share of work that is prefill: observed over the window, "
+                              "and forecast ahead (dopd)", labels=["kind"])
     if "prefill_share_now" in numbers:
-        share = GaugeMetricFamily("fulcrum_controller_prefill_share_ratio",
-                                  "Share of work that is prefill: observed over the window, "
-                                  "and forecast ahead (dopd)", labels=["kind"])
         share.add_metric(["observed"], numbers["prefill_share_now"])
         share.add_metric(["forecast"], numbers.get("prefill_share_forecast",
                                                    numbers["prefill_share_now"]))
-        yield share
+    yield share
+    load = GaugeMetricFamily("fulcrum_controller_pool_load_ratio",
+                             "Pool latency over its SLO target; above 1 misses (arrow)",
+                             labels=["role"])
     if "prefill_load" in numbers:
-        load = GaugeMetricFamily("fulcrum_controller_pool_load_ratio",
-                                 "Pool latency over its SLO target; above 1 misses (arrow)",
-                                 labels=["role"])
         load.add_metric(["prefill"], numbers["prefill_load"])
         load.add_metric(["decode"], numbers.get("decode_load", 0.0))
-        yield load
+    yield load
