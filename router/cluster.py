@@ -43,6 +43,7 @@ class WorkerView:
     kv_cache_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
+    healthy: bool = True  # False while its circuit breaker is open (router.health)
 
     @property
     def in_flight(self) -> int:
@@ -50,7 +51,7 @@ class WorkerView:
 
     @property
     def routable(self) -> bool:
-        return self.state == WorkerState.READY
+        return self.state == WorkerState.READY and self.healthy
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ class Cluster:
 
     def set_state(self, name: str, state: WorkerState) -> None:
         self._update(name, state=state)
+
+    def set_healthy(self, name: str, healthy: bool) -> None:
+        rec = self._records.get(name)
+        if rec is not None and rec.view.healthy != healthy:
+            rec.view = replace(rec.view, healthy=healthy)
 
     def set_role(self, name: str, role: Role) -> None:
         self._update(name, role=role)

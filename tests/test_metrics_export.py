@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -37,18 +38,18 @@ def value(text: str, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture()
-def gateway() -> Iterator[tuple[str, Cluster]]:
+def gateway() -> Iterator[tuple[str, Cluster, object]]:
     p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
     with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
         cluster = Cluster()
         cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
         cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
         with serve_in_thread(_gateway(cluster)) as url:
-            yield url, cluster
+            yield url, cluster, d_app
 
 
 def test_latency_histograms_carry_route_model_mode_and_worker(gateway) -> None:
-    url, cluster = gateway
+    url, cluster, d_app = gateway
     body = {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
         list(r.iter_lines())
@@ -69,10 +70,13 @@ def test_latency_histograms_carry_route_model_mode_and_worker(gateway) -> None:
 
 
 def test_build_info_kv_ratio_and_restarts(gateway) -> None:
-    url, cluster = gateway
+    url, cluster, d_app = gateway
     cluster.set_process("d0", 100)
     cluster.set_process("d0", 101)  # a new pid: the manager restarted it
-    cluster.set_engine_stats("d0", kv_cache_usage=0.25, num_running=1, num_waiting=0)
+    d_app.state.stats.running = 25  # the fake reports KV usage running / 100
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and cluster.view("d0").kv_cache_usage != 0.25:
+        time.sleep(0.05)  # the gateway polls worker gauges every 0.2 s here
     text = httpx.get(url + "/metrics").text
     assert value(text, "fulcrum_build_info", version=fulcrum_version()) == 1
     assert value(text, "fulcrum_worker_restarts_total", worker="d0") == 1
