@@ -18,7 +18,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from instance_manager.controller.base import SLOTargets
+from core.slo import SLOTargets
+from core.workers import Role
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.metrics import ControllerMetrics
 from instance_manager.controller.registry import make_control_policy
@@ -26,7 +27,7 @@ from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
-from router.cluster import Cluster, Role
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
 from router.error_handlers import BodyLimitMiddleware, install_error_handlers

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import httpx
 from fastapi.responses import JSONResponse, Response
 
+from core.request import RequestInfo
+from core.workers import Role
 from router.admission import Admission, AdmissionConfig
-from router.cluster import Cluster, Role
+from router.cluster import Cluster
 from router.errors import GatewayError, clip
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
 from router.metrics import LOCAL, PD, GatewayMetrics
-from router.policy import RequestInfo, RoutingPolicy
+from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
