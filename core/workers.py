@@ -42,7 +42,7 @@ class WorkerView:
     kv_cache_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
-    healthy: bool = True  # False while its circuit breaker is open (router.health)
+    healthy: bool = True  # False while the gateway's circuit breaker holds it out
 
     @property
     def in_flight(self) -> int:

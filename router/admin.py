@@ -26,6 +26,7 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 async def workers(request: Request) -> dict:
     """Every worker with its role, state, load and process facts."""
     cluster = request.app.state.cluster
+    health = request.app.state.health
     out = []
     for view in cluster.snapshot().workers:
         rec = cluster.record(view.name)
@@ -34,7 +35,8 @@ async def workers(request: Request) -> dict:
             "state": view.state.value, "in_flight_prefill": view.in_flight_prefill,
             "in_flight_decode": view.in_flight_decode, "kv_cache_usage": view.kv_cache_usage,
             "num_running": view.num_running, "num_waiting": view.num_waiting,
-            "pid": rec.pid, "restarts": rec.restarts,
+            "pid": rec.pid, "restarts": rec.restarts, "healthy": view.healthy,
+            "breaker": health.breaker(view.name).state.value,
         })
     return {"workers": out, "policy": request.app.state.dispatcher.policy.name}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from router.cluster import ClusterSnapshot, WorkerView
+from core.workers import ClusterSnapshot, WorkerView
 from router.errors import GatewayError
 
 

@@ -23,7 +23,8 @@ from typing import TypeVar
 
 import httpx
 
-from router.cluster import Cluster, WorkerState
+from core.workers import WorkerState
+from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.health")
 

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
 from router.admission import AdmissionConfig
 from router.app import GatewayConfig, create_app
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from router.health import BreakerState, HealthConfig, HealthMonitor
 from router.limits import client_request_id
