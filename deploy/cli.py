@@ -129,23 +129,36 @@ def _state_file(port: int) -> Path:
 
 
 def _served_name(model_spec: str, resolved: str) -> str:
-    return _DEFAULT_NAMES.get(model_spec) or Path(resolved.rstrip("/")).name
+    from instance_manager.models import is_hf_id
+
+    if model_spec in _DEFAULT_NAMES:
+        return _DEFAULT_NAMES[model_spec]
+    if is_hf_id(model_spec):  # as vLLM names it: the id, not the cache folder
+        return model_spec
+    return Path(resolved.rstrip("/")).name
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
     from deploy.local_cluster import ClusterOptions, build_local_cluster
-    from instance_manager.models import resolve_model
+    from instance_manager.models import ModelNotAvailable, fetch_model, resolve_model
 
     print(f"fulcrum: preparing model {args.model!r} ...", flush=True)
-    model = resolve_model(args.model)
+    try:
+        model = fetch_model(resolve_model(args.model), download=args.download)
+        gpus = (tuple(int(g) for g in args.gpus.split(",") if g.strip())
+                if args.gpus else None)
+    except (ModelNotAvailable, ValueError) as exc:
+        print(f"fulcrum: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     opts = ClusterOptions(
         model=model, served_model_name=args.served_model_name or _served_name(args.model, model),
         workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
         port=args.port, worker_base_port=args.worker_base_port,
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
-        device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        device=args.device, tensor_parallel_size=args.tensor_parallel_size, gpus=gpus,
+        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
         **_hardening_config(args))
@@ -365,7 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV transport between workers: 'fulcrum' (ours), 'nixl' (vLLM's, "
                          "with CPU fixes), 'none' (aggregated serving)")
     up.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
-                    help="where workers run: one CPU core or one GPU each")
+                    help="where workers run: one CPU core each, or GPUs")
+    up.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="GPUs per worker (--device gpu): worker i gets the i-th range of "
+                         "that many GPUs in CUDA_VISIBLE_DEVICES")
+    up.add_argument("--gpus", default=None, metavar="IDS",
+                    help="comma-separated GPU ids to hand out (default: 0, 1, ...)")
+    up.add_argument("--download", action="store_true",
+                    help="fetch a Hugging Face model that is not in the local cache (needs "
+                         "network; off by default: workers never go online)")
     up.add_argument("--max-model-len", type=int, default=None,
                     help="context length per worker (default: the model's)")
     up.add_argument("--kv-cache-gib", type=int, default=2,
