@@ -28,13 +28,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends "(default: X)" once: not when the help already states its default, and not
-    for options whose default is "unset"."""
+    """Appends "(default: X)" once: not when the help already states its default, not for
+    options whose default is "unset", and never a secret's value (tokens, keys)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or "%(default)" in text or default in (None, False, [], ())
+        secret = any(w in action.dest for w in ("token", "key", "password"))
+        if (secret or "default" in text or default in (None, False, [], ())
                 or default is argparse.SUPPRESS or action.option_strings == []
                 or isinstance(action, argparse._VersionAction | argparse._HelpAction)):
             return text

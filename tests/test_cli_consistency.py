@@ -91,6 +91,14 @@ def test_slos_are_milliseconds_everywhere() -> None:
     assert cfg.slo.ttft_s == 0.4 and cfg.slo.tpot_s == 0.1
 
 
+def test_help_never_shows_a_secret(monkeypatch) -> None:
+    monkeypatch.setenv("FULCRUM_ADMIN_TOKEN", "s3cret-token")
+    monkeypatch.setenv("FULCRUM_WORKER_API_KEY", "s3cret-key")
+    for p in options.all_parsers(build_parser()):
+        text = p.format_help()
+        assert "s3cret" not in text, p.prog
+
+
 def test_every_read_verb_has_json() -> None:
     for verb in ("status", "watch", "explain", "flips", "streams", "logs", "show"):
         assert "--json" in _options(_sub(verb)), verb
