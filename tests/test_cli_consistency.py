@@ -174,3 +174,42 @@ def test_down_stops_a_plain_gateway(tmp_path) -> None:
         if gateway.poll() is None:
             gateway.send_signal(signal.SIGKILL)
             gateway.wait()
+
+
+def test_streams_and_migrate_verbs_drive_the_admin_api(capsys) -> None:
+    from benchmarks.fake_worker import create_fake_worker
+    from router.cluster import Cluster, Role, WorkerState
+    from tests.servers import serve_in_thread
+    from tests.test_gateway_fake import MODEL, _gateway
+
+    d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
+    d0.state.behaviour.token_delay_s = 0.05
+    with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
+        cluster = Cluster()
+        cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
+        cluster.add("d1", d1_url, Role.DECODE, WorkerState.DRAINING)  # not picked at first
+        with serve_in_thread(_gateway(cluster)) as url:
+            body = {"model": MODEL, "prompt": "one two", "max_tokens": 40, "stream": True}
+            texts: list[str] = []
+            checked = False
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
+                sid = resp.headers["x-fulcrum-request-id"]
+                for line in resp.iter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                        texts.append(json.loads(line[6:])["choices"][0]["text"])
+                    if len(texts) >= 3 and not checked:
+                        checked = True
+                        capsys.readouterr()
+                        assert main(["streams", "--url", url, "--json"]) == EXIT_OK
+                        (listed,) = json.loads(capsys.readouterr().out)["streams"]
+                        assert listed["request_id"] == sid and listed["worker"] == "d0"
+                        assert main(["migrate", sid, "--to", "d1", "--url", url]) == \
+                            EXIT_FAILED  # d1 is draining: the gateway refuses (409)
+                        cluster.set_state("d1", WorkerState.READY)
+                        assert main(["migrate", sid, "--to", "d1", "--url", url,
+                                     "--json"]) == EXIT_OK
+                        moved = json.loads(capsys.readouterr().out)
+                        assert (moved["from"], moved["to"]) == ("d0", "d1")
+            assert checked and "".join(texts) == "".join(f" t{i}" for i in range(40))
+            assert main(["streams", "--url", url]) == EXIT_OK
+            assert "0 live stream(s)" in capsys.readouterr().out
