@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
+from instance_manager.controller.arrow import ArrowConfig, ArrowController
 from instance_manager.controller.base import ControlSnapshot, FlipAction, SLOTargets
 from instance_manager.controller.loop import Controller
 from instance_manager.flip import FlipCoordinator
@@ -66,7 +66,7 @@ def make_controller(cluster: Cluster, policy, *, advisory: bool = False) -> Cont
 async def test_arrow_controller_flips_a_decode_worker_under_prefill_pressure():
     cluster = make_cluster()
     cluster.begin("d1", Role.DECODE, 5)  # busier, so d0 is the one to go
-    controller = make_controller(cluster, ArrowPolicy(ArrowConfig(sustain_ticks=2)))
+    controller = make_controller(cluster, ArrowController(ArrowConfig(sustain_ticks=2)))
     workers = FakeWorkers()
     async with httpx.AsyncClient(transport=httpx.MockTransport(workers.handler)) as client:
         first = await controller.tick(client)  # baseline scrape: no percentiles yet

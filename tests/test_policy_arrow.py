@@ -1,7 +1,7 @@
 """Arrow dispatch on constructed cluster snapshots."""
 
 from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
-from router.policies.arrow import ArrowPolicy, ArrowTargets
+from router.policies.arrow import ArrowRouting, ArrowTargets
 from router.policies.latency_model import LatencyPriors
 from router.policy import POLICIES, RequestInfo, RoutingPolicy, make_policy
 
@@ -17,12 +17,12 @@ def snap(*workers):
 
 
 def test_registered_and_satisfies_protocol():
-    assert POLICIES["arrow"] is ArrowPolicy
+    assert POLICIES["arrow"] is ArrowRouting
     assert isinstance(make_policy("arrow"), RoutingPolicy)
 
 
 def test_prefill_goes_to_lowest_predicted_ttft_queue_included():
-    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=10.0), FLAT)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=2, prefill_tokens_in_flight=2000),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=500),
@@ -34,7 +34,7 @@ def test_prefill_goes_to_lowest_predicted_ttft_queue_included():
 
 def test_fitted_models_change_the_choice():
     """Same queues, but p2 is measured to be much slower: Arrow moves to p1."""
-    policy = ArrowPolicy(ArrowTargets(ttft_s=100.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=100.0), FLAT)
     for n in (100, 200, 400, 800):
         policy.observe_prefill("p2", n, 0.02 * n)  # 20x slower than the prior
     cluster = snap(
@@ -45,7 +45,7 @@ def test_fitted_models_change_the_choice():
 
 
 def test_prefill_prefers_worker_without_decode_work_among_feasible():
-    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=10.0), FLAT)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, decode_tokens_in_flight=300),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=200),
@@ -55,7 +55,7 @@ def test_prefill_prefers_worker_without_decode_work_among_feasible():
 
 def test_no_feasible_prefill_reports_pressure_and_falls_back_to_cheapest():
     seen = []
-    policy = ArrowPolicy(ArrowTargets(ttft_s=0.5), FLAT, pressure_sink=seen.append)
+    policy = ArrowRouting(ArrowTargets(ttft_s=0.5), FLAT, pressure_sink=seen.append)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=900),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=700),
@@ -68,7 +68,7 @@ def test_no_feasible_prefill_reports_pressure_and_falls_back_to_cheapest():
 
 
 def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)  # MT = (0.05-0.01)/1e-5 = 4000
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.05), FLAT)  # MT = (0.05-0.01)/1e-5 = 4000
     cluster = snap(
         WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
         WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=1000),
@@ -80,7 +80,7 @@ def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
 
 
 def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=1.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(tpot_s=1.0), FLAT)
     cluster = snap(
         WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
         WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=2000),
@@ -92,7 +92,7 @@ def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
 
 
 def test_decode_measured_slowness_excludes_a_worker():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.05), FLAT)
     for b in (100, 500, 1000):
         policy.observe_decode("d2", b, 0.2)  # d2 is measured far above target
     cluster = snap(
@@ -103,7 +103,7 @@ def test_decode_measured_slowness_excludes_a_worker():
 
 
 def test_empty_pools_and_unroutable_workers():
-    policy = ArrowPolicy(priors=FLAT)
+    policy = ArrowRouting(priors=FLAT)
     assert policy.pick_prefill(req(), snap()) is None
     assert policy.pick_decode(req(), snap()) is None
     cluster = snap(WorkerView("a", "u", Role.DECODE),

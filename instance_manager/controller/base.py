@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from router.cluster import ClusterSnapshot, Role
+from router.policies.signals import SLOPressure
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class ControlSnapshot:
     slo: SLOTargets = field(default_factory=SLOTargets)
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
+    arrival_rate_per_s: float | None = None
+    """Requests per second over the window (None where the producer does not count them)."""
+    pressure: tuple[SLOPressure, ...] = ()
+    """Predicted SLO misses the routing policy reported since the previous tick."""
 
 
 @dataclass(frozen=True)
