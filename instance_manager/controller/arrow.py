@@ -68,7 +68,17 @@ class ArrowConfig:
     inline_flips: bool = True
     """Act on the routing policy's SLO-pressure signals (Algorithm 1 step 3)."""
     pressure_signals: int = 3
-    """Signals for one leg since the last tick that make an inline flip."""
+    """Signals for one leg since the last tick that make an inline flip..."""
+    pressure_fraction: float = 0.1
+    """...when they are also at least this fraction of the arrivals since the last tick."""
+    max_prefill_utilization: float = 0.95
+    """The prefill pool gives up workers only while its busy fraction stays below this."""
+    prefill_tokens_per_s: float = 0.0
+    """One worker's prefill throughput for that busy fraction (0 = estimate it from TTFT);
+    `calibrate.arrow_knobs` derives it from a performance model or profile."""
+    inline_max_flips: int = 1
+    """Workers one inline flip moves (the measured loads that bound a multi-worker move
+    lag a shift; the reactive path moves several)."""
     pressure_guard_s: float = 2.0
     """No inline flip sooner than this after any flip."""
     max_flips_per_decision: int = 0
@@ -118,8 +128,28 @@ def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int,
     return mean, mean / target
 
 
+def prefill_utilization(snapshot: ControlSnapshot, min_samples: int,
+                        tokens_per_s: float = 0.0) -> float | None:
+    """Mean busy fraction of the prefill pool: prompt tokens/s over one worker's prefill
+    throughput (`tokens_per_s`, e.g. calibrated from a profile), else times the median
+    TTFT per prompt token (that includes queueing and KV hand-off, so it errs high).
+    TTFT is far from linear in load, so this, not TTFT, says how many workers can go."""
+    isl = snapshot.mean_prompt_tokens
+    members = pool(snapshot, Role.PREFILL)
+    if not members or (not isl and tokens_per_s <= 0):
+        return None
+    busy = []
+    for w in members:
+        m = metrics_of(snapshot, w.name)
+        if tokens_per_s > 0:
+            busy.append(min(1.0, m.prompt_tokens_per_s / tokens_per_s))
+        elif not _too_few(m.ttft_p50_s, m.ttft_samples, min_samples):
+            busy.append(min(1.0, m.prompt_tokens_per_s * m.ttft_p50_s / isl))
+    return sum(busy) / len(busy) if busy else None
+
+
 ROUND1_KNOBS = {"inline_flips": False, "max_flips_per_decision": 1, "decode_slots": 0,
-                "cooldown_s": 10.0}
+                "cooldown_s": 10.0, "max_prefill_utilization": 0.0}
 """Knobs that reproduce the round-1 policy (measured misses only, one flip per cooldown)."""
 
 
@@ -146,6 +176,8 @@ class ArrowController:
         self.last_note = PolicyNote("no tick yet")
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
         self._last_flip_at: float | None = None
+        self._last_target: Role | None = None
+        self._last_tick_at: float | None = None
 
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
         cfg = self.config
@@ -177,13 +209,18 @@ class ArrowController:
         if draining := hold_reason_while_draining(snapshot):
             return hold(draining)
         since = None if self._last_flip_at is None else snapshot.time - self._last_flip_at
-        inline = self._inline_target(signals) if cfg.inline_flips else None
+        arrivals = None
+        if snapshot.arrival_rate_per_s is not None and self._last_tick_at is not None:
+            arrivals = snapshot.arrival_rate_per_s * (snapshot.time - self._last_tick_at)
+        self._last_tick_at = snapshot.time
+        inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
         if inline is not None:
             target, ratio, why = inline
-            # the pool runs `ratio` past target: n·(ratio − 1) more, at most doubling it
-            want = max(1, min(n[target], math.ceil(n[target] * (ratio - 1.0) - 1e-9)))
+            want = cfg.inline_max_flips
             if since is not None and since < cfg.pressure_guard_s:
                 return hold(f"{why}, guard {cfg.pressure_guard_s - since:.1f}s left")
+            if since is not None and target != self._last_target and since < cfg.cooldown_s:
+                return hold(f"{why}, but the last flip went the other way {since:.1f}s ago")
         else:
             if since is not None and since < cfg.cooldown_s:
                 return hold(f"cooldown, {cfg.cooldown_s - since:.0f}s left")
@@ -202,6 +239,13 @@ class ArrowController:
         if n[source] < 2:
             return hold(f"the {source.value} pool has one worker and is never emptied")
         spare = spare_workers(load[source], n[source], cfg.expand)
+        if source == Role.PREFILL and cfg.max_prefill_utilization > 0:
+            busy = prefill_utilization(snapshot, cfg.min_samples, cfg.prefill_tokens_per_s)
+            if busy is not None:
+                numbers["prefill_utilization"] = round(busy, 3)
+                # TTFT samples carry the KV hand-off and decode admission, so under decode
+                # shortage they overstate prefill load: the busy fraction decides instead
+                spare = spare_workers(busy, n[source], cfg.max_prefill_utilization)
         after = load[source] * n[source] / (n[source] - 1)
         numbers["source_load_after"] = round(after, 3)
         if spare == 0:
@@ -216,18 +260,26 @@ class ArrowController:
         reason = (f"{why}; {source.value} load {load[source]:.2f} -> {after:.2f} after moving "
                   f"{', '.join(w.name for w in members)} ({describe_load(members[0])}); {facts}")
         self._last_flip_at = snapshot.time
+        self._last_target = target
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
         self.last_note = PolicyNote(f"flip {k} to {target.value}: {reason}", numbers)
         return [FlipAction(w.name, target, reason) for w in members]
 
-    def _inline_target(self, signals: dict[Role, list[SLOPressure]]
+    def _inline_target(self, signals: dict[Role, list[SLOPressure]], arrivals: float | None
                        ) -> tuple[Role, float, str] | None:
-        """(pool to grow, median predicted/target, why) from predicted misses, or None."""
+        """(pool to grow, median predicted/target, why) from predicted misses, or None.
+        A leg qualifies with enough signals (a count, and a fraction of `arrivals` where
+        known) while the other leg has none: then a flip cannot just move the misses."""
         cfg = self.config
+
+        def enough(misses: list[SLOPressure]) -> bool:
+            return len(misses) >= cfg.pressure_signals and (
+                arrivals is None or len(misses) >= cfg.pressure_fraction * arrivals)
+
         decode, prefill = signals[Role.DECODE], signals[Role.PREFILL]
-        if len(decode) >= cfg.pressure_signals:
+        if enough(decode) and not prefill:
             leg, misses = Role.DECODE, decode
-        elif len(prefill) >= cfg.pressure_signals and not decode:
+        elif enough(prefill) and not decode:
             leg, misses = Role.PREFILL, prefill
         else:
             return None

@@ -3,8 +3,10 @@
 One request costs a prefill worker `t_p(ISL) = a·ISL² + ISL / prefill_tokens_per_s + c`
 seconds and keeps a decode slot for OSL steps. At arrival rate λ the pools need
 
-* prefill: `λ · t_p / ρ_P` workers;
-* decode: `λ · OSL / (cap_D · ρ_D)` workers, where one decode worker's capacity `cap_D`
+* prefill: `λ · t_p / ρ_P` workers, and at least `W / TTFT target`, W being the prefill
+  seconds queued now (the window's mean prompt lags a shift; the queue does not);
+* decode: `λ · OSL / (cap_D · ρ_D)` workers (when decodes queue for a slot, at least as
+  many as the decodes in flight need slots for), where one decode worker's capacity `cap_D`
   (tokens/s) is the smallest of its TPOT-bound throughput (`decode_tokens_per_s`, B*/τ(B*))
   and what its batch slots and KV room allow: `slots / decode_step_s`, slots being
   `max_num_seqs`, and the sequences its KV cache holds at the window's mean context. The KV
@@ -140,11 +142,21 @@ class Needs:
     prefill_s_per_request: float
     decode_capacity_tokens_per_s: float
     decode_slots: float
+    prefill_backlog: float = 0.0
+    """Workers that clear the prompts queued now within one TTFT target."""
+    decode_queued: bool = False
+    """Decodes are waiting for a batch slot (more in flight than the pool holds)."""
 
 
 def choose_target(n_p: int, n_d: int, need_p: float, need_d: float,
-                  hysteresis: float) -> tuple[int, str]:
-    """(target prefill workers, why) for pools of n_p + n_d workers and the two needs."""
+                  hysteresis: float, prompts_backlogged: bool = False,
+                  decodes_queued: bool = False) -> tuple[int, str]:
+    """(target prefill workers, why) for pools of n_p + n_d workers and the two needs.
+
+    `prompts_backlogged` (the queued prompts alone need more prefill workers) with no decode
+    queued for a slot means the decode need is only the lagging flow estimate (output
+    lengths are learnt when requests finish) while the prefill shortage is measured: the
+    prefill pool then gets what it needs, the running decodes finishing where they are."""
     total = n_p + n_d
     if total < 2:
         return n_p, "one worker: nothing to split"
@@ -161,6 +173,8 @@ def choose_target(n_p: int, n_d: int, need_p: float, need_d: float,
             target = min(total - 1, math.ceil(need_p))
             if total - target >= need_d:
                 return target, "prefill is short, decode can spare workers"
+    if short_p and prompts_backlogged and not decodes_queued:
+        return min(total - 1, math.ceil(need_p)), "prompts are queueing, no decode waits"
     ideal = total * need_p / (need_p + need_d)
     if abs(ideal - n_p) <= 0.5 + hysteresis:
         return n_p, f"overloaded, split {ideal:.2f} prefill is within the hysteresis band"
@@ -223,8 +237,21 @@ class DOPDController:
         capacity = cfg.decode_tokens_per_s
         if cfg.decode_step_s > 0:
             capacity = min(capacity, slots / cfg.decode_step_s)
-        return Needs(rate * t_p / cfg.prefill_utilization,
-                     rate * osl / (capacity * cfg.decode_utilization), t_p, capacity, slots)
+        flow = rate * osl / (capacity * cfg.decode_utilization)
+        # Output lengths are known only when requests finish, so after a shift to long
+        # outputs the flow estimate lags by a whole output's duration; decodes queued for a
+        # slot (more in flight than the pool holds) show the shortage at once. Running
+        # decodes alone do not: a flipped worker finishes those in place.
+        held = sum(w.in_flight_decode for w in snapshot.cluster.workers) / slots
+        queued = held if held > len(pool(snapshot, Role.DECODE)) else 0.0
+        # Likewise the window's mean prompt lags a shift to long prompts; the prompts queued
+        # now show it at once: clearing them within one TTFT target takes W / TTFT workers.
+        backlog_s = sum(w.in_flight_prefill * self.prefill_seconds(
+            w.prefill_tokens_in_flight / w.in_flight_prefill)
+            for w in pool(snapshot, Role.PREFILL) if w.in_flight_prefill > 0)
+        backlog = backlog_s / snapshot.slo.ttft_s
+        need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
+        return Needs(need_p, max(flow, queued), t_p, capacity, slots, backlog, queued > 0)
 
     # -- deciding ---------------------------------------------------------------------
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
@@ -285,14 +312,18 @@ class DOPDController:
                                                    cfg.forecast_horizon_s)
         need_d = self._forecasts["decode"].update(now.decode, snapshot.time,
                                                   cfg.forecast_horizon_s)
-        target, why = choose_target(n_p, n_d, need_p, need_d, cfg.hysteresis)
+        target, why = choose_target(n_p, n_d, need_p, need_d, cfg.hysteresis,
+                                    now.prefill_backlog > n_p + cfg.hysteresis,
+                                    now.decode_queued)
         numbers.update({
             "arrival_rate_per_s": round(rate, 2),
             "prefill_s_per_request": round(now.prefill_s_per_request, 5),
             "decode_capacity_tokens_per_s": round(now.decode_capacity_tokens_per_s, 1),
             "decode_slots": round(now.decode_slots, 1),
             "prefill_need_now": round(now.prefill, 2), "decode_need_now": round(now.decode, 2),
-            "prefill_need": round(need_p, 2), "decode_need": round(need_d, 2)})
+            "prefill_need": round(need_p, 2), "decode_need": round(need_d, 2),
+            "prefill_backlog_workers": round(now.prefill_backlog, 2),
+            "decodes_queued": int(now.decode_queued)})
         facts = (f"{rate:.1f} req/s of ISL {isl:.0f} / OSL {osl:.0f}: prefill needs "
                  f"{need_p:.2f} workers ({now.prefill_s_per_request * 1000:.1f} ms each), "
                  f"decode {need_d:.2f} ({now.decode_capacity_tokens_per_s:.0f} tok/s, "
