@@ -13,7 +13,6 @@ and mean TPOT). "best static" is, per seed, the best of the static splits run he
   slot/KV queueing in the decode prediction, several flips) and with the round-1 knobs;
 * `dopd` / `dopd-r1`: DOPD-match routing + the DOPD controller, now (need-based target,
   jump, 1-2 s decisions) and round 1 (work share, one flip per 10 s, old sub-pool rule);
-* `dopd-ll`: the DOPD controller with least-loaded routing;
 * `static-kPnD`, `aggregated` (token budget 8192 and 512).
 
 DOPD's throughput constants and Arrow's prefill throughput come from the performance model
@@ -80,8 +79,6 @@ def systems(dopd: dict, arrow: dict, slo: SLO, statics: Sequence[int]) -> list[S
                lambda: DOPDController(DOPDConfig(**{**dopd, **DOPD_R1}))),
         System("dopd", half, half, lambda: DOPDMatchPolicy(DOPDMatchConfig()),
                lambda: DOPDController(DOPDConfig(**dopd))),
-        System("dopd-ll", half, half, LeastLoadedPolicy,
-               lambda: DOPDController(DOPDConfig(**dopd))),
     ]
     return out
 
@@ -102,8 +99,8 @@ def workloads(phase_s: float, poisson_s: float, seed: int) -> dict[str, Callable
     return {"phase-60s": phases, "sharegpt-poisson": poisson}
 
 
-RATES = {"phase-60s": (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128),
-         "sharegpt-poisson": (64, 128, 192, 256, 320, 384, 448, 512, 640, 768)}
+RATES = {"phase-60s": (24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128),
+         "sharegpt-poisson": (192, 256, 320, 384, 448, 512, 576, 640, 768)}
 
 
 def run(seeds: Sequence[int], phase_s: float, poisson_s: float, slo: SLO, refine: int,
@@ -173,6 +170,23 @@ def summarize(per: dict, seeds: Sequence[int]) -> None:
                                               "max": round(max(ratios), 3)}
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from runs over disjoint seeds (same systems and settings)."""
+    out = {k: v for k, v in parts[0].items() if k not in ("workloads", "seeds")}
+    out["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    out["workloads"] = {}
+    for part in parts:
+        for wname, per in part["workloads"].items():
+            into = out["workloads"].setdefault(wname, {})
+            for name, v in per.items():
+                if name.startswith("_"):
+                    continue
+                into.setdefault(name, {"seeds": {}})["seeds"].update(v["seeds"])
+    for per in out["workloads"].values():
+        summarize(per, out["seeds"])
+    return out
+
+
 def table(results: dict) -> str:
     lines = []
     for wname, per in results["workloads"].items():
@@ -194,11 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:40"])
     parser.add_argument("--refine", type=int, default=3)
     parser.add_argument("--flip-rewarm", type=float, default=2.0)
-    parser.add_argument("--statics", default="2,3,4,5,6")
+    parser.add_argument("--statics", default="3,4,5")
     parser.add_argument("--only", default=None, help="comma-separated system names")
     parser.add_argument("--traces", default=None, help="comma-separated trace names")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/policy_eval.json"))
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine result files of separate runs (e.g. one per seed)")
     args = parser.parse_args(argv)
+    if args.merge:
+        res = merge([json.loads(p.read_text()) for p in args.merge])
+        args.out.write_text(json.dumps(res, indent=2, default=str))
+        print(table(res))
+        return 0
     res = run([int(s) for s in args.seeds.split(",")], args.phase_s, args.poisson_s,
               SLO.parse(args.goodput), args.refine, args.flip_rewarm,
               set(args.only.split(",")) if args.only else None,

@@ -148,3 +148,40 @@ async def test_run_survives_a_failing_tick_and_stops_on_cancel():
             await task
     assert len(policy.seen) >= 3  # the first tick raised, later ones were recorded
     assert cluster.view("p0").role == Role.PREFILL
+
+
+async def test_routing_pressure_wakes_the_loop_and_reaches_the_policy():
+    import asyncio
+
+    from router.policies.arrow import ArrowRouting
+    from router.policies.signals import SLOPressure
+
+    cluster = make_cluster()
+    policy = ScriptedPolicy("p0", Role.DECODE)
+    policy.action = None  # only watch
+    policy.decide = lambda snap: (policy.seen.append(snap), [])[1]
+    controller = make_controller(cluster, policy, advisory=True)
+    controller.interval_s = 60.0  # without a wake-up the second tick is a minute away
+    controller.min_interval_s = 0.0
+    routing = ArrowRouting()
+    controller.listen(routing)
+    signal = SLOPressure(Role.DECODE, "r1", "d0", 0.2, 0.1, 0.0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeWorkers().handler)) as c:
+        task = asyncio.create_task(controller.run(c))
+        while not policy.seen:
+            await asyncio.sleep(0.001)
+        assert policy.seen[0].pressure == ()
+        routing.pressure.report(signal)
+        await asyncio.wait_for(_until(lambda: len(policy.seen) >= 2), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert policy.seen[1].pressure == (signal,)
+    assert routing.pressure.drain() == []  # the controller drained it
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.001)

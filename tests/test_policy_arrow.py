@@ -1,5 +1,9 @@
 """Arrow dispatch on constructed cluster snapshots."""
 
+from dataclasses import replace
+
+import pytest
+
 from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
 from router.policies.arrow import ArrowRouting, ArrowTargets
 from router.policies.latency_model import LatencyPriors
@@ -110,3 +114,33 @@ def test_empty_pools_and_unroutable_workers():
                    WorkerView("b", "u", Role.PREFILL, state=WorkerState.DRAINING))
     assert policy.pick_prefill(req(), cluster) == "a"  # no prefill pool: any routable worker
     assert policy.pick_decode(req(), cluster, exclude=frozenset({"a"})) is None
+
+
+def test_full_decode_batch_queues_and_misses_although_its_step_meets_tpot():
+    # one step at 1000 resident tokens is 0.01 + 0.01 = 20 ms < 40 ms, but every slot is
+    # taken: the request waits ~(queued + 1) x step x E[OSL] / slots for one to free up
+    seen = []
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.04, decode_slots=4, expected_output_tokens=100),
+                          FLAT, pressure_sink=seen.append)
+    full = WorkerView("d1", "u", Role.DECODE, in_flight_decode=5, decode_tokens_in_flight=900)
+    free = WorkerView("d2", "u", Role.DECODE, in_flight_decode=3, decode_tokens_in_flight=900)
+    # two requests ahead of it beyond the 4 slots: the third slot to free is its own
+    assert policy.predicted_tpot(full, 100, 64) == pytest.approx(0.02 + 3 * 0.02 * 64 / 4)
+    assert policy.predicted_tpot(free, 100, 64) == pytest.approx(0.02)
+    assert policy.pick_decode(req(100), snap(full, free)) == "d2"
+    assert policy.pick_decode(req(100, rid="r2"), snap(full)) == "d1"
+    assert [s.leg for s in seen] == [Role.DECODE]
+    unlimited = ArrowRouting(ArrowTargets(tpot_s=0.04, decode_slots=0), FLAT)
+    assert unlimited.predicted_tpot(full, 100) == pytest.approx(0.02)
+
+
+def test_decode_without_kv_room_queues():
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.04, kv_tokens=1000,
+                                       expected_output_tokens=100), FLAT)
+    roomy = WorkerView("d1", "u", Role.DECODE, in_flight_decode=1, decode_tokens_in_flight=500)
+    assert policy.predicted_tpot(roomy, 100, 64) == pytest.approx(0.016)
+    tight = WorkerView("d1", "u", Role.DECODE, in_flight_decode=1, decode_tokens_in_flight=900)
+    assert policy.predicted_tpot(tight, 100, 64) > 0.04
+    reported_full = WorkerView("d1", "u", Role.DECODE, kv_cache_usage=0.99)
+    assert policy.predicted_tpot(reported_full, 100, 64) > policy.predicted_tpot(
+        replace(reported_full, kv_cache_usage=0.5), 100, 64)

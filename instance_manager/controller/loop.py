@@ -89,7 +89,7 @@ class Controller:
         self._wall = wall_clock
         self._request_mix = request_mix
         self._pressure = pressure
-        self.min_interval_s = min(min_interval_s, interval_s)
+        self.min_interval_s = min_interval_s
         self._wake = asyncio.Event()
         self._decisions: deque[Decision] = deque(maxlen=history_size)
         self._ticks = 0
@@ -185,4 +185,5 @@ class Controller:
             except TimeoutError:
                 pass
             # a burst of pressure signals wakes the loop once per `min_interval_s`
-            await asyncio.sleep(max(0.0, self.min_interval_s - (time.monotonic() - started)))
+            pause = min(self.min_interval_s, self.interval_s)
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))

@@ -15,7 +15,8 @@ roofline, p90 TPOT was 10.97 ms by headroom vs 9.24 ms by predicted TPOT.)
 A decode worker whose batch slots are all taken (`decode_slots`), or whose KV cache has no
 room for the request's footprint (`kv_full` usage, or `kv_tokens` when set), cannot start it
 now: the request waits for a slot, about `(queued + 1) · τ · E[OSL] / slots` seconds (one
-slot frees every `τ · E[OSL] / slots` on average), and that wait lands in its first
+slot frees every `τ · E[OSL] / slots` on average; with KV full, `slots` is the residents),
+and that wait lands in its first
 inter-token gap (Arrow §4.3: t2 absorbs the decode queueing). The predicted gap is
 `τ + wait`, so a full decode pool misses the target while a full batch's step time alone
 would still meet it. E[OSL] is `min(max_tokens, expected_output_tokens)`: the client's cap,
@@ -101,6 +102,8 @@ class ArrowRouting:
             and worker.decode_tokens_in_flight + prompt_tokens + output > t.kv_tokens)
         if queued <= 0 and not no_room:
             return step
+        if no_room:  # KV binds before the slots do: only the residents free room
+            slots = min(slots, max(1, worker.in_flight_decode))
         return step + (max(queued, 0) + 1) * step * output / slots
 
     # -- RoutingPolicy ----------------------------------------------------------------
