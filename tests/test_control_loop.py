@@ -5,12 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from core.slo import SLOTargets
+from core.workers import Role, WorkerState
 from instance_manager.controller.arrow import ArrowConfig, ArrowController
-from instance_manager.controller.base import ControlSnapshot, FlipAction, SLOTargets
+from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.loop import Controller
 from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from tests.test_collector import vllm_text
 
 
@@ -153,8 +155,8 @@ async def test_run_survives_a_failing_tick_and_stops_on_cancel():
 async def test_routing_pressure_wakes_the_loop_and_reaches_the_policy():
     import asyncio
 
+    from core.pressure import SLOPressure
     from router.policies.arrow import ArrowRouting
-    from router.policies.signals import SLOPressure
 
     cluster = make_cluster()
     policy = ScriptedPolicy("p0", Role.DECODE)

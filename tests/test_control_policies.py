@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from core.pressure import SLOPressure
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 from instance_manager.controller.arrow import ROUND1_KNOBS as ARROW_ROUND1
 from instance_manager.controller.arrow import (
     ArrowConfig,
@@ -16,12 +19,7 @@ from instance_manager.controller.arrow import (
     spare_workers,
     wanted_workers,
 )
-from instance_manager.controller.base import (
-    ControlPolicy,
-    ControlSnapshot,
-    SLOTargets,
-    WorkerMetrics,
-)
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
 from instance_manager.controller.dopd import (
     ROUND1_KNOBS,
     DOPDConfig,
@@ -31,8 +29,6 @@ from instance_manager.controller.dopd import (
 )
 from instance_manager.controller.registry import make_control_policy, policy_knobs
 from instance_manager.controller.static import StaticConfig, StaticPolicy
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
-from router.policies.signals import SLOPressure
 
 PREFILL_TOKENS_PER_S = 4000.0  # one worker's prefill speed in the toy cluster
 DECODE_TOKENS_PER_S = 400.0  # one worker's decode capacity in the toy cluster

@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from core.pressure import SLOPressure
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction, WorkerMetrics
 from instance_manager.controller.common import (
     PolicyNote,
@@ -44,8 +46,6 @@ from instance_manager.controller.common import (
     pool,
     role_load_key,
 )
-from router.cluster import Role
-from router.policies.signals import SLOPressure
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
     PolicyNote,
@@ -41,7 +42,6 @@ from instance_manager.controller.common import (
     pool,
     role_load_key,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from router.cluster import ClusterSnapshot, Role
+from core.workers import ClusterSnapshot, Role
 from router.length_predictor import (
     LengthTracker,
     PromptFeatures,
@@ -29,7 +29,7 @@ from router.length_predictor import (
 from router.policies.latency_model import PrefillLatencyModel
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass
