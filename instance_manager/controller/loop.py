@@ -137,7 +137,8 @@ class Controller:
             actions = self.policy.decide(snapshot)
             note = getattr(self.policy, "last_note", None) or PolicyNote(
                 "; ".join(a.reason for a in actions) or "hold")
-        results = [await self._apply(a) for a in actions]
+        # several flips of one decision drain side by side, not one after another
+        results = list(await asyncio.gather(*(self._apply(a) for a in actions)))
         decision = Decision(self._ticks, self._wall(), self.policy.name, mode, note.summary,
                             dict(note.numbers), tuple(actions), tuple(results),
                             worker_rows(snapshot))
