@@ -11,6 +11,9 @@ Failure rules:
   the same worker without KV (a failed KV pull), then on another worker;
 - decode fails mid-stream: the client gets an OpenAI-style error event and [DONE];
 - a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
+
+First-token handoff (`router.handoff`): where a stream could migrate, the prefill leg's
+token is streamed to the client first and the decode leg continues after it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.cluster import Cluster, Role
 from router.errors import GatewayError
+from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
 from router.metrics import GatewayMetrics
 from router.policy import RequestInfo, RoutingPolicy
 from router.relay import StreamRelay, migratable
@@ -70,8 +74,9 @@ class UpstreamReply(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def _prefill_body(body: dict) -> dict:
+def _prefill_body(body: dict, extra: dict | None = None) -> dict:
     out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
+    out.update(extra or {})
     out["stream"] = False
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -172,43 +177,44 @@ class Dispatcher:
         if decode is None:
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
                                code="no_ready_worker")
-        kv_params = None
+        kv_params, first = None, None
         if self.config.pd_enabled and req.body.get("n", 1) in (1, None):
             prefill = self.policy.pick_prefill(info, snap)
             if prefill is not None and prefill != decode:
-                kv_params = await self._prefill_leg(prefill, req, request_id)
+                kv_params, first = await self._prefill_leg(prefill, req, request_id)
         self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
-        return await self._decode_leg(decode, req, request_id, kv_params, started)
+        return await self._decode_leg(decode, req, request_id, kv_params, started, first)
 
-    async def _prefill_leg(self, worker: str, req: ParsedRequest,
-                           request_id: str) -> dict | None:
-        """Run the prefill leg; None means "decode computes the prompt itself"."""
+    async def _prefill_leg(self, worker: str, req: ParsedRequest, request_id: str
+                           ) -> tuple[dict | None, FirstToken | None]:
+        """Run the prefill leg: (KV params, its first token if handed off); no params
+        means "decode computes the prompt itself"."""
         url = self.cluster.view(worker).url + req.route
         tokens = req.prompt_tokens_estimate
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
-            resp = await self.client.post(url, json=_prefill_body(req.body),
+            resp = await self.client.post(url, json=_prefill_body(req.body, prefill_fields(req)),
                                           headers={"X-Request-Id": request_id},
                                           timeout=self._timeout(self.config.prefill_timeout_s))
         except httpx.HTTPError as exc:
-            return self._prefill_failed(worker, request_id, repr(exc))
+            return self._prefill_failed(worker, request_id, repr(exc)), None
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
         if 400 <= resp.status_code < 500:
             raise UpstreamReply(resp.status_code, resp.content)
         if resp.status_code != 200:
-            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}")
+            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}"), None
         try:
             reply = resp.json()
             params = reply.get("kv_transfer_params")
         except ValueError:
             reply, params = {}, None
         if not params:
-            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
+            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply"), None
         prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
         self.feedback("observe_prefill", worker, prompt_tokens, time.monotonic() - leg_started)
-        return params
+        return params, from_prefill_reply(req, reply)
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
         log.warning("prefill leg on %s failed for %s (%s); decoding with local prefill",
@@ -217,7 +223,8 @@ class Dispatcher:
         return None
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
-                          kv_params: dict | None, started: float) -> Response:
+                          kv_params: dict | None, started: float,
+                          first: FirstToken | None = None) -> Response:
         tried: set[str] = set()
         last_error = "no attempt made"
         tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
@@ -225,6 +232,8 @@ class Dispatcher:
             body = dict(req.body)
             if kv_params:
                 body["kv_transfer_params"] = kv_params
+                if first is not None:
+                    body = decode_body(body, first, req.max_tokens or 16)
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
@@ -250,7 +259,7 @@ class Dispatcher:
             else:
                 if upstream.status_code == 200:
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
-                                             started)
+                                             started, first if kv_params else None)
                 content = await upstream.aread()
                 await upstream.aclose()
                 self.cluster.end(worker, Role.DECODE, tokens)
@@ -262,6 +271,7 @@ class Dispatcher:
             log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
             self.metrics.leg_failures.labels("decode", "retry").inc()
             kv_params = None  # whatever failed, the next attempt computes the prompt itself
+            first = None
             if worker in tried:
                 nxt = self.policy.pick_decode(
                     RequestInfo(request_id, req.prompt_tokens_estimate, req.max_tokens or 16),
@@ -274,10 +284,13 @@ class Dispatcher:
                            code="upstream_unavailable")
 
     async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
-                     request_id: str, body: dict, tokens: int, started: float) -> Response:
+                     request_id: str, body: dict, tokens: int, started: float,
+                     first: FirstToken | None = None) -> Response:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
+            if first is not None:
+                relay.prime(first_event(first), len(first.token_ids))
             self.streams[request_id] = relay
             if self.pending_migrations:
                 self._apply_planned_migration(relay)
