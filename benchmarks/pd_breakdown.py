@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra vLLM argument for every worker, e.g. --dtype=float32")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_breakdown.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other connectors' runs already in --out (same config)")
     args = parser.parse_args(argv)
     if args.max_model_len is None:
         need = args.prompt_tokens + args.max_tokens + 16
@@ -539,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                    "worker_args": args.worker_arg, "cpus": os.cpu_count()},
         "runs": {},
     }
+    if args.append and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old.get("config") == result["config"]:
+            result["runs"] = old.get("runs", {})
+            result["dates"] = [*old.get("dates", [old.get("date")]), result["date"]]
     with tempfile.TemporaryDirectory(prefix="pd-breakdown-") as tmp:
         for connector in args.connectors:
             try:
