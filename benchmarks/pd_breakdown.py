@@ -87,6 +87,13 @@ SEGMENTS_GATEWAY_HANDOFF = (
     ("second token to client", "pull_reported", "second"),
     ("rest of the stream", "second", "end"),
 )
+# Finer cuts of the pull, reported beside the stack (they overlap its segments).
+PULL_DETAIL = (
+    ("pull job queued in the decode worker", "pull_submit", "pull_start"),
+    ("pull thread to producer serving it", "pull_start", "serve_start"),
+    ("producer claim and reply", "serve_start", "pull_reply"),
+    ("prefill done to lease held", "p_done", "hold"),
+)
 SEGMENTS_SINGLE_TRACED = (
     ("to admission", "t0", "admit"),
     ("prefill + first token to client", "admit", "first"),
@@ -133,6 +140,7 @@ class Cluster:
         for extra in args.worker_arg:
             cmd += ["--worker-arg", extra]
         env = dict(os.environ)
+        env.update(kv.split("=", 1) for kv in args.env)
         env[TRACE_ENV] = str(self.trace)
         self.log = open(work / f"up-{connector}.log", "wb")  # noqa: SIM115 - process lifetime
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -397,6 +405,11 @@ def summarise(samples: list[Sample], hist: list[dict], traced: bool) -> dict[str
                                              for s in ok_segs])
                             for name, a, b in segs},
         }
+        if traced and target != "single":
+            entry["pull_detail_ms"] = {
+                name: quantiles([1e3 * (s.marks[b] - s.marks[a]) for s in ok
+                                 if a in s.marks and b in s.marks])
+                for name, a, b in PULL_DETAIL}
         pulled = [s.marks["pull_bytes"] for s in ok if "pull_bytes" in s.marks]
         if pulled:
             entry["pull_bytes"] = statistics.median(pulled)
@@ -526,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra vLLM argument for every worker, e.g. --dtype=float32")
     parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="extra environment for the workers (A/B of a knob)")
+    parser.add_argument("--label", default=None,
+                        help="name this connector's runs (default: the connector)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_breakdown.json")
     parser.add_argument("--append", action="store_true",
                         help="keep the other connectors' runs already in --out (same config)")
@@ -559,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for label, summary in per_conc.items():
                 conc = label[1:]
-                result["runs"].setdefault(f"{conc} concurrent", {})[connector] = summary
+                name = args.label or connector
+                result["runs"].setdefault(f"{conc} concurrent", {})[name] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if result["runs"]:

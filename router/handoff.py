@@ -15,11 +15,13 @@ Used only where a stream could migrate (same sampling on both sides), the first 
 cannot end the request, and the prefill worker runs the Fulcrum connector, which loads the
 ``remote_num_tokens`` it was given and lets vLLM compute the rest (NIXL assumes the decode
 leg's prompt is the prefill leg's); otherwise the decode leg recomputes the first token.
+``FULCRUM_FIRST_TOKEN_HANDOFF=0`` in the gateway's environment turns it off (A/B runs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,8 @@ class FirstToken:
 
 def handoff_blocker(req: ParsedRequest) -> str | None:
     """Why this request's first token cannot come from the prefill leg (None: it can)."""
+    if os.environ.get("FULCRUM_FIRST_TOKEN_HANDOFF", "1") == "0":
+        return "turned off"
     if req.route != COMPLETIONS:
         return "not a completion"  # a chat stream would need its template's token ids
     why = migration_blocker(req)
