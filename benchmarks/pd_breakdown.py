@@ -120,6 +120,7 @@ class Sample:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    worker_id: str = ""  # the request id the workers saw (the gateway may assign its own)
 
 
 # --- the cluster ------------------------------------------------------------------------
@@ -211,6 +212,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, key
         if resp.status_code != 200:
             sample.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             return
+        sample.worker_id = resp.headers.get("x-fulcrum-request-id") or key
         async for line in resp.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -322,7 +324,7 @@ async def run_rounds(cluster: Cluster, connector: str, concurrency: int, rounds:
 def trace_marks(samples: list[Sample], events: list[dict]) -> None:
     """Add the connector's per-request event times to each sample's marks."""
     by_key: dict[str, list[dict]] = {}
-    keys = sorted({s.key for s in samples}, key=len, reverse=True)
+    keys = sorted({s.worker_id or s.key for s in samples}, key=len, reverse=True)
     for ev in events:
         req = ev.get("req")
         if not req:
@@ -336,7 +338,7 @@ def trace_marks(samples: list[Sample], events: list[dict]) -> None:
         if ev.get("tid") and not ev.get("req"):
             tid_events.setdefault(ev["tid"], []).append(ev)
     for s in samples:
-        evs = by_key.get(s.key, [])
+        evs = by_key.get(s.worker_id or s.key, [])
         done = next((e for e in evs if e["ev"] == "prefill_done"), None)
         for e in evs:
             name = e["ev"]
