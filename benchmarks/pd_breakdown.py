@@ -345,8 +345,10 @@ def trace_marks(samples: list[Sample], events: list[dict]) -> None:
             if name == "admit":
                 if e.get("tid"):
                     s.marks.setdefault("c_admit", e["t"])
+                    s.marks.setdefault("c_prompt", e.get("prompt_tokens", 0))
                 elif done is not None and e["pid"] == done["pid"]:
                     s.marks.setdefault("p_admit", e["t"])
+                    s.marks.setdefault("p_prompt", e.get("prompt_tokens", 0))
                 elif done is None:
                     s.marks.setdefault("admit", e["t"])
             elif name == "prefill_done":
@@ -366,12 +368,17 @@ def segments_for(target: str, marks: dict[str, float], traced: bool
     if traced:
         table = {"single": SEGMENTS_SINGLE_TRACED, "pd_direct": SEGMENTS_PD_TRACED,
                  "pd_gateway": SEGMENTS_GATEWAY_TRACED}[target]
-        if target == "pd_gateway" and marks["first"] < marks.get("pull_reported", 0):
+        if target == "pd_gateway" and handed_off(marks):
             table = SEGMENTS_GATEWAY_HANDOFF
         if all(a in marks and b in marks for _, a, b in table):
             return table
     return {"single": SEGMENTS_SINGLE_CLIENT, "pd_direct": SEGMENTS_PD_CLIENT,
             "pd_gateway": SEGMENTS_GATEWAY_CLIENT}[target]
+
+
+def handed_off(marks: dict[str, float]) -> bool:
+    """The decode leg continued after the prefill leg's token (its prompt is one longer)."""
+    return "c_prompt" in marks and marks["c_prompt"] == marks.get("p_prompt", -2) + 1
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
@@ -395,18 +402,21 @@ def summarise(samples: list[Sample], hist: list[dict], traced: bool) -> dict[str
         if not ok:
             out[target] = {"errors": errors[:5], "failed": len(errors)}
             continue
-        segs = segments_for(target, ok[0].marks, traced)
-        ok_segs = [s for s in ok if all(a in s.marks and b in s.marks for _, a, b in segs)]
+        by_name: dict[str, list[float]] = {}
+        for s in ok:
+            for name, a, b in segments_for(target, s.marks, traced):
+                if a in s.marks and b in s.marks:
+                    by_name.setdefault(name, []).append(1e3 * (s.marks[b] - s.marks[a]))
         entry: dict[str, Any] = {
             "requests": len(ok), "failed": len(errors), "errors": errors[:5],
             "ttft_ms": quantiles([1e3 * (s.marks["first"] - s.marks["t0"]) for s in ok]),
             "e2e_ms": quantiles([1e3 * (s.marks["end"] - s.marks["t0"]) for s in ok]),
             "prompt_tokens": statistics.median(s.prompt_tokens for s in ok),
             "output_tokens": statistics.median(s.output_tokens for s in ok),
-            "segments_ms": {name: quantiles([1e3 * (s.marks[b] - s.marks[a])
-                                             for s in ok_segs])
-                            for name, a, b in segs},
+            "segments_ms": {name: quantiles(xs) for name, xs in by_name.items()},
         }
+        if target == "pd_gateway" and traced:
+            entry["first_token_handed_off"] = sum(handed_off(s.marks) for s in ok)
         if traced and target != "single":
             entry["pull_detail_ms"] = {
                 name: quantiles([1e3 * (s.marks[b] - s.marks[a]) for s in ok
@@ -462,7 +472,7 @@ def plot(result: dict, path: Path) -> None:
         bars: list[tuple[str, dict]] = []
         for conn, summary in by_conn.items():
             for target in TARGETS:
-                if "segments_ms" in summary.get(target, {}):
+                if "segments_ms" in (summary.get(target) or {}):
                     bars.append((f"{conn}\n{target}", summary[target]["segments_ms"]))
         names = list(dict.fromkeys(n for _, segs in bars for n in segs))
         cmap = plt.get_cmap("tab20")
@@ -491,7 +501,7 @@ def print_table(label: str, summary: dict) -> None:
     print(f"\n== {label}")
     for target in TARGETS:
         e = summary.get(target, {})
-        if "ttft_ms" not in e:
+        if not isinstance(e, dict) or "ttft_ms" not in e:
             print(f"  {target}: no data {e.get('errors')}")
             continue
         extra = ""
@@ -521,6 +531,10 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
             if traced:
                 trace_marks(samples, read_events(str(cluster.trace)))
             out[f"c{conc}"] = summarise(samples, hist, traced)
+            out[f"c{conc}"]["raw"] = [
+                {"key": s.key, "target": s.target, "error": s.error,
+                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
+                 "marks": {k: round(v, 6) for k, v in s.marks.items()}} for s in samples]
             print_table(f"{connector}, concurrency {conc}", out[f"c{conc}"])
         return out
     finally:
