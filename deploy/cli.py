@@ -35,6 +35,9 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--control-knob", action="append", metavar="K=V", default=[],
                        help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
                             "policy show`)")
+    group.add_argument("--control-profile", type=Path, default=None, metavar="FILE",
+                       help="a `fulcrum profile` JSON: DOPD's throughput constants are "
+                            "derived from it (explicit --control-knob values win)")
     group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
     group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
     group.add_argument("--control-interval", type=float, default=5.0,
@@ -55,6 +58,12 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         if not sep:
             raise SystemExit(f"fulcrum: --control-knob takes K=V, got {item!r}")
         knobs.append((key, value))
+    if args.control_profile is not None and args.control_policy == "dopd":
+        from instance_manager.controller.calibrate import dopd_knobs_from_profile
+
+        given = {k for k, _ in knobs}
+        derived = dopd_knobs_from_profile(args.control_profile, args.slo_tpot)
+        knobs = [(k, v) for k, v in derived.items() if k not in given] + knobs
     return ControlConfig(
         policy=None if args.control_policy == "none" else args.control_policy,
         knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),

@@ -131,6 +131,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             controller = app.state.controller
+            if controller is not None:
+                controller.listen(app.state.dispatcher.policy)
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
