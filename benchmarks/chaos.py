@@ -67,7 +67,7 @@ class Tally:
 
 
 def _prompt(rng: random.Random, long: bool) -> str:
-    words = rng.randint(150, 350) if long else rng.randint(5, 40)
+    words = rng.randint(60, 150) if long else rng.randint(5, 40)
     return f"{rng.random():.6f} " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
@@ -80,8 +80,18 @@ def _error_reason(resp: httpx.Response) -> str | None:
     return str(err.get("code") or err.get("type") or err.get("message"))[:80]
 
 
+def _short(usage: dict | None, asked: int, max_model_len: int) -> str | None:
+    """Why an answer with `usage` is incomplete (None: it is whole). vLLM caps
+    `max_tokens` at what the context has left, so a capped answer is whole."""
+    usage = usage or {}
+    got, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens") or 0
+    if got == asked or (isinstance(got, int) and prompt + got >= max_model_len):
+        return None
+    return f"{got} of {asked} tokens (prompt {prompt})"
+
+
 def one_request(client: httpx.Client, url: str, rng: random.Random,
-                headers: dict[str, str]) -> Outcome:
+                headers: dict[str, str], max_model_len: int = 1024) -> Outcome:
     """Send one random request and classify how it ended."""
     chat, stream, long = rng.random() < 0.4, rng.random() < 0.6, rng.random() < 0.3
     max_tokens = rng.randint(8, 48)
@@ -107,9 +117,9 @@ def one_request(client: httpx.Client, url: str, rng: random.Random,
                 reason = _error_reason(resp)
                 return done("clean_error" if reason else "lost", resp.status_code,
                             reason or f"non-OpenAI error body: {resp.text[:80]!r}")
-            got = (resp.json().get("usage") or {}).get("completion_tokens")
-            if got != max_tokens:
-                return done("lost", 200, f"truncated: {got} of {max_tokens} tokens")
+            short = _short(resp.json().get("usage"), max_tokens, max_model_len)
+            if short:
+                return done("lost", 200, f"truncated: {short}")
             return done("completed", 200)
         with client.stream("POST", url + path, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -131,9 +141,9 @@ def one_request(client: httpx.Client, url: str, rng: random.Random,
                         f"stream error: {error[:60]}" + ("" if saw_done else ", no [DONE]"))
         if not saw_done:
             return done("lost", 200, "stream cut without an error event")
-        got = (usage or {}).get("completion_tokens")
-        if got != max_tokens:
-            return done("lost", 200, f"truncated stream: {got} of {max_tokens} tokens")
+        short = _short(usage, max_tokens, max_model_len)
+        if short:
+            return done("lost", 200, f"truncated stream: {short}")
         return done("completed", 200)
     except httpx.TimeoutException:
         return done("lost", 0, f"no answer within {DEADLINE_S:.0f}s")
@@ -146,7 +156,7 @@ class Chaos:
 
     def __init__(self, url: str, gateway_pid: int | None, *, duration_s: float,
                  concurrency: int, flip_every_s: float, fault_every_s: float, seed: int,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, max_model_len: int = 1024) -> None:
         self.url, self.gateway_pid, self.duration_s = url, gateway_pid, duration_s
         self.concurrency, self.flip_every_s, self.fault_every_s = (concurrency, flip_every_s,
                                                                    fault_every_s)
@@ -154,6 +164,7 @@ class Chaos:
         self.seed = seed
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tally = Tally()
+        self.max_model_len = max_model_len
         self.stop = threading.Event()
         self.t0 = time.time()
         self.faults: list[dict] = []
@@ -174,7 +185,8 @@ class Chaos:
         rng = random.Random(self.seed * 1000 + index)
         with httpx.Client(timeout=httpx.Timeout(DEADLINE_S, connect=10)) as client:
             while not self.stop.is_set():
-                self.tally.add(one_request(client, self.url, rng, self.headers))
+                self.tally.add(one_request(client, self.url, rng, self.headers,
+                                           self.max_model_len))
 
     def _flip_loop(self) -> None:
         while not self.stop.wait(self.flip_every_s * self.rng.uniform(0.5, 1.5)):

@@ -233,11 +233,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     table = Table(title=f"Fulcrum at {args.url} (policy {data.get('policy')})")
-    for col in ("worker", "role", "state", "in-flight P", "in-flight D", "running",
+    for col in ("worker", "role", "state", "breaker", "in-flight P", "in-flight D", "running",
                 "waiting", "KV cache %", "pid", "restarts", "url"):
         table.add_column(col)
     for w in data["workers"]:
-        table.add_row(w["name"], w["role"], w["state"], str(w["in_flight_prefill"]),
+        table.add_row(w["name"], w["role"], w["state"], w.get("breaker", "-"),
+                      str(w["in_flight_prefill"]),
                       str(w["in_flight_decode"]), str(w["num_running"]),
                       str(w["num_waiting"]), f"{100 * w['kv_cache_usage']:.1f}",
                       str(w["pid"]), str(w["restarts"]), w["url"])
