@@ -342,9 +342,24 @@ class Chaos:
                           f"{'manual' if f['reason'] == 'manual' else 'controller'}/"
                           f"{f['outcome']}" for f in flips))},
             "gateway_rss": rss_summary,
+            "gateway_counters": self._gateway_counters(),
             "samples": self.samples,
             "requests_detail": [asdict(o) for o in outcomes],
         }
+
+
+    _COUNTERS = ("fulcrum_requests_total", "fulcrum_breaker_trips_total",
+                 "fulcrum_pd_leg_failures_total", "fulcrum_rejected_total",
+                 "fulcrum_role_flips_total", "fulcrum_dispatch_total")
+
+    def _gateway_counters(self) -> dict[str, float]:
+        """The gateway's own counters at the end (breaker trips, leg failures, flips...)."""
+        try:
+            text = httpx.get(self.url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return {}
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith(self._COUNTERS)}
 
 
 def _rss_mb(pid: int) -> float:
