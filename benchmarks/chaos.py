@@ -192,6 +192,8 @@ class Chaos:
         while not self.stop.wait(self.flip_every_s * self.rng.uniform(0.5, 1.5)):
             try:
                 ready = [w for w in self.workers() if w["state"] == "ready"]
+                pools = Counter(w["role"] for w in ready)
+                ready = [w for w in ready if pools[w["role"]] >= 2]  # never empty a pool
                 if not ready:
                     continue
                 w = self.rng.choice(ready)
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--flip-every", type=float, default=4.0)
+    parser.add_argument("--flip-every", type=float, default=3.0)
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=".fulcrum/chaos-logs")
