@@ -192,6 +192,8 @@ class Chaos:
         while not self.stop.wait(self.flip_every_s * self.rng.uniform(0.5, 1.5)):
             try:
                 ready = [w for w in self.workers() if w["state"] == "ready"]
+                pools = Counter(w["role"] for w in ready)
+                ready = [w for w in ready if pools[w["role"]] >= 2]  # never empty a pool
                 if not ready:
                     continue
                 w = self.rng.choice(ready)
@@ -342,9 +344,24 @@ class Chaos:
                           f"{'manual' if f['reason'] == 'manual' else 'controller'}/"
                           f"{f['outcome']}" for f in flips))},
             "gateway_rss": rss_summary,
+            "gateway_counters": self._gateway_counters(),
             "samples": self.samples,
             "requests_detail": [asdict(o) for o in outcomes],
         }
+
+
+    _COUNTERS = ("fulcrum_requests_total", "fulcrum_breaker_trips_total",
+                 "fulcrum_pd_leg_failures_total", "fulcrum_rejected_total",
+                 "fulcrum_role_flips_total", "fulcrum_dispatch_total")
+
+    def _gateway_counters(self) -> dict[str, float]:
+        """The gateway's own counters at the end (breaker trips, leg failures, flips...)."""
+        try:
+            text = httpx.get(self.url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return {}
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith(self._COUNTERS)}
 
 
 def _rss_mb(pid: int) -> float:
@@ -445,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--flip-every", type=float, default=4.0)
+    parser.add_argument("--flip-every", type=float, default=3.0)
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=".fulcrum/chaos-logs")
