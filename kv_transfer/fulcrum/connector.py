@@ -7,6 +7,9 @@ each delegates to its half. Settings come from ``kv_connector_extra_config``:
 * ``host`` / ``port``: where decoders reach this worker's block server (port per worker).
 * ``transport``: ``auto`` (NCCL for CUDA KV caches, else CPU), ``cpu`` or ``nccl``.
 * ``lease_seconds``: how long held prefill blocks wait for their decoder (default 30).
+* ``direct_holds``: the scheduler registers a finished prefill's lease with its worker over
+  loopback at once (default true; see :mod:`kv_transfer.fulcrum.notify`), instead of in
+  the next engine step's metadata.
 * ``max_concurrent``: bound on simultaneous transfers per direction (default 4).
 * ``queue_nap_s``: on CPU hosts, vLLM's queue wait loops sleep this long instead of spinning
   (default 1e-4; see :mod:`kv_transfer.idle_spin`). Not applied on GPUs.
@@ -32,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kv_transfer.fulcrum.metadata import FulcrumMetadata
+from kv_transfer.fulcrum.notify import HoldNotifier
 from kv_transfer.fulcrum.scheduler_side import FulcrumScheduler
 from kv_transfer.fulcrum.stats import FulcrumPromMetrics, FulcrumStats
 from kv_transfer.fulcrum.transport import make_transport
@@ -73,10 +77,14 @@ class FulcrumConnector(KVConnectorBase_V1):
                              "--disable-hybrid-kv-cache-manager or a full-attention model")
         self._scheduler: FulcrumScheduler | None = None
         self._worker: FulcrumWorker | None = None
+        lease_s = float(extra.get("lease_seconds", DEFAULT_LEASE_S))
         if role == KVConnectorRole.SCHEDULER:
+            direct = str(extra.get("direct_holds", os.environ.get(
+                "FULCRUM_KV_DIRECT_HOLDS", "1"))).lower() not in ("0", "false", "no")
             self._scheduler = FulcrumScheduler(
                 engine_id=str(cfg.engine_id), host=self._host, port=self._port,
-                block_size=vllm_config.cache_config.block_size)
+                block_size=vllm_config.cache_config.block_size,
+                notifier=HoldNotifier("127.0.0.1", self._port, lease_s) if direct else None)
         else:
             switch = float(extra.get("gil_switch_interval_s") or os.environ.get(
                 "FULCRUM_KV_GIL_SWITCH_S") or DEFAULT_GIL_SWITCH_S)
@@ -84,7 +92,7 @@ class FulcrumConnector(KVConnectorBase_V1):
                 sys.setswitchinterval(switch)
             self._worker = FulcrumWorker(
                 host=self._host, port=self._port, num_blocks=kv_cache_config.num_blocks,
-                lease_s=float(extra.get("lease_seconds", DEFAULT_LEASE_S)),
+                lease_s=lease_s,
                 max_concurrent=int(extra.get("max_concurrent", 4)))
 
     # --- scheduler side --------------------------------------------------------------
@@ -154,6 +162,8 @@ class FulcrumConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.notifier is not None:
+            self._scheduler.notifier.close()
 
     # --- metrics ---------------------------------------------------------------------
     @classmethod
