@@ -26,6 +26,7 @@ from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
+from router.admin_workers import install_worker_registry
 from router.cluster import Cluster, WorkerState
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
@@ -145,6 +146,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                             app.state.request_mix)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
+    install_worker_registry(app, cluster, app.state.flips, config.served_models[0])
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:

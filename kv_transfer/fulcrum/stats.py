@@ -94,6 +94,8 @@ class StatsRecorder:
         return None if stats.is_empty() else stats
 
 
+_DEFAULT_PORT = 5900  # the connector's default block-server port
+
 _SECONDS_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                     5.0, 10.0]
 
@@ -133,6 +135,22 @@ class FulcrumPromMetrics(KVConnectorPromMetrics):
         self.expired = per_engine(self._counter_cls(
             name="vllm:fulcrum_kv_expired_leases", labelnames=labelnames,
             documentation="Held prefill blocks freed because no decoder came in time."))
+        self._report_endpoint(vllm_config, labelnames, per_engine_labelvalues)
+
+    def _report_endpoint(self, vllm_config: Any, labelnames: list[str],
+                         per_engine_labelvalues: dict[int, list[object]]) -> None:
+        """``vllm:fulcrum_kv_endpoint_info{host,port} 1``: where decoders reach this
+        worker's block server, so a gateway learns it from the worker instead of assuming."""
+        extra = getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config",
+                        None) or {}
+        host = str(extra.get("host", "127.0.0.1"))
+        base = int(extra.get("port", _DEFAULT_PORT))
+        info = self._gauge_cls(name="vllm:fulcrum_kv_endpoint_info",
+                               documentation="Address of this worker's KV block server.",
+                               labelnames=[*labelnames, "host", "port"],
+                               multiprocess_mode="mostrecent")
+        for idx, values in per_engine_labelvalues.items():
+            info.labels(*values, host, str(base + idx)).set(1)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = transfer_stats_data
