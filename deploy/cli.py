@@ -135,10 +135,15 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
                            admin_token=args.admin_token, control=_control_config(args),
                            admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
+    from deploy.worker_cli import discovery_supervisor
+
+    app = None
+    supervisor = discovery_supervisor(args, lambda: app.state.registry)
+    app = create_app(config, cluster, supervisor=supervisor)
     print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
-          f"{len(args.worker)} external worker(s)", flush=True)
-    uvicorn.run(create_app(config, cluster), host=args.host, port=args.port,
-                log_level="warning")
+          f"{len(args.worker)} external worker(s)"
+          + (f", discovering {args.k8s_selector!r} pods" if supervisor else ""), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -117,8 +117,33 @@ def add_worker_args_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-arg", action="append", help="extra vLLM argument (repeatable)")
 
 
+def add_discovery_args(gateway: argparse.ArgumentParser) -> None:
+    """`fulcrum gateway` options to find workers through the Kubernetes API."""
+    group = gateway.add_argument_group("worker discovery")
+    group.add_argument("--discover", default="none", choices=("none", "k8s"),
+                       help="k8s: every Ready pod under --k8s-selector joins, leaving pods "
+                            "are drained and removed")
+    group.add_argument("--k8s-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    group.add_argument("--k8s-selector", default="app.kubernetes.io/component=worker",
+                       help="label selector of worker pods")
+    group.add_argument("--k8s-worker-port", type=int, default=8000,
+                       help="workers' HTTP port (a pod's fulcrum.io/port annotation wins)")
+
+
+def discovery_supervisor(args: argparse.Namespace, registry):  # noqa: ANN001, ANN201
+    """The pod discovery `fulcrum gateway` runs, or None."""
+    if getattr(args, "discover", "none") != "k8s":
+        return None
+    from instance_manager.backends.k8s import PodDiscovery
+
+    return PodDiscovery(registry, namespace=args.k8s_namespace, selector=args.k8s_selector,
+                        port=args.k8s_worker_port)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `worker` and `worker-args` to `fulcrum`."""
+    """Add `worker` and `worker-args` to `fulcrum`, and discovery to `fulcrum gateway`."""
+    if "gateway" in subparsers.choices:
+        add_discovery_args(subparsers.choices["gateway"])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default="http://127.0.0.1:8000", help="gateway URL")
     common.add_argument("--token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
