@@ -22,7 +22,7 @@ from instance_manager.models import cache_root
 
 log = logging.getLogger("fulcrum")
 
-_EXTENSIONS = ("deploy.operator_cli", "deploy.worker_cli", "benchmarks.cli")
+_EXTENSIONS = ("deploy.operator_cli", "deploy.worker_cli", "deploy.ray_cluster", "benchmarks.cli")
 _DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct",
                   "tiny": "tiny-llama"}
 

@@ -252,8 +252,9 @@ class WorkerRegistry:
 
     # -- leaving ---------------------------------------------------------------------
     async def remove(self, name: str, *, force: bool = False,
-                     timeout_s: float | None = None) -> dict:
-        """Drain, wait for in-flight legs, then deregister (and stop, if owned)."""
+                     timeout_s: float | None = None, stop: bool = True) -> dict:
+        """Drain, wait for in-flight legs, then deregister (and stop it, if a back end owns
+        it, unless `stop` is False: the owner removes it itself)."""
         if name not in self.cluster.names():
             raise RegistryError(f"no worker named {name!r}; known: {self.cluster.names()}",
                                 status=404, code="no_such_worker")
@@ -261,11 +262,12 @@ class WorkerRegistry:
             raise RegistryError(f"{name} is already leaving")
         self._leaving.add(name)
         try:
-            return await self._remove(name, force, timeout_s)
+            return await self._remove(name, force, timeout_s, stop)
         finally:
             self._leaving.discard(name)
 
-    async def _remove(self, name: str, force: bool, timeout_s: float | None) -> dict:
+    async def _remove(self, name: str, force: bool, timeout_s: float | None,
+                      stop: bool) -> dict:
         join = self._joins.pop(name, None)
         if join is not None:
             join.cancel()
@@ -291,7 +293,7 @@ class WorkerRegistry:
                 await asyncio.sleep(self.config.kv_grace_s)
         self.cluster.remove(name)
         entry = self.entries.pop(name, None)
-        if entry is not None and entry.owner is not None:
+        if stop and entry is not None and entry.owner is not None:
             await entry.owner.stop_worker(name)
         log.info("worker %s removed after %.1fs", name, time.monotonic() - started)
         await self._changed()

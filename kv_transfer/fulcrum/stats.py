@@ -2,7 +2,8 @@
 
 Exports ``vllm:fulcrum_kv_bytes_pulled_total`` / ``..._bytes_served_total``,
 ``vllm:fulcrum_kv_pulls_total`` / ``..._serves_total``, ``vllm:fulcrum_kv_transfer_seconds``
-(histogram, consumer side), ``vllm:fulcrum_kv_failed_transfers_total`` and
+(histogram, consumer side), ``vllm:fulcrum_kv_tcp_pulls_total`` (pulls that crossed hosts
+or nodes), ``vllm:fulcrum_kv_failed_transfers_total`` and
 ``vllm:fulcrum_kv_expired_leases_total``.
 """
 
@@ -18,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 _KEYS_LIST = ("recv_seconds", "recv_bytes")
-_KEYS_COUNT = ("sent_bytes", "sent_transfers", "failed", "expired")
+_KEYS_COUNT = ("sent_bytes", "sent_transfers", "failed", "expired", "tcp_pulls")
 
 
 def _empty() -> dict[str, Any]:
@@ -78,6 +79,10 @@ class StatsRecorder:
             self._data["sent_bytes"] += nbytes
             self._data["sent_transfers"] += 1
 
+    def pulled_over_tcp(self) -> None:
+        with self._lock:
+            self._data["tcp_pulls"] += 1
+
     def failed(self) -> None:
         with self._lock:
             self._data["failed"] += 1
@@ -129,6 +134,9 @@ class FulcrumPromMetrics(KVConnectorPromMetrics):
             name="vllm:fulcrum_kv_transfer_seconds", labelnames=labelnames,
             buckets=_SECONDS_BUCKETS,
             documentation="Time to pull one request's KV (consumer side)."))
+        self.tcp_pulls = per_engine(self._counter_cls(
+            name="vllm:fulcrum_kv_tcp_pulls", labelnames=labelnames,
+            documentation="KV pulls that streamed over TCP (peer on another host or node)."))
         self.failed = per_engine(self._counter_cls(
             name="vllm:fulcrum_kv_failed_transfers", labelnames=labelnames,
             documentation="KV pulls that failed (the request recomputed its prompt)."))
@@ -167,5 +175,7 @@ class FulcrumPromMetrics(KVConnectorPromMetrics):
             self.serves[engine_idx].inc(data["sent_transfers"])
         if data.get("failed"):
             self.failed[engine_idx].inc(data["failed"])
+        if data.get("tcp_pulls"):
+            self.tcp_pulls[engine_idx].inc(data["tcp_pulls"])
         if data.get("expired"):
             self.expired[engine_idx].inc(data["expired"])
