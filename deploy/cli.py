@@ -46,7 +46,7 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
-    from instance_manager.controller.base import SLOTargets
+    from core.slo import SLOTargets
     from router.app import ControlConfig
 
     knobs = []
@@ -122,8 +122,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from core.workers import Role, WorkerState
     from router.app import GatewayConfig, create_app
-    from router.cluster import Cluster, Role, WorkerState
+    from router.cluster import Cluster
 
     cluster = Cluster()
     for i, item in enumerate(args.worker):

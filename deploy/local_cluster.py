@@ -8,12 +8,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from core.workers import Role
 from deploy.ports import busy_ports, kv_port_for
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec
 from kv_transfer.settings import worker_kv_settings
 from router.app import ControlConfig, GatewayConfig, create_app
-from router.cluster import Cluster, Role
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -12,11 +12,15 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
+from core.workers import Role, WorkerState
 from instance_manager.worker_process import WorkerSpec, kill_group, launch, log_tail, terminate
-from router.cluster import Cluster, Role, WorkerState
+
+if TYPE_CHECKING:  # the registry object is passed in; only its type is named here
+    from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.manager")
 

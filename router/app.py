@@ -20,14 +20,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from instance_manager.controller.base import SLOTargets
+from core.slo import SLOTargets
+from core.workers import WorkerState
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
 from router.admin_workers import install_worker_registry
-from router.cluster import Cluster, WorkerState
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import httpx
 from fastapi.responses import JSONResponse, Response
 
-from router.cluster import Cluster, Role
+from core.request import RequestInfo
+from core.workers import Role
+from router.cluster import Cluster
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
-from router.policy import RequestInfo, RoutingPolicy
+from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
 from router.sse import StreamObserver

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from router.cluster import Role
+from core.workers import Role
 from router.dispatch import Dispatcher
 from router.policies.ares import MigrationPlanner, ResidentRequest
 from router.policies.latency_model import DecodeLatencyModel

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from router.cluster import Role
+from core.workers import Role
 from router.errors import GatewayError
 from router.sse import StreamObserver, is_usage_only
 from router.validation import CHAT, COMPLETIONS, ParsedRequest

@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.workers import Role, WorkerState
 from instance_manager.flip import FlipCoordinator, FlipRefused
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.registry")
 

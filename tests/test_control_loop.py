@@ -5,12 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from core.slo import SLOTargets
+from core.workers import Role, WorkerState
 from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
-from instance_manager.controller.base import ControlSnapshot, FlipAction, SLOTargets
+from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.loop import Controller
 from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from tests.test_collector import vllm_text
 
 

@@ -9,17 +9,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
-from instance_manager.controller.base import (
-    ControlPolicy,
-    ControlSnapshot,
-    SLOTargets,
-    WorkerMetrics,
-)
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
 from instance_manager.controller.dopd import DOPDConfig, DOPDPolicy
 from instance_manager.controller.registry import make_control_policy, policy_knobs
 from instance_manager.controller.static import StaticConfig, StaticPolicy
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
 
 PREFILL_TOKENS_PER_S = 4000.0  # one worker's prefill speed in the toy cluster
 DECODE_TOKENS_PER_S = 400.0  # one worker's decode capacity in the toy cluster

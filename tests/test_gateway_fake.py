@@ -16,8 +16,9 @@ import openai
 import pytest
 
 from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
 from router.app import GatewayConfig, create_app
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from tests.servers import free_port, serve_in_thread
 

@@ -16,9 +16,10 @@ import pytest
 kubernetes = pytest.importorskip("kubernetes")
 
 from benchmarks.fake_worker import create_fake_worker  # noqa: E402
+from core.workers import WorkerState  # noqa: E402
 from instance_manager.backends.k8s import PodDiscovery, pod_worker  # noqa: E402
 from router.app import GatewayConfig, create_app  # noqa: E402
-from router.cluster import Cluster, WorkerState  # noqa: E402
+from router.cluster import Cluster  # noqa: E402
 from router.worker_registry import JoinConfig  # noqa: E402
 from tests.servers import free_port, serve_in_thread  # noqa: E402
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.length_predictor import DecodeState, MeanLengthBaseline
 from router.policies.ares import (
     AresDecodePolicy,
@@ -11,7 +12,7 @@ from router.policies.ares import (
     MigrationPlanner,
     ResidentRequest,
 )
-from router.policy import POLICIES, RequestInfo
+from router.policy import POLICIES
 
 
 class LookupPredictor:

@@ -1,9 +1,10 @@
 """DOPD length-aware matching on constructed snapshots."""
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.dopd_match import DOPDMatchConfig, DOPDMatchPolicy
 from router.policies.latency_model import PrefillLatencyModel
-from router.policy import POLICIES, RequestInfo
+from router.policy import POLICIES
 
 
 def req(prompt, max_tokens=64, rid="r"):

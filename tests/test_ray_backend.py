@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.workers import Role
 from instance_manager.backends.ray_backend import Slot, _cpu_set, initial_role, plan_slots
-from router.cluster import Role
 
 
 def _node(node_id: str, cpus: int, gpus: int = 0, alive: bool = True) -> dict:

@@ -13,11 +13,12 @@ import httpx
 import pytest
 
 from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
 from deploy import cli
 from deploy.local_cluster import ClusterOptions, PortsBusy, check_ports_free, worker_specs
 from deploy.ports import kv_port_for
 from router.app import GatewayConfig, create_app
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from router.worker_registry import JoinConfig, KVEndpoint, parse_kv_endpoint
 from tests.servers import free_port, serve_in_thread

@@ -30,14 +30,11 @@ from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
 from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
-from instance_manager.controller.base import (
-    ControlPolicy,
-    ControlSnapshot,
-    SLOTargets,
-    WorkerMetrics,
-)
-from router.cluster import ClusterSnapshot, Role, WorkerState
-from router.policy import RequestInfo, RoutingPolicy
+from core.request import RequestInfo
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
+from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
 _make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from router.cluster import Role
+from core.workers import Role
 from router.worker_registry import RegistryError, WorkerRegistry
 
 log = logging.getLogger("fulcrum.ray")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction, WorkerMetrics
 from instance_manager.controller.common import (
     PolicyNote,
@@ -29,7 +30,6 @@ from instance_manager.controller.common import (
     metrics_of,
     pool,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from router.cluster import ClusterSnapshot, Role
-
-
-@dataclass(frozen=True)
-class SLOTargets:
-    """Latency targets the controller defends (seconds)."""
-
-    ttft_s: float = 1.0
-    tpot_s: float = 0.1
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
     PolicyNote,
@@ -25,7 +26,6 @@ from instance_manager.controller.common import (
     least_loaded,
     pool,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)

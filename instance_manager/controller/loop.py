@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction, SLOTargets
+from core.slo import SLOTargets
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction
 from instance_manager.controller.common import PolicyNote
 from instance_manager.flip import FlipCoordinator, FlipRefused
 from instance_manager.metrics_collector import MetricsCollector

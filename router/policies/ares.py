@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from router.cluster import ClusterSnapshot, Role
+from core.workers import ClusterSnapshot, Role
 from router.length_predictor import (
     LengthTracker,
     PromptFeatures,
@@ -26,7 +26,7 @@ from router.length_predictor import (
 )
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass

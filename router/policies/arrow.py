@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import LatencyModelBook, LatencyPriors
 from router.policies.signals import PressureLog, PressureSink, SLOPressure
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass(frozen=True)

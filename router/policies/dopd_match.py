@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import PrefillLatencyModel
 from router.quantile import linear_quantile
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.cluster import Role
+from core.workers import Role
 
 
 @dataclass(frozen=True)
