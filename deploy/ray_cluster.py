@@ -60,6 +60,9 @@ def run_ray(args: argparse.Namespace) -> int:
     backend = RayBackend(lambda: app.state.registry, template, options)
     app = create_app(config, cluster, supervisor=backend)
     app.state.backend = backend
+    from instance_manager.controller.scaling import attach
+
+    attach(app.state.controller, backend, app.state.registry)  # flip-or-scale can add workers
     print(f"fulcrum: gateway on http://{args.host}:{args.port}; placing up to {args.workers} "
           f"worker(s) of {served} on the Ray cluster at {args.address} ...", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

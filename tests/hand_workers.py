@@ -52,13 +52,14 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600,
+              path: str = "/health") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

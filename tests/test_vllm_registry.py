@@ -51,8 +51,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         gateway = start_process(["python", "-m", "deploy.cli", "gateway", "--model",
                                  MODEL_NAME, "--port", str(gw_port)], {}, gw_log)
         procs.append((gateway, f"http://127.0.0.1:{gw_port}", gw_log))
-        for proc, url, log in procs:
-            wait_http(url, proc, log)
+        for proc, url, log in procs:  # a gateway with no worker is not healthy, but up
+            wait_http(url, proc, log, path="/v1/models" if proc is gateway else "/health")
         yield Setup(f"http://127.0.0.1:{gw_port}",
                     {n: f"http://127.0.0.1:{p}" for n, p in ports.items()},
                     {n: kv_port_for(p) for n, p in ports.items()})
