@@ -126,4 +126,6 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
                            admin_open=opts.host in LOOPBACK, control=opts.control)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
+    for spec in specs:  # `fulcrum worker remove` drains these, then the manager stops them
+        app.state.registry.adopt(spec.name, source="local", owner=manager)
     return app, manager

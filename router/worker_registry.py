@@ -168,6 +168,12 @@ class WorkerRegistry:
         log.info("worker %s (%s, %s) joining from %s", name, role.value, url, source)
         return entry
 
+    def adopt(self, name: str, *, source: str, owner: WorkerBackend | None = None) -> None:
+        """Record who runs a worker registered by someone else (its process supervisor),
+        so that removing it also stops it."""
+        self.entries[name] = WorkerEntry(name=name, source=source, added_at=time.monotonic(),
+                                         owner=owner)
+
     async def wait_joined(self, name: str, timeout_s: float | None = None) -> WorkerEntry:
         """Until the worker is READY or its join failed (RegistryError then)."""
         task = self._joins.get(name)

@@ -239,3 +239,18 @@ def test_local_cluster_ports_derive_from_port_and_are_checked() -> None:
                               port=taken - 2, worker_host="127.0.0.1")
         with pytest.raises(PortsBusy, match=str(taken)):
             check_ports_free(busy, worker_specs(busy))
+
+
+def test_removing_an_owned_worker_stops_it_through_its_owner(rig: Rig) -> None:
+    stopped: list[str] = []
+
+    class Owner:
+        async def stop_worker(self, name: str) -> None:
+            stopped.append(name)
+
+    d_app = create_fake_worker("D", MODEL)
+    with serve_in_thread(d_app) as d_url:
+        rig.cluster.add("own", d_url, Role.DECODE, WorkerState.READY)
+        rig.gateway.state.registry.adopt("own", source="local", owner=Owner())
+        resp = rig.admin("DELETE", "/admin/workers/own", params={"force": "true"})
+        assert resp.status_code == 200 and stopped == ["own"]
