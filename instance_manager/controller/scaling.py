@@ -10,10 +10,13 @@ in `start_time_s` (30-80 s for a CPU worker here, minutes for a large model on a
 * short of capacity (both pools over target, or the hot pool needs more workers than the
   other can spare and stay under target) for longer than `start_time_s`: add a worker to the
   pool further over target (one at a time: the next only after the last had time to start),
-  flipping meanwhile what can be spared;
+  and no flips while short (they would only move the shortage around);
 * shorter than that: hold, a new worker would arrive after the burst;
 * both pools well under target (`idle_load`) for `hold_s` with more workers than `min_workers`:
-  give back the least-loaded worker of the bigger pool (drained first).
+  give back the least-loaded worker of the bigger pool (drained first), unless its measured
+  throughput needs it: each pool remembers the tokens/s per worker it delivered while over
+  target (its capacity, measured, not assumed), and keeps a worker while the load exceeds
+  `give_back_utilization` of what one worker fewer could deliver.
 
 `mode` switches the same object to `flip-only` or `scale-only` (scale whenever a pool stays
 over target for `sustain_s`, never flip) for comparisons. The simulator and the live
@@ -70,6 +73,9 @@ class FlipOrScaleConfig:
     min_workers: int = 2
     max_workers: int = 16
     min_samples: int = 3
+    give_back_utilization: float = 0.7
+    """Give a worker back only if the pool would then run below this share of the
+    throughput per worker it was measured to sustain when it was last over target."""
 
 
 class FlipOrScale:
@@ -90,6 +96,8 @@ class FlipOrScale:
                                                      Role.DECODE: None}
         self._idle_since: float | None = None
         self._last_scale_at: float | None = None
+        # tokens/s per worker a pool delivered while over target: its measured capacity
+        self.capacity: dict[Role, float] = {}
 
     def start_time_s(self) -> float:
         measured = self.start_time_source() if self.start_time_source else None
@@ -123,6 +131,17 @@ class FlipOrScale:
                     f"the {c.value} pool can spare {spare}")
         return None
 
+    @staticmethod
+    def _throughput(snapshot: ControlSnapshot) -> dict[Role, float]:
+        """Tokens/s each pool delivers now: prompt tokens for prefill, output for decode."""
+        out = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
+        for w in snapshot.cluster.workers:
+            m = snapshot.metrics.get(w.name)
+            if m is not None:
+                out[w.role] += m.prompt_tokens_per_s if w.role == Role.PREFILL \
+                    else m.generation_tokens_per_s
+        return out
+
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction | ScaleAction]:
         cfg, now = self.config, snapshot.time
         start = self.start_time_s()
@@ -146,7 +165,13 @@ class FlipOrScale:
         def note(text: str) -> None:
             self.last_note = PolicyNote(text, numbers)
 
-        # Give idle capacity back.
+        tput = self._throughput(snapshot)
+        for r in Role:
+            if over[r] and n[r]:
+                self.capacity[r] = max(self.capacity.get(r, 0.0), tput[r] / n[r])
+        # Give idle capacity back, unless the measured throughput says it is still needed
+        # (latency stays low until close to saturation, so low latency alone would give
+        # back a worker the load needs and ask for it again: oscillation).
         idle = all(load[r] < cfg.idle_load for r in Role)
         if not idle:
             self._idle_since = None
@@ -157,6 +182,12 @@ class FlipOrScale:
             bigger = max(Role, key=lambda r: len(pool(snapshot, r)))
             worker = least_loaded(snapshot, bigger) if len(pool(snapshot, bigger)) > 1 \
                 else None
+            cap = self.capacity.get(bigger)
+            if cap and tput[bigger] > cfg.give_back_utilization * cap * (n[bigger] - 1):
+                note(f"hold: idle by latency, but {bigger.value} throughput "
+                     f"{tput[bigger]:.0f} tok/s needs more than {n[bigger] - 1} workers at "
+                     f"{cfg.give_back_utilization:.0%} of the {cap:.0f} tok/s each sustained")
+                return []
             if worker is not None:
                 self._idle_since = now
                 why = (f"scale down: both pools under load {cfg.idle_load} for "
@@ -193,10 +224,11 @@ class FlipOrScale:
             self.last_note = inner_note or PolicyNote("hold", numbers)
             return list(flips)
         if short is not None and both_for >= start:
-            up = scale_up(busiest, f"{short} for {both_for:.0f}s >= start time {start:.0f}s: "
-                                   f"flips cannot fix it")
-            if up or not flips:
-                return up
+            # Sustained shortfall: new workers are the fix; flips meanwhile would chase
+            # whichever pool looks worst (a prefill backlog hides decode demand) and leave
+            # the other short when the backlog moves on.
+            return scale_up(busiest, f"{short} for {both_for:.0f}s >= start time "
+                                     f"{start:.0f}s: flips cannot fix it")
         if flips:
             why = f"; short of capacity for {both_for:.0f}s, less than a start" if short \
                 else ""
