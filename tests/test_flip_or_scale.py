@@ -207,3 +207,27 @@ def test_controller_hands_scale_actions_to_the_back_end() -> None:
         assert scaler.measured_start_s() == pytest.approx(46.0)
 
     asyncio.run(go())
+
+
+def test_no_give_back_while_the_measured_throughput_needs_the_worker() -> None:
+    p = policy(min_workers="4", hold_s="20")
+
+    def with_tput(s: ControlSnapshot, per_worker: float) -> ControlSnapshot:
+        from dataclasses import replace
+
+        metrics = {n: replace(m, prompt_tokens_per_s=per_worker * 10,
+                              generation_tokens_per_s=per_worker)
+                   for n, m in s.metrics.items()}
+        return replace(s, metrics=metrics)
+
+    # over target on 2+3 workers, each decoder delivering 100 tok/s: that is its capacity
+    p.decide(with_tput(snap(0, 2.0, 1.5, prefill=2, decode=3), 100))
+    assert p.capacity[Role.DECODE] == 100
+    # calm by latency, yet 3 decoders run 90 tok/s each: 2 would need 135 > 0.7 * 100
+    for t in range(5, 60, 5):
+        assert p.decide(with_tput(snap(t, 0.1, 0.1, prefill=2, decode=3), 90)) == []
+    assert "throughput" in p.last_note.summary
+    # the load falls to 40 tok/s each: 2 decoders at 60 tok/s stay under 70: one goes back
+    acts = [p.decide(with_tput(snap(t, 0.1, 0.1, prefill=2, decode=3), 40))
+            for t in range(60, 120, 5)]
+    assert acts[0] and acts[0][0].direction == "down"  # at once: calm for the hold already
