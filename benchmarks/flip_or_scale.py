@@ -13,7 +13,10 @@ per second) over the whole trace and inside the doubled phase, worker-seconds, f
 scale actions; and the ratios of flip-or-scale's goodput to the other two, side by side on
 the same traces.
 
-    python -m benchmarks.flip_or_scale --out benchmarks/results
+    python -m benchmarks.flip_or_scale --seeds 2 --out benchmarks/results
+    # short bursts: 40 s doublings every 3 minutes, five times
+    python -m benchmarks.flip_or_scale --seeds 2 --base-s 70 --double-s 40 --cycles 5 \
+        --name flip_or_scale_bursts
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ SYSTEMS = {
 
 
 def doubling_trace(pool: Sequence, base_rate: float, base_s: float, double_s: float,
-                   seed: int) -> Trace:
+                   seed: int, cycles: int = 1) -> Trace:
+    """`base_s` at the base rate, `double_s` at twice that, `base_s` at the base rate;
+    with `cycles` > 1 that pattern repeats (short bursts)."""
     return phase_mix([Phase(base_s, base_rate, tuple(pool), "base"),
                       Phase(double_s, 2 * base_rate, tuple(pool), "doubled"),
-                      Phase(base_s, base_rate, tuple(pool), "base")], cycles=1, seed=seed)
+                      Phase(base_s, base_rate, tuple(pool), "base")], cycles=cycles,
+                     seed=seed)
 
 
 def good_mask(res: SimResult, slo: SLO) -> np.ndarray:
@@ -97,21 +103,21 @@ def capacity(perf, slo: SLO, prefill: int, decode: int, pool: Sequence,  # noqa:
 
 def run(out_dir: Path, workers: int, max_workers: int, start_time_s: float, seeds: int,
         base_fraction: float, base_s: float, double_s: float, slo: SLO, gpu: str, model: str,
-        hold_s: float) -> dict:
+        hold_s: float, cycles: int = 1, name: str = "flip_or_scale") -> dict:
     perf = roofline(model, gpu)
     pool = sample_requests(load_sharegpt(), approx_token_count, 5000, 0)
     p = workers // 2
     cap = capacity(perf, slo, p, workers - p, pool, 0)
     base_rate = base_fraction * cap
-    window = (base_s, base_s + double_s)
+    window = (base_s, base_s + double_s)  # the first doubled phase
     results: dict = {
         "gpu": gpu, "model": model, "slo": slo.as_dict(), "workers": workers,
         "max_workers": max_workers, "start_time_s": start_time_s, "hold_s": hold_s,
         "static_capacity_req_s": round(cap, 2), "base_rate_req_s": round(base_rate, 2),
-        "phases_s": [base_s, double_s, base_s], "seeds": {}}
+        "phases_s": [base_s, double_s, base_s], "cycles": cycles, "seeds": {}}
     for seed in range(seeds):
-        trace = doubling_trace(pool, base_rate, base_s, double_s, seed)
-        duration = 2 * base_s + double_s
+        trace = doubling_trace(pool, base_rate, base_s, double_s, seed, cycles)
+        duration = cycles * (2 * base_s + double_s)
         per: dict = {}
         for name, knobs in SYSTEMS.items():
             t0 = time.process_time()
@@ -140,7 +146,7 @@ def run(out_dir: Path, workers: int, max_workers: int, start_time_s: float, seed
         k: [min(s["ratios"][k] for s in results["seeds"].values()),
             max(s["ratios"][k] for s in results["seeds"].values())] for k in keys}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "flip_or_scale.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -160,13 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="base rate as a fraction of the starting cluster's capacity")
     parser.add_argument("--base-s", type=float, default=300.0)
     parser.add_argument("--double-s", type=float, default=600.0)
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="repeat base/doubled/base this many times")
+    parser.add_argument("--name", default="flip_or_scale", help="JSON file name")
     parser.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:40"])
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--model", default="llama-3.1-8b")
     args = parser.parse_args(argv)
     res = run(args.out, args.workers, args.max_workers, args.start_time, args.seeds,
               args.base_fraction, args.base_s, args.double_s, SLO.parse(args.goodput),
-              args.gpu, args.model, args.hold)
+              args.gpu, args.model, args.hold, args.cycles, args.name)
     print(json.dumps({k: res[k] for k in ("static_capacity_req_s", "base_rate_req_s",
                                            "ratios_median", "ratios_range")}, indent=1))
     return 0
