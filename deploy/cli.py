@@ -35,6 +35,9 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--control-knob", action="append", metavar="K=V", default=[],
                        help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
                             "policy show`)")
+    group.add_argument("--control-profile", type=Path, default=None, metavar="FILE",
+                       help="a `fulcrum profile` JSON: DOPD's and Arrow's throughput "
+                            "constants are derived from it (explicit --control-knob values win)")
     group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
     group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
     group.add_argument("--control-interval", type=float, default=5.0,
@@ -55,11 +58,78 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         if not sep:
             raise SystemExit(f"fulcrum: --control-knob takes K=V, got {item!r}")
         knobs.append((key, value))
+    if args.control_profile is not None:
+        from instance_manager.controller.calibrate import knobs_from_profile
+
+        given = {k for k, _ in knobs}
+        derived = knobs_from_profile(args.control_policy, args.control_profile, args.slo_tpot)
+        knobs = [(k, v) for k, v in derived.items() if k not in given] + knobs
     return ControlConfig(
         policy=None if args.control_policy == "none" else args.control_policy,
         knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
         interval_s=args.control_interval, window_s=args.control_window,
         advisory=args.advisory)
+
+
+def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits, health checks and authentication")
+    group.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="largest request body accepted (413 beyond)")
+    group.add_argument("--max-inflight", type=int, default=1024,
+                       help="client requests in flight through the gateway; 429 beyond "
+                            "(0: no limit)")
+    group.add_argument("--max-worker-queue", type=int, default=256,
+                       help="legs in flight on one worker; a full worker takes no new ones, "
+                            "and with every worker full the gateway answers 429 (0: no limit)")
+    group.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to connect to a worker")
+    group.add_argument("--prefill-timeout", type=float, default=60.0,
+                       help="seconds for a prefill leg (then the decode worker computes "
+                            "the prompt)")
+    group.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds for a non-streamed answer, headers and body together")
+    group.add_argument("--stream-idle-timeout", type=float, default=120.0,
+                       help="longest silence inside a stream before it is cut with an error")
+    group.add_argument("--health-interval", type=float, default=0.5,
+                       help="seconds between active /health probes of each worker (0: off)")
+    group.add_argument("--health-timeout", type=float, default=1.0,
+                       help="a probe slower than this counts as a failure")
+    group.add_argument("--breaker-failures", type=int, default=2,
+                       help="consecutive failures (probes or legs) that take a worker out")
+    group.add_argument("--api-key", action="append", default=[],
+                       help="a key clients must send as 'Authorization: Bearer KEY' on "
+                            "/v1/* (repeatable; default $FULCRUM_API_KEY)")
+    group.add_argument("--api-key-file", action="append", default=[],
+                       help="a file with one API key per line (repeatable)")
+    group.add_argument("--forward-authorization", action="store_true",
+                       help="pass the client's Authorization header on to the workers")
+    group.add_argument("--worker-api-key", default=os.environ.get("FULCRUM_WORKER_API_KEY"),
+                       help="send this key to every worker (workers run vLLM with "
+                            "--api-key; `fulcrum up` starts them so)")
+
+
+def _hardening_config(args: argparse.Namespace) -> dict:
+    """GatewayConfig fields from `_add_hardening_args` options."""
+    from router.admission import AdmissionConfig
+    from router.dispatch import DispatchConfig
+    from router.health import HealthConfig
+    from router.security import AuthConfig, load_api_keys
+
+    keys = list(args.api_key) or [k for k in [os.environ.get("FULCRUM_API_KEY")] if k]
+    return {
+        "max_body_mb": args.max_body_mb,
+        "admission": AdmissionConfig(max_inflight=args.max_inflight,
+                                     max_worker_queue=args.max_worker_queue),
+        "health": HealthConfig(interval_s=args.health_interval, timeout_s=args.health_timeout,
+                               failures=args.breaker_failures),
+        "auth": AuthConfig(api_keys=load_api_keys(keys, args.api_key_file),
+                           forward_authorization=args.forward_authorization,
+                           worker_api_key=args.worker_api_key),
+        "dispatch": DispatchConfig(connect_timeout_s=args.connect_timeout,
+                                   prefill_timeout_s=args.prefill_timeout,
+                                   request_timeout_s=args.request_timeout,
+                                   stream_idle_timeout_s=args.stream_idle_timeout),
+    }
 
 
 def _state_file(port: int) -> Path:
@@ -85,7 +155,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
         device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
-        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args))
+        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
+        **_hardening_config(args))
     try:
         app, manager = build_local_cluster(opts)
     except PortsBusy as exc:
@@ -135,7 +206,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
                            admin_token=args.admin_token, control=_control_config(args),
-                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
+                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
+                           **_hardening_config(args))
     from deploy.worker_cli import discovery_supervisor
 
     app = None
@@ -169,11 +241,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     table = Table(title=f"Fulcrum at {args.url} (policy {data.get('policy')})")
-    for col in ("worker", "role", "state", "in-flight P", "in-flight D", "running",
+    for col in ("worker", "role", "state", "breaker", "in-flight P", "in-flight D", "running",
                 "waiting", "KV cache %", "pid", "restarts", "url"):
         table.add_column(col)
     for w in data["workers"]:
-        table.add_row(w["name"], w["role"], w["state"], str(w["in_flight_prefill"]),
+        table.add_row(w["name"], w["role"], w["state"], w.get("breaker", "-"),
+                      str(w["in_flight_prefill"]),
                       str(w["in_flight_decode"]), str(w["num_running"]),
                       str(w["num_waiting"]), f"{100 * w['kv_cache_usage']:.1f}",
                       str(w["pid"]), str(w["restarts"]), w["url"])
@@ -240,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
     _add_control_args(up)
+    _add_hardening_args(up)
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
@@ -255,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="least-loaded")
     gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
     _add_control_args(gw)
+    _add_hardening_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 
     status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")

@@ -155,6 +155,10 @@ class Simulator:
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
+        # outputs are known when a request finishes (as the gateway's RequestMix sees them)
+        self._recent_outputs: deque[tuple[float, int]] = deque()
+        pressure = getattr(routing, "pressure", None)
+        self._drain_pressure = getattr(pressure, "drain", None)
         self._last_counters: dict[str, tuple[int, int, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
@@ -308,6 +312,8 @@ class Simulator:
         e.requests_finished += 1
         if self.control is not None and req.output > 1:
             e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
+        if self.control is not None:
+            self._recent_outputs.append((now, req.output))
         if self._obs_finished is not None:
             self._obs_finished(req.info.request_id)
 
@@ -362,6 +368,10 @@ class Simulator:
         recent = self._recent_prompts
         while recent and recent[0][0] < horizon:
             recent.popleft()
+        outputs = self._recent_outputs
+        while outputs and outputs[0][0] < horizon:
+            outputs.popleft()
+        span = min(self.config.window_s, now)
         slo = self.config.slo
         snap = ControlSnapshot(
             time=now, cluster=self.snapshot(now),
@@ -370,7 +380,9 @@ class Simulator:
             slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
                            tpot_s=(slo.tpot_ms or 100.0) / 1000),
             mean_prompt_tokens=float(np.mean([r[1] for r in recent])) if recent else None,
-            mean_output_tokens=float(np.mean([r[2] for r in recent])) if recent else None)
+            mean_output_tokens=float(np.mean([r[1] for r in outputs])) if outputs else None,
+            arrival_rate_per_s=len(recent) / span if span > 0 else None,
+            pressure=tuple(self._drain_pressure()) if self._drain_pressure else ())
         for action in self.control.decide(snap):
             if isinstance(action, FlipAction):
                 self.apply_flip(action.worker, action.to, action.reason, now)
