@@ -25,6 +25,7 @@ from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
+from router.admin_workers import install_worker_registry
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
@@ -131,6 +132,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             controller = app.state.controller
+            if controller is not None:
+                controller.listen(app.state.dispatcher.policy)
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
@@ -168,6 +171,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                             app.state.request_mix)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
+    install_worker_registry(app, cluster, app.state.flips, config.served_models[0])
 
     install_error_handlers(app)
     routes = (COMPLETIONS, CHAT, "/v1/models")

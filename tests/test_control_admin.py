@@ -121,7 +121,7 @@ def test_policy_show_and_set():
     client = TestClient(app, headers=AUTH)
     shown = client.get("/admin/policy").json()
     assert shown["name"] == "arrow" and shown["mode"] == "act"
-    assert shown["knobs"]["cooldown_s"] == 20.0
+    assert shown["knobs"]["cooldown_s"] == 10.0
     changed = client.put("/admin/policy", json={"knobs": {"cooldown_s": "5"}, "ttft_s": 2.0,
                                                 "advisory": True}).json()
     assert changed["knobs"]["cooldown_s"] == 5.0 and changed["knobs"]["sustain_ticks"] == 2

@@ -6,6 +6,8 @@ each delegates to its half. Settings come from ``kv_connector_extra_config``:
 
 * ``host`` / ``port``: where decoders reach this worker's block server (port per worker).
 * ``transport``: ``auto`` (NCCL for CUDA KV caches, else CPU), ``cpu`` or ``nccl``.
+* ``node_id``: the cluster node this worker runs on (Ray's); on CPU, workers on different
+  nodes move KV over TCP even when the nodes share a machine.
 * ``lease_seconds``: how long held prefill blocks wait for their decoder (default 30).
 * ``direct_holds``: the scheduler registers a finished prefill's lease with its worker over
   loopback at once (default true; see :mod:`kv_transfer.fulcrum.notify`), instead of in
@@ -70,6 +72,7 @@ class FulcrumConnector(KVConnectorBase_V1):
         self._host = str(extra.get("host", "127.0.0.1"))
         self._port = int(extra.get("port", DEFAULT_PORT)) + dp_index
         self._transport_kind = str(extra.get("transport", "auto"))
+        self._node_id = str(extra.get("node_id", ""))
         if on_cpu(vllm_config):
             nap_instead_of_spin(float(extra.get("queue_nap_s", DEFAULT_NAP_S)))
         if len(kv_cache_config.kv_cache_groups) > 1:
@@ -126,7 +129,8 @@ class FulcrumConnector(KVConnectorBase_V1):
             first = next(iter(kv_caches.values()))
             kind = "nccl" if first.device.type == "cuda" else "cpu"
         options: dict[str, Any] = {"device": next(iter(kv_caches.values())).device,
-                                   "host": self._host} if kind == "nccl" else {}
+                                   "host": self._host} if kind == "nccl" else {
+                                       "node_id": self._node_id}
         self._worker.register_kv_caches(kv_caches, make_transport(kind, **options))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
