@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 from core.request import RequestInfo
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.ares import AresDecodePolicy
-from router.policies.arrow import ArrowPolicy
+from router.policies.arrow import ArrowRouting
 from router.policies.dopd_match import DOPDMatchPolicy
 
 
@@ -60,7 +60,7 @@ class LeastLoadedPolicy:
 
 POLICIES: dict[str, type] = {
     LeastLoadedPolicy.name: LeastLoadedPolicy,
-    ArrowPolicy.name: ArrowPolicy,
+    ArrowRouting.name: ArrowRouting,
     DOPDMatchPolicy.name: DOPDMatchPolicy,
     AresDecodePolicy.name: AresDecodePolicy,
 }
