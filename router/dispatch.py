@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import httpx
 from fastapi.responses import JSONResponse, Response
 
+from core.driver import PolicyDriver
 from core.request import RequestInfo
+from core.routing import RoutingPolicy
 from core.workers import Role
 from router.cluster import Cluster
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
-from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
@@ -72,6 +73,30 @@ class UpstreamReply(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+def prefill_seconds(metrics: object, leg_s: float) -> float:
+    """The prefill leg's compute time: vLLM's own per-request split when the worker reports
+    it (`time_to_first_token_ms` = scheduled to first token), else the leg minus the queue
+    time it reports, else the whole leg (queueing included: a worker without
+    `--enable-per-request-metrics`)."""
+    if isinstance(metrics, dict):
+        ttft_ms = metrics.get("time_to_first_token_ms")
+        if isinstance(ttft_ms, int | float) and ttft_ms >= 0:
+            return ttft_ms / 1000
+        queue_ms = metrics.get("queue_time_ms")
+        if isinstance(queue_ms, int | float) and queue_ms >= 0:
+            return max(0.0, leg_s - queue_ms / 1000)
+    return leg_s
+
+
+def engine_seconds_per_token(metrics: object) -> float | None:
+    """vLLM's per-request mean inter-token time (first to last token), if reported."""
+    if isinstance(metrics, dict):
+        itl_ms = metrics.get("mean_itl_ms")
+        if isinstance(itl_ms, int | float) and itl_ms >= 0:
+            return itl_ms / 1000
+    return None
+
+
 def _prefill_body(body: dict) -> dict:
     out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
     out["stream"] = False
@@ -85,18 +110,22 @@ def _prefill_body(body: dict) -> dict:
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
-    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: httpx.AsyncClient,
+    def __init__(self, cluster: Cluster, driver: PolicyDriver, client: httpx.AsyncClient,
                  metrics: GatewayMetrics, config: DispatchConfig,
                  mix: RequestMix | None = None) -> None:
         self.cluster = cluster
         self.mix = mix or RequestMix()
-        self.policy = policy
+        self.driver = driver
         self.client = client
         self.metrics = metrics
         self.config = config
         self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
         # request id -> (target, after_tokens, expires_at): moves asked for before the start
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.driver.policy
 
     def _timeout(self, read: float) -> httpx.Timeout:
         return httpx.Timeout(read, connect=self.config.connect_timeout_s)
@@ -146,41 +175,30 @@ class Dispatcher:
     async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
         started = time.monotonic()
-        info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
-                           max_tokens=req.max_tokens or 16, arrival_time=started,
-                           prompt_text=req.prompt_text)
-        self.feedback("observe_prompt", info.prompt_tokens)
+        info = self.driver.request(request_id, req.prompt_tokens_estimate, req.max_tokens,
+                                   started, req.prompt_text)
         try:
             return await self._dispatch(req, info, started)
         except BaseException:
-            self.feedback("observe_finished", request_id)
+            self.driver.finished(request_id)
             raise
-
-    def feedback(self, method: str, *args: object) -> None:
-        """Tell the policy what happened, if it learns from it (Arrow, DOPD, ARES)."""
-        hook = getattr(self.policy, method, None)
-        if hook is None:
-            return
-        try:
-            hook(*args)
-        except Exception:  # a policy's bookkeeping must never fail a request
-            log.exception("policy %s.%s failed", self.policy.name, method)
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
                         started: float) -> Response:
         request_id = info.request_id
-        snap = self.cluster.snapshot()
-        decode = self.policy.pick_decode(info, snap)
+        disaggregate = self.config.pd_enabled and req.body.get("n", 1) in (1, None)
+        route = self.driver.route(info, self.cluster.snapshot(), disaggregate)
+        decode = route.decode
         if decode is None:
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
                                code="no_ready_worker")
         kv_params = None
-        if self.config.pd_enabled and req.body.get("n", 1) in (1, None):
-            prefill = self.policy.pick_prefill(info, snap)
-            if prefill is not None and prefill != decode:
-                kv_params = await self._prefill_leg(prefill, req, request_id)
+        if route.prefill is not None:
+            kv_params = await self._prefill_leg(route.prefill, req, request_id)
+            decode = self.driver.decode_after_prefill(info, decode,
+                                                      self.cluster.snapshot()) or decode
         self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
-        return await self._decode_leg(decode, req, request_id, kv_params, started)
+        return await self._decode_leg(decode, req, info, kv_params, started)
 
     async def _prefill_leg(self, worker: str, req: ParsedRequest,
                            request_id: str) -> dict | None:
@@ -209,7 +227,8 @@ class Dispatcher:
         if not params:
             return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
         prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
-        self.feedback("observe_prefill", worker, prompt_tokens, time.monotonic() - leg_started)
+        self.driver.prefilled(worker, prompt_tokens,
+                              prefill_seconds(reply.get("metrics"), time.monotonic() - leg_started))
         return params
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
@@ -218,11 +237,12 @@ class Dispatcher:
         self.metrics.leg_failures.labels("prefill", "local_prefill").inc()
         return None
 
-    async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
+    async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
                           kv_params: dict | None, started: float) -> Response:
+        request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
-        tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
+        tokens = info.decode_tokens
         for _ in range(self.config.decode_attempts):
             body = dict(req.body)
             if kv_params:
@@ -265,9 +285,7 @@ class Dispatcher:
             self.metrics.leg_failures.labels("decode", "retry").inc()
             kv_params = None  # whatever failed, the next attempt computes the prompt itself
             if worker in tried:
-                nxt = self.policy.pick_decode(
-                    RequestInfo(request_id, req.prompt_tokens_estimate, req.max_tokens or 16),
-                    self.cluster.snapshot(), exclude=frozenset(tried))
+                nxt = self.driver.retry_decode(info, self.cluster.snapshot(), frozenset(tried))
                 if nxt is None:
                     break
                 worker = nxt
@@ -293,12 +311,13 @@ class Dispatcher:
         finally:
             await upstream.aclose()
             self.cluster.end(worker, Role.DECODE, tokens)
-            self.feedback("observe_finished", request_id)
         try:
             body = json.loads(content)
         except ValueError:
             raise GatewayError(502, f"worker {worker} sent a body that is not JSON",
                                code="upstream_error") from None
+        self.driver.finished(request_id, worker, self._resident(worker),
+                             engine_seconds_per_token(body.get("metrics")))
         body.pop("kv_transfer_params", None)
         self._record_usage(body.get("usage"))
         self.metrics.e2e.labels(req.route).observe(time.monotonic() - started)
@@ -317,16 +336,21 @@ class Dispatcher:
         """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
         self.metrics.e2e.labels(req.route).observe(e2e)
+        per_token = engine_seconds_per_token(obs.metrics)
         if obs.ttft is not None:
             self.metrics.ttft.labels(req.route).observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
                 self.metrics.tpot.labels(req.route).observe(tpot)
-                resident = self.cluster.view(worker).decode_tokens_in_flight
-                self.feedback("observe_decode", worker, resident, tpot)
+                if per_token is None:  # the worker reports no timings: the client's view
+                    per_token = tpot
         if obs.usage:
             self._record_usage(obs.usage)
         elif obs.content_events:  # no usage asked for: count what we relayed
             self.mix.record(req.prompt_tokens_estimate, obs.content_events)
-        self.feedback("observe_finished", request_id)
+        self.driver.finished(request_id, worker, self._resident(worker), per_token)
+
+    def _resident(self, worker: str) -> int:
+        view = self.cluster.snapshot().by_name(worker)
+        return view.decode_tokens_in_flight if view is not None else 0

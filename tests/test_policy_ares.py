@@ -2,6 +2,7 @@
 
 import pytest
 
+from core.feedback import ResidentRequest
 from core.request import RequestInfo
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.length_predictor import DecodeState, MeanLengthBaseline
@@ -10,7 +11,6 @@ from router.policies.ares import (
     MigrationConfig,
     MigrationCost,
     MigrationPlanner,
-    ResidentRequest,
 )
 from router.policy import POLICIES
 

@@ -41,13 +41,16 @@ class SimRequest:
 
     __slots__ = ("rid", "arrival", "prompt", "output", "prefilled", "local_decode",
                  "prefill_worker", "decode_worker", "first_token", "finish", "finish_step",
-                 "kv_held", "failed", "info", "prefill_start")
+                 "kv_held", "failed", "info", "prefill_start", "max_tokens", "text")
 
-    def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
+    def __init__(self, rid: int, arrival: float, prompt: int, output: int,
+                 max_tokens: int | None = None, text: str | None = None) -> None:
         self.rid = rid
         self.arrival = arrival
         self.prompt = prompt
-        self.output = output
+        self.output = output  # the hidden true length: only the engine reads it
+        self.max_tokens = max_tokens  # what the client sent as its cap
+        self.text = text
         self.prefilled = 0
         self.local_decode = False
         self.prefill_worker = -1

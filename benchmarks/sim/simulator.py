@@ -1,10 +1,16 @@
 """The discrete-event loop: arrivals, engine iterations, KV transfers, control ticks.
 
-Routing goes through a `router.policy.RoutingPolicy` (pick_prefill at arrival, pick_decode
-when the prompt's KV is ready, on a `ClusterSnapshot` of simulated state), role flips
-through an `instance_manager.controller.base.ControlPolicy` (decide(ControlSnapshot) every
-`control_interval_s`). Policies with `observe_prefill`, `observe_decode`, `observe_prompt`
-or `observe_finished` methods are fed the same measurements the live gateway sees.
+Routing goes through a `core.routing.RoutingPolicy` driven by `core.driver.PolicyDriver`,
+exactly as the live gateway drives it: at arrival `request` (observe_prompt) then `route`
+(pick_decode, then pick_prefill, on a `ClusterSnapshot` of simulated state); when the
+prompt's KV is ready `prefilled` (the engine's prefill time, queueing excluded) and
+`decode_after_prefill`; at the end `finished` (the request's mean inter-token time on its
+decode worker). Role flips go through an `instance_manager.controller.base.ControlPolicy`
+(decide(ControlSnapshot) every `control_interval_s`).
+
+No length oracle by default: a request carries the client's cap (`SimConfig.client_max_tokens`,
+None = no cap) and its true output length stays inside the engine; `length_oracle=True`
+sends the true length as `max_tokens`, as a benchmark with `ignore_eos` does.
 
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
@@ -27,18 +33,15 @@ import numpy as np
 from benchmarks.arrivals import Trace
 from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
 from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
-from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
-from core.request import RequestInfo
+from core.driver import PolicyDriver
+from core.routing import RoutingPolicy
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
 from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
-from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
-_make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
-                                             "arrival_time", "tbt_target_s", "prompt_text"))
 _heappush, _heappop = heapq.heappush, heapq.heappop
 ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
 
@@ -55,6 +58,8 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    length_oracle: bool = False  # True: max_tokens = the true output length
+    client_max_tokens: int | None = None  # the client's cap otherwise (None: no cap)
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
@@ -125,15 +130,13 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
-        self._tbt = config.slo.tpot_ms / 1000 if config.slo.tpot_ms else None
+        slo = config.slo
+        self.driver = PolicyDriver(routing, SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
+                                                       tpot_s=(slo.tpot_ms or 100.0) / 1000))
         self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
         self.kv_bytes = float(perf.kv_bytes_per_token)
-        self._obs_prefill = getattr(routing, "observe_prefill", None)
-        self._obs_decode = getattr(routing, "observe_decode", None)
-        self._obs_prompt = getattr(routing, "observe_prompt", None)
-        self._obs_finished = getattr(routing, "observe_finished", None)
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
@@ -174,31 +177,28 @@ class Simulator:
 
     # ---- request life cycle ------------------------------------------------------------
     def _arrive(self, req: SimRequest, now: float) -> None:
-        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, self._tbt,
-                                     None)
-        if self._obs_prompt is not None:
-            self._obs_prompt(req.prompt)
+        info = req.info = self.driver.request(str(req.rid), req.prompt, req.max_tokens, now,
+                                              req.text)
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
-        snap = self.snapshot(now)
-        pname = self.routing.pick_prefill(info, snap)
-        if pname is None:
-            dname = self.routing.pick_decode(info, snap)
-            if dname is None:
-                return self._fail(req)
-            e = self.by_name[dname]
+        route = self.driver.route(info, self.snapshot(now))
+        if route.decode is None:
+            return self._fail(req)
+        d = self.by_name[route.decode]
+        if route.prefill is None:
+            e = d
             req.local_decode = True
             if req.prompt + req.output > e.kv_cap:
                 return self._fail(req)
-            req.decode_worker = e.idx
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += info.decode_tokens
         else:
-            e = self.by_name[pname]
+            e = self.by_name[route.prefill]
             if req.prompt > e.kv_cap:
                 return self._fail(req)
             e.in_flight_prefill += 1
             e.prefill_tokens_in_flight += req.prompt
+        req.decode_worker = d.idx  # chosen now; confirmed when the KV is ready
         req.prefill_worker = e.idx
         e.enqueue_prefill(req, now)
         self._changed(e)
@@ -207,22 +207,25 @@ class Simulator:
     def _fail(self, req: SimRequest) -> None:
         req.failed = True
         self._finished += 1
+        if req.info is not None:
+            self.driver.finished(req.info.request_id)
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self._obs_prefill is not None and req.prefill_start == req.prefill_start:
-            self._obs_prefill(e.name, req.prompt, now - req.prefill_start)
+        if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
+            self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
             self._start_local_decode(e, req, now)
             return
         e.in_flight_prefill -= 1
         e.prefill_tokens_in_flight -= req.prompt
-        dname = self.routing.pick_decode(req.info, self.snapshot(now))
+        dname = self.driver.decode_after_prefill(req.info, self.engines[req.decode_worker].name,
+                                                 self.snapshot(now))
         if dname is None or dname == e.name:
             req.local_decode = True
             req.kv_held += req.output
             e.kv_used += req.output
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += req.info.decode_tokens
             req.decode_worker = e.idx
             self._start_local_decode(e, req, now)
             return
@@ -233,7 +236,7 @@ class Simulator:
             return
         req.decode_worker = d.idx
         d.in_flight_decode += 1
-        d.decode_tokens_in_flight += req.prompt + req.output
+        d.decode_tokens_in_flight += req.info.decode_tokens
         d.decode_wait.append(req)
         self._changed(d)
         self._admit_pulls(d, now)
@@ -285,19 +288,16 @@ class Simulator:
         e.kv_used -= req.kv_held
         req.kv_held = 0
         e.in_flight_decode -= 1
-        e.decode_tokens_in_flight -= req.prompt + req.output
+        e.decode_tokens_in_flight -= req.info.decode_tokens
         e.requests_finished += 1
-        if self.control is not None and req.output > 1:
-            e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
-        if self._obs_finished is not None:
-            self._obs_finished(req.info.request_id)
+        per_token = (now - req.first_token) / (req.output - 1) if req.output > 1 else None
+        if self.control is not None and per_token is not None:
+            e.samples_itl.append((now, per_token))
+        self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
 
     def _iteration_end(self, e: Engine, now: float) -> None:
         plan = e.plan
-        n = len(e.running)
         prefilled, finished = e.complete(now)
-        if self._obs_decode is not None and n and plan is not None and not plan.chunks:
-            self._obs_decode(e.name, e.ctx_total, plan.step_s)
         if plan is not None and plan.first_tokens and self.control is not None:
             for req in plan.first_tokens:
                 self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
@@ -437,8 +437,14 @@ class Simulator:
         wall0 = time.perf_counter()
         cpu0 = time.process_time()
         n = len(trace)
-        reqs = [SimRequest(i, float(t), max(1, r.prompt_tokens), max(1, r.output_tokens))
-                for i, (t, r) in enumerate(trace)]
+        oracle, cap = self.config.length_oracle, self.config.client_max_tokens
+        reqs = []
+        for i, (t, r) in enumerate(trace):
+            out = max(1, r.output_tokens)
+            if not oracle and cap is not None:
+                out = min(out, cap)  # the engine stops at the client's cap
+            reqs.append(SimRequest(i, float(t), max(1, r.prompt_tokens), out,
+                                   out if oracle else cap, r.prompt or None))
         self._finish_count = [0] * n
         self._finished = 0
         self._record_roles(0.0)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from core.routing import RoutingPolicy
+from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import LatencyModelBook, LatencyPriors
 from router.policies.signals import PressureLog, PressureSink, SLOPressure
@@ -41,7 +43,7 @@ class ArrowTargets:
     tpot_s: float = 0.1
 
 
-class ArrowPolicy:
+class ArrowPolicy(RoutingPolicy):
     """SLO-aware dispatch over per-worker latency models fitted online."""
 
     name = "arrow"
@@ -54,13 +56,17 @@ class ArrowPolicy:
         self.pressure = PressureLog(pressure_sink)
 
     # -- feeding measured data ------------------------------------------------------
+    def use_slo(self, slo: SLOTargets) -> None:
+        self.targets = ArrowTargets(ttft_s=slo.ttft_s, tpot_s=slo.tpot_s)
+
     def observe_prefill(self, worker: str, prompt_tokens: int, seconds: float) -> None:
         """One prefill's compute time on `worker` (queueing excluded)."""
         self.models.prefill(worker).observe(prompt_tokens, seconds)
 
-    def observe_decode(self, worker: str, resident_tokens: int, step_seconds: float) -> None:
-        """One decode step's (or inter-token interval's) time at `resident_tokens` load."""
-        self.models.decode(worker).observe(resident_tokens, step_seconds)
+    def observe_decode(self, worker: str, resident_tokens: int, seconds_per_token: float
+                       ) -> None:
+        """A finished request's time per output token at `resident_tokens` load."""
+        self.models.decode(worker).observe(resident_tokens, seconds_per_token)
 
     # -- predictions ------------------------------------------------------------------
     def predicted_ttft(self, worker: WorkerView, prompt_tokens: int) -> float:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import PrefillLatencyModel
 from router.quantile import linear_quantile
@@ -37,7 +38,7 @@ class DOPDMatchConfig:
     expected_output_tokens: float = 200.0  # decode footprint when max_tokens is larger
 
 
-class DOPDMatchPolicy:
+class DOPDMatchPolicy(RoutingPolicy):
     """Length-aware prefill sub-pools and footprint-balanced decode placement."""
 
     name = "dopd-match"
@@ -133,7 +134,8 @@ class DOPDMatchPolicy:
         pool = cluster.decode_candidates(exclude)
         if not pool:
             return None
-        footprint = request.prompt_tokens + min(request.max_tokens,
-                                                self.config.expected_output_tokens)
+        expected = self.config.expected_output_tokens
+        cap = request.max_tokens
+        footprint = request.prompt_tokens + (expected if cap is None else min(cap, expected))
         return min(pool, key=lambda w: (w.decode_tokens_in_flight + footprint,
                                         w.in_flight_decode, w.name)).name
