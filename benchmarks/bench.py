@@ -1,8 +1,11 @@
 """`fulcrum bench`: measure a live OpenAI-compatible deployment like `vllm bench serve`.
 
-Streams `/v1/completions` (or `/v1/chat/completions`) with
-`stream_options.include_usage`, `ignore_eos` and `max_tokens` = the trace's output length,
-so every request produces exactly its expected length even on random-weight models.
+Streams `/v1/completions` (or `/v1/chat/completions`) with `stream_options.include_usage`.
+By default requests carry what a real client sends: a large `max_tokens` cap
+(`--client-max-tokens`) and no `ignore_eos`, so only the model knows when a request ends.
+With `--length-oracle`, `max_tokens` = the trace's output length and `ignore_eos`, so every
+request produces exactly its expected length even on random-weight models (as
+`vllm bench serve` does), and the router sees each true length.
 Requests leave at their trace arrival times; results are vLLM's JSON keys plus ours.
 
     python -m benchmarks.bench --base-url http://127.0.0.1:8000 --request-rate 4 \
@@ -38,7 +41,9 @@ class Endpoint:
     base_url: str
     model: str
     chat: bool = False
-    ignore_eos: bool = True
+    length_oracle: bool = False  # max_tokens = the true output length (+ ignore_eos)
+    client_max_tokens: int | None = None  # hidden lengths: the client's cap (None: none)
+    ignore_eos: bool = True  # with length_oracle: keep generating to the trace's length
     timeout_s: float = 600.0
     api_key: str | None = None
 
@@ -51,13 +56,16 @@ def request_body(endpoint: Endpoint, req: BenchRequest) -> dict:
     """The JSON body for one streamed request."""
     body: dict = {"model": endpoint.model, "stream": True,
                   "stream_options": {"include_usage": True}, "temperature": 0.0}
+    cap = req.output_tokens if endpoint.length_oracle else endpoint.client_max_tokens
     if endpoint.chat:
         body["messages"] = [{"role": "user", "content": req.prompt}]
-        body["max_completion_tokens"] = req.output_tokens
+        if cap is not None:
+            body["max_completion_tokens"] = cap
     else:
         body["prompt"] = req.prompt
-        body["max_tokens"] = req.output_tokens
-    if endpoint.ignore_eos:
+        if cap is not None:
+            body["max_tokens"] = cap
+    if endpoint.length_oracle and endpoint.ignore_eos:
         body["ignore_eos"] = True
     return body
 
@@ -195,6 +203,8 @@ def result_header(args: argparse.Namespace, endpoint: Endpoint, rate: float) -> 
         "dataset": args.dataset,
         "arrival": args.arrival,
         "seed": args.seed,
+        "lengths": "oracle" if endpoint.length_oracle else "hidden",
+        "client_max_tokens": None if endpoint.length_oracle else endpoint.client_max_tokens,
     }
 
 
@@ -205,7 +215,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     parser.add_argument("--no-ignore-eos", action="store_true",
-                        help="let the model stop early (outputs may be shorter than the trace)")
+                        help="with --length-oracle: let the model stop early")
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--request-timeout", type=float, default=600.0)
     add_workload_args(parser)
@@ -238,7 +248,8 @@ def _result_name(args: argparse.Namespace, model: str, rate: float | str) -> str
 def run_bench(args: argparse.Namespace) -> dict:
     """Run one benchmark (or a sweep) from parsed arguments; returns the result dict."""
     model = args.model or asyncio.run(discover_model(args.base_url))
-    endpoint = Endpoint(args.base_url, model, chat=args.chat,
+    endpoint = Endpoint(args.base_url, model, chat=args.chat, length_oracle=args.length_oracle,
+                        client_max_tokens=args.client_max_tokens,
                         ignore_eos=not args.no_ignore_eos, timeout_s=args.request_timeout)
     slo = SLO.parse(args.goodput)
     percentiles = ([float(p) for p in args.metric_percentiles.split(",") if p]

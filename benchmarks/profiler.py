@@ -137,7 +137,7 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
 def run_profile(args: argparse.Namespace) -> dict:
     async def go() -> dict:
         model = args.model or await discover_model(args.base_url)
-        endpoint = Endpoint(args.base_url, model)
+        endpoint = Endpoint(args.base_url, model, length_oracle=True)  # exact lengths
         prefill = await measure_prefill(endpoint, [int(x) for x in args.prompt_lengths.split(",")],
                                         args.repeats)
         decode = await measure_decode(endpoint, [int(x) for x in args.batch_sizes.split(",")],

@@ -8,9 +8,10 @@ prompt's KV is ready `prefilled` (the engine's prefill time, queueing excluded) 
 decode worker). Role flips go through an `instance_manager.controller.base.ControlPolicy`
 (decide(ControlSnapshot) every `control_interval_s`).
 
-No length oracle by default: a request carries the client's cap (`SimConfig.client_max_tokens`,
-None = no cap) and its true output length stays inside the engine; `length_oracle=True`
-sends the true length as `max_tokens`, as a benchmark with `ignore_eos` does.
+No length oracle by default: a request carries the client's cap
+(`SimConfig.client_max_tokens`, a large one by default; None = no cap) and its true output
+length stays inside the engine; `length_oracle=True` sends the true length as `max_tokens`,
+as a benchmark with `ignore_eos` does.
 
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
@@ -35,6 +36,7 @@ from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
 from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
+from benchmarks.workload import DEFAULT_CLIENT_MAX_TOKENS
 from core.driver import PolicyDriver
 from core.routing import RoutingPolicy
 from core.slo import SLOTargets
@@ -59,7 +61,7 @@ class SimConfig:
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
     length_oracle: bool = False  # True: max_tokens = the true output length
-    client_max_tokens: int | None = None  # the client's cap otherwise (None: no cap)
+    client_max_tokens: int | None = DEFAULT_CLIENT_MAX_TOKENS  # the cap otherwise (None: none)
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
