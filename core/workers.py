@@ -42,6 +42,7 @@ class WorkerView:
     kv_cache_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
+    healthy: bool = True  # False while the gateway's circuit breaker holds it out
 
     @property
     def in_flight(self) -> int:
@@ -49,7 +50,7 @@ class WorkerView:
 
     @property
     def routable(self) -> bool:
-        return self.state == WorkerState.READY
+        return self.state == WorkerState.READY and self.healthy
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,67 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         advisory=args.advisory)
 
 
+def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits, health checks and authentication")
+    group.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="largest request body accepted (413 beyond)")
+    group.add_argument("--max-inflight", type=int, default=1024,
+                       help="client requests in flight through the gateway; 429 beyond "
+                            "(0: no limit)")
+    group.add_argument("--max-worker-queue", type=int, default=256,
+                       help="legs in flight on one worker; a full worker takes no new ones, "
+                            "and with every worker full the gateway answers 429 (0: no limit)")
+    group.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to connect to a worker")
+    group.add_argument("--prefill-timeout", type=float, default=60.0,
+                       help="seconds for a prefill leg (then the decode worker computes "
+                            "the prompt)")
+    group.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds for a non-streamed answer, headers and body together")
+    group.add_argument("--stream-idle-timeout", type=float, default=120.0,
+                       help="longest silence inside a stream before it is cut with an error")
+    group.add_argument("--health-interval", type=float, default=0.5,
+                       help="seconds between active /health probes of each worker (0: off)")
+    group.add_argument("--health-timeout", type=float, default=1.0,
+                       help="a probe slower than this counts as a failure")
+    group.add_argument("--breaker-failures", type=int, default=2,
+                       help="consecutive failures (probes or legs) that take a worker out")
+    group.add_argument("--api-key", action="append", default=[],
+                       help="a key clients must send as 'Authorization: Bearer KEY' on "
+                            "/v1/* (repeatable; default $FULCRUM_API_KEY)")
+    group.add_argument("--api-key-file", action="append", default=[],
+                       help="a file with one API key per line (repeatable)")
+    group.add_argument("--forward-authorization", action="store_true",
+                       help="pass the client's Authorization header on to the workers")
+    group.add_argument("--worker-api-key", default=os.environ.get("FULCRUM_WORKER_API_KEY"),
+                       help="send this key to every worker (workers run vLLM with "
+                            "--api-key; `fulcrum up` starts them so)")
+
+
+def _hardening_config(args: argparse.Namespace) -> dict:
+    """GatewayConfig fields from `_add_hardening_args` options."""
+    from router.admission import AdmissionConfig
+    from router.dispatch import DispatchConfig
+    from router.health import HealthConfig
+    from router.security import AuthConfig, load_api_keys
+
+    keys = list(args.api_key) or [k for k in [os.environ.get("FULCRUM_API_KEY")] if k]
+    return {
+        "max_body_mb": args.max_body_mb,
+        "admission": AdmissionConfig(max_inflight=args.max_inflight,
+                                     max_worker_queue=args.max_worker_queue),
+        "health": HealthConfig(interval_s=args.health_interval, timeout_s=args.health_timeout,
+                               failures=args.breaker_failures),
+        "auth": AuthConfig(api_keys=load_api_keys(keys, args.api_key_file),
+                           forward_authorization=args.forward_authorization,
+                           worker_api_key=args.worker_api_key),
+        "dispatch": DispatchConfig(connect_timeout_s=args.connect_timeout,
+                                   prefill_timeout_s=args.prefill_timeout,
+                                   request_timeout_s=args.request_timeout,
+                                   stream_idle_timeout_s=args.stream_idle_timeout),
+    }
+
+
 def _state_file(port: int) -> Path:
     return cache_root() / "run" / f"gateway-{port}.json"
 
@@ -85,7 +146,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
         device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
-        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args))
+        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
+        **_hardening_config(args))
     app, manager = build_local_cluster(opts)
     state = _state_file(args.port)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -132,7 +194,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
                            admin_token=args.admin_token, control=_control_config(args),
-                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
+                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
+                           **_hardening_config(args))
     print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
           f"{len(args.worker)} external worker(s)", flush=True)
     uvicorn.run(create_app(config, cluster), host=args.host, port=args.port,
@@ -232,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
     _add_control_args(up)
+    _add_hardening_args(up)
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
@@ -246,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="least-loaded")
     gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
     _add_control_args(gw)
+    _add_hardening_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 
     status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")

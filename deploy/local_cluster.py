@@ -12,9 +12,12 @@ from core.workers import Role
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec
 from kv_transfer.settings import worker_kv_settings
+from router.admission import AdmissionConfig
 from router.app import ControlConfig, GatewayConfig, create_app
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig
+from router.health import HealthConfig
+from router.security import AuthConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -43,6 +46,10 @@ class ClusterOptions:
     supervisor: SupervisorConfig = SupervisorConfig()
     dispatch: DispatchConfig = DispatchConfig()
     control: ControlConfig = ControlConfig()
+    max_body_mb: float = 32.0
+    admission: AdmissionConfig = AdmissionConfig()
+    health: HealthConfig = HealthConfig()
+    auth: AuthConfig = AuthConfig()  # its worker_api_key also starts workers with --api-key
 
 
 def initial_roles(names: list[str], prefill_workers: int | None,
@@ -75,7 +82,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
             cpu_core=(i % cores) if opts.device == "cpu" else None,
             gpu_index=i if opts.device == "gpu" else None,
             max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib,
-            extra_args=opts.extra_worker_args))
+            extra_args=opts.extra_worker_args, api_key=opts.auth.worker_api_key))
     return specs
 
 
@@ -90,7 +97,9 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
         dispatch = DispatchConfig(**{**dispatch.__dict__, "pd_enabled": False})
     config = GatewayConfig(served_models=(opts.served_model_name,), policy=opts.policy,
                            dispatch=dispatch, admin_token=opts.admin_token,
-                           admin_open=opts.host in LOOPBACK, control=opts.control)
+                           admin_open=opts.host in LOOPBACK, control=opts.control,
+                           max_body_mb=opts.max_body_mb, admission=opts.admission,
+                           health=opts.health, auth=opts.auth)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
     return app, manager

@@ -137,6 +137,7 @@ class InstanceManager:
             resp = await self._client.post(
                 spec.url + "/v1/completions",
                 json={"model": spec.served_model_name, "prompt": "Hello", "max_tokens": 2},
+                headers={"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {},
                 timeout=self.config.warmup_timeout_s)
         except httpx.HTTPError as exc:
             raise WorkerFailedToStart(f"warm-up request failed: {exc!r}") from None

@@ -10,32 +10,37 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from core.driver import PolicyDriver
 from core.slo import SLOTargets
-from core.workers import WorkerState
+from core.workers import Role
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
+from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
 from router.engine_stats import poll_engine_stats
+from router.error_handlers import BodyLimitMiddleware, install_error_handlers
 from router.errors import GatewayError
+from router.health import HealthCollector, HealthConfig, HealthMonitor
+from router.limits import client_request_id, new_request_id, read_limited
 from router.metrics import GatewayMetrics
+from router.openapi_schemas import request_body_schema
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
+from router.security import AuthConfig
+from router.streaming import ProxyStreamResponse
 from router.validation import CHAT, COMPLETIONS, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
@@ -74,6 +79,14 @@ class GatewayConfig:
     stats_interval_s: float = 2.0
     rebalance_interval_s: float = 2.0  # ARES decode rebalancing (policies with residents)
     control: ControlConfig = field(default_factory=ControlConfig)
+    max_body_mb: float = 32.0
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 def _make_controller(control: ControlConfig, flips: FlipCoordinator,
@@ -106,7 +119,10 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             planner = default_planner() if config.rebalance_interval_s > 0 else None
             driver = PolicyDriver(make_policy(config.policy), config.control.slo, planner)
             app.state.dispatcher = Dispatcher(cluster, driver, client, app.state.metrics,
-                                              config.dispatch, app.state.request_mix)
+                                              config.dispatch, app.state.request_mix,
+                                              app.state.health, app.state.admission)
+            probes = (asyncio.create_task(app.state.health.run(client))
+                      if config.health.interval_s > 0 else None)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                           config.stats_interval_s))
             rebalance = None
@@ -125,6 +141,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 yield
             finally:
                 stats.cancel()
+                if probes is not None:
+                    probes.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:
@@ -136,34 +154,51 @@ def create_app(config: GatewayConfig, cluster: Cluster,
 
     app = FastAPI(title="Fulcrum gateway", lifespan=lifespan)
     app.state.cluster = cluster
+    app.state.health = HealthMonitor(cluster, config.health)
+    app.state.admission = Admission(config.admission)
     app.state.config = config
     app.state.metrics = GatewayMetrics(cluster)
     app.state.admin_token = config.admin_token
     app.state.admin_open = config.admin_open
     app.state.flips = FlipCoordinator(cluster, drain_timeout_s=config.control.drain_timeout_s)
     app.state.metrics.registry.register(FlipMetrics(app.state.flips))
+    app.state.metrics.registry.register(AdmissionCollector(app.state.admission))
+    app.state.metrics.registry.register(HealthCollector(app.state.health))
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return exc.response()
+    install_error_handlers(app)
+    routes = (COMPLETIONS, CHAT, "/v1/models")
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return GatewayError(400, str(exc)).response()
+    def count_refused(path: str, status: int) -> None:
+        app.state.metrics.requests.labels(path if path in routes else "other",
+                                          str(status)).inc()
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                       count=count_refused)
+    admission: Admission = app.state.admission
 
     async def serve(request: Request, route: str) -> Response:
         metrics: GatewayMetrics = app.state.metrics
-        request_id = request.headers.get("x-request-id") or f"fulcrum-{uuid.uuid4().hex}"
-        headers = {"X-Request-Id": request_id}
+        request_id = new_request_id()  # ours: unique, what workers and /admin see
+        client_id = client_request_id(request.headers.get("x-request-id"))
+        headers = {"X-Request-Id": client_id or request_id, "X-Fulcrum-Request-Id": request_id}
         started = time.monotonic()
+        admitted = False
         try:
-            parsed = parse_request(route, await request.body(), config.served_models)
-            work = asyncio.ensure_future(app.state.dispatcher.dispatch(parsed, request_id))
+            admission.enter()  # first: overload is answered before the body is read
+            admitted = True
+            authorization = request.headers.get("authorization")
+            config.auth.check_client(authorization)
+            raw = await read_limited(request.stream(), request.headers.get("content-length"),
+                                     config.max_body_bytes)
+            parsed = parse_request(route, raw, config.served_models)
+            del raw  # one copy of the body from here on: the parsed one
+            work = asyncio.ensure_future(app.state.dispatcher.dispatch(
+                parsed, request_id, client_id, config.auth.worker_headers(authorization)))
             gone = asyncio.ensure_future(_wait_for_disconnect(request))
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
@@ -172,39 +207,75 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                     await work
                 log.info("client left before a reply; aborted %s", request_id)
                 metrics.requests.labels(route, "499").inc()
+                admission.leave()
                 return Response(status_code=499)
             gone.cancel()
             response = work.result()
+            response.headers.update(headers)
         except GatewayError as exc:
             response = exc.response(headers)
         except UpstreamReply as exc:
             response = exc.response(headers)
+        except Exception as exc:  # never a bare 500: OpenAI-shaped and counted
+            log.error("unexpected error serving %s: %r", request_id, exc, exc_info=exc)
+            response = GatewayError(500, "internal error in the gateway",
+                                    code="internal_error").response(headers)
+        if admitted:
+            if isinstance(response, ProxyStreamResponse):
+                response.also_on_close(admission.leave)  # the slot lasts as long as the stream
+            else:
+                admission.leave()
         metrics.requests.labels(route, str(response.status_code)).inc()
         if response.status_code != 200:
             metrics.e2e.labels(route).observe(time.monotonic() - started)
         return response
 
-    @app.post(COMPLETIONS)
+    models_list = list(config.served_models)
+
+    @app.post(COMPLETIONS, openapi_extra=request_body_schema(COMPLETIONS, models_list))
     async def completions(request: Request) -> Response:
         return await serve(request, COMPLETIONS)
 
-    @app.post(CHAT)
+    @app.post(CHAT, openapi_extra=request_body_schema(CHAT, models_list))
     async def chat_completions(request: Request) -> Response:
         return await serve(request, CHAT)
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        config.auth.check_client(request.headers.get("authorization"))
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "fulcrum"}
             for m in config.served_models]}
 
+    @app.get("/livez")
+    async def livez() -> dict:
+        """The gateway process answers (says nothing about workers)."""
+        return {"status": "alive"}
+
+    def readiness() -> JSONResponse:
+        snap = cluster.snapshot()
+        prefill, decode = len(snap.routable(Role.PREFILL)), len(snap.routable(Role.DECODE))
+        if prefill and decode:
+            status = "ok"
+        elif prefill or decode:  # every worker can decode alone: served, without P/D
+            status = "degraded"
+        else:
+            status = "unavailable"
+        body = {"status": status, "ready_workers": prefill + decode,
+                "ready_prefill": prefill, "ready_decode": decode, "workers": len(snap.workers),
+                "breakers": app.state.health.summary()}
+        return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 while some worker can serve ("ok": both pools; "degraded": one pool only,
+        requests are computed whole on it); 503 when none can."""
+        return readiness()
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        states = [w.state for w in cluster.snapshot().workers]
-        ready = sum(s == WorkerState.READY for s in states)
-        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready,
-                "workers": len(states)}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        """Same answer as /readyz."""
+        return readiness()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

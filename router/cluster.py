@@ -54,6 +54,11 @@ class Cluster:
     def set_state(self, name: str, state: WorkerState) -> None:
         self._update(name, state=state)
 
+    def set_healthy(self, name: str, healthy: bool) -> None:
+        rec = self._records.get(name)
+        if rec is not None and rec.view.healthy != healthy:
+            rec.view = replace(rec.view, healthy=healthy)
+
     def set_role(self, name: str, role: Role) -> None:
         self._update(name, role=role)
 

@@ -28,8 +28,10 @@ from core.driver import PolicyDriver
 from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.workers import Role
+from router.admission import Admission, AdmissionConfig
 from router.cluster import Cluster
-from router.errors import GatewayError
+from router.errors import GatewayError, clip
+from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
 from router.metrics import GatewayMetrics
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
@@ -44,12 +46,16 @@ _PREFILL_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
 
 @dataclass(frozen=True)
 class DispatchConfig:
-    """Timeouts and retry limits; every leg is bounded."""
+    """Timeouts and retry limits; every leg is bounded.
+
+    `request_timeout_s` bounds a non-streamed decode leg from sending to the last byte
+    of its answer (headers and body together); a stream is bounded by the longest
+    silence between two of its chunks, `stream_idle_timeout_s`."""
 
     connect_timeout_s: float = 5.0
     prefill_timeout_s: float = 60.0
     stream_idle_timeout_s: float = 120.0
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 300.0
     decode_attempts: int = 3
     pd_enabled: bool = True
 
@@ -66,10 +72,11 @@ class UpstreamReply(Exception):
         try:
             body = json.loads(self.content)
         except ValueError:
-            return GatewayError(self.status, self.content.decode(errors="replace")[:2000]
+            return GatewayError(self.status, self.content.decode(errors="replace")
                                 ).response(headers)
-        if isinstance(body, dict) and "error" not in body:  # FastAPI-style {"detail": ...}
-            body = GatewayError(self.status, json.dumps(body)[:2000]).body()
+        if not isinstance(body, dict) or "error" not in body \
+                or len(self.content) > 4096:  # FastAPI-style {"detail": ...}, or an echo
+            body = GatewayError(self.status, clip(json.dumps(body), 400)).body()
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
@@ -107,20 +114,32 @@ def _prefill_body(body: dict) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class _LegContext:
+    """Per-request facts every leg needs besides the body."""
+
+    client_request_id: str | None
+    headers: dict[str, str]
+
+
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
     def __init__(self, cluster: Cluster, driver: PolicyDriver, client: httpx.AsyncClient,
                  metrics: GatewayMetrics, config: DispatchConfig,
-                 mix: RequestMix | None = None) -> None:
+                 mix: RequestMix | None = None, health: HealthMonitor | None = None,
+                 admission: Admission | None = None) -> None:
         self.cluster = cluster
+        self.health = health or HealthMonitor(cluster, HealthConfig(interval_s=0))
+        self.admission = admission or Admission(AdmissionConfig(0, 0))
         self.mix = mix or RequestMix()
         self.driver = driver
         self.client = client
         self.metrics = metrics
         self.config = config
-        self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
-        # request id -> (target, after_tokens, expires_at): moves asked for before the start
+        self.streams: dict[str, StreamRelay] = {}  # live streams, by the gateway's own id
+        # client request id -> (target, after_tokens, expires_at): moves asked for before
+        # the stream exists; the first stream with that client id takes it
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
 
     @property
@@ -161,7 +180,9 @@ class Dispatcher:
             raise ValueError(f"worker {target!r} is not ready")
 
     def _apply_planned_migration(self, relay: StreamRelay) -> None:
-        planned = self.pending_migrations.pop(relay.request_id, None)
+        if relay.client_request_id is None:
+            return
+        planned = self.pending_migrations.pop(relay.client_request_id, None)
         if planned is None or planned[2] < time.monotonic():
             return
         target, after_tokens, _ = planned
@@ -172,49 +193,64 @@ class Dispatcher:
             return
         relay.request_migration(target, after_tokens)
 
-    async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
-        """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
+    async def dispatch(self, req: ParsedRequest, request_id: str,
+                       client_request_id: str | None = None,
+                       worker_headers: dict[str, str] | None = None) -> Response:
+        """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers.
+
+        `request_id` is the gateway's own unique id (the one workers see);
+        `worker_headers` go to every worker request (e.g. `Authorization`)."""
         started = time.monotonic()
         info = self.driver.request(request_id, req.prompt_tokens_estimate, req.max_tokens,
                                    started, req.prompt_text)
+        leg = _LegContext(client_request_id, worker_headers or {})
         try:
-            return await self._dispatch(req, info, started)
+            return await self._dispatch(req, info, started, leg)
         except BaseException:
             self.driver.finished(request_id)
             raise
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
-                        started: float) -> Response:
+                        started: float, leg: _LegContext) -> Response:
         request_id = info.request_id
+        full = self.cluster.snapshot()
+        snap = self.admission.with_room(full)  # workers at their queue bound take no legs
         disaggregate = self.config.pd_enabled and req.body.get("n", 1) in (1, None)
-        route = self.driver.route(info, self.cluster.snapshot(), disaggregate)
+        route = self.driver.route(info, snap, disaggregate)
         decode = route.decode
         if decode is None:
+            if full.decode_candidates():
+                raise self.admission.no_decode_room()
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
-                               code="no_ready_worker")
+                               code="no_ready_worker", headers={"Retry-After": "1"})
         kv_params = None
         if route.prefill is not None:
-            kv_params = await self._prefill_leg(route.prefill, req, request_id)
+            kv_params = await self._prefill_leg(route.prefill, req, request_id, leg)
             decode = self.driver.decode_after_prefill(info, decode,
                                                       self.cluster.snapshot()) or decode
-        self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
-        return await self._decode_leg(decode, req, info, kv_params, started)
+        return await self._decode_leg(decode, req, info, kv_params, started, leg)
+
+    def worker_headers(self, request_id: str, leg: _LegContext) -> dict[str, str]:
+        return {**leg.headers, "X-Request-Id": request_id}
 
     async def _prefill_leg(self, worker: str, req: ParsedRequest,
-                           request_id: str) -> dict | None:
+                           request_id: str, leg: _LegContext) -> dict | None:
         """Run the prefill leg; None means "decode computes the prompt itself"."""
         url = self.cluster.view(worker).url + req.route
         tokens = req.prompt_tokens_estimate
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
-            resp = await self.client.post(url, json=_prefill_body(req.body),
-                                          headers={"X-Request-Id": request_id},
-                                          timeout=self._timeout(self.config.prefill_timeout_s))
-        except httpx.HTTPError as exc:
+            resp = await self.health.guard(worker, self.client.post(
+                url, json=_prefill_body(req.body), headers=self.worker_headers(request_id, leg),
+                timeout=self._timeout(self.config.prefill_timeout_s)))
+        except (httpx.HTTPError, WorkerUnhealthy) as exc:
+            if isinstance(exc, httpx.TransportError):
+                self.health.report_failure(worker, f"prefill leg: {exc.__class__.__name__}")
             return self._prefill_failed(worker, request_id, repr(exc))
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
+        self.health.report_success(worker)
         if 400 <= resp.status_code < 500:
             raise UpstreamReply(resp.status_code, resp.content)
         if resp.status_code != 200:
@@ -238,7 +274,8 @@ class Dispatcher:
         return None
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
-                          kv_params: dict | None, started: float) -> Response:
+                          kv_params: dict | None, started: float,
+                          leg: _LegContext) -> Response:
         request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
@@ -256,23 +293,29 @@ class Dispatcher:
             read_timeout = (self.config.stream_idle_timeout_s if req.stream
                             else self.config.request_timeout_s)
             self.cluster.begin(worker, Role.DECODE, tokens)
+            sent_at = time.monotonic()
             try:
-                upstream = await self.client.send(
+                upstream = await self.health.guard(worker, self.client.send(
                     self.client.build_request("POST", url, json=body,
-                                              headers={"X-Request-Id": request_id},
+                                              headers=self.worker_headers(request_id, leg),
                                               timeout=self._timeout(read_timeout)),
-                    stream=True)
-            except httpx.HTTPError as exc:
+                    stream=True))
+            except (httpx.HTTPError, WorkerUnhealthy) as exc:
                 self.cluster.end(worker, Role.DECODE, tokens)
+                if isinstance(exc, httpx.TransportError):
+                    self.health.report_failure(worker, f"decode leg: {exc.__class__.__name__}")
                 last_error = f"{worker}: {exc!r}"
                 tried.add(worker)
             except BaseException:  # cancelled: the client went away
                 self.cluster.end(worker, Role.DECODE, tokens)
                 raise
             else:
+                self.health.report_success(worker)
                 if upstream.status_code == 200:
+                    # counted here: a request whose KV pull failed and was retried is local
+                    self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
-                                             started)
+                                             started, leg, sent_at)
                 content = await upstream.aread()
                 await upstream.aclose()
                 self.cluster.end(worker, Role.DECODE, tokens)
@@ -294,17 +337,21 @@ class Dispatcher:
                            code="upstream_unavailable")
 
     async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
-                     request_id: str, body: dict, tokens: int, started: float) -> Response:
-        headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
+                     request_id: str, body: dict, tokens: int, started: float,
+                     leg: _LegContext, sent_at: float) -> Response:
+        headers = {"X-Fulcrum-Decode-Worker": worker}
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
+            relay.client_request_id = leg.client_request_id
+            relay.worker_headers = leg.headers
             self.streams[request_id] = relay
             if self.pending_migrations:
                 self._apply_planned_migration(relay)
             return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
                                        media_type="text/event-stream", headers=headers)
-        try:
-            content = await asyncio.wait_for(upstream.aread(), self.config.request_timeout_s)
+        remaining = max(0.0, sent_at + self.config.request_timeout_s - time.monotonic())
+        try:  # headers and body share one deadline
+            content = await asyncio.wait_for(upstream.aread(), remaining)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",
                                code="upstream_error") from None

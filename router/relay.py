@@ -144,6 +144,8 @@ class StreamRelay:
         # delta), so a move waits for a clean boundary.
         self._text_caught_up = False
         self._closed = False
+        self.client_request_id: str | None = None  # the client's X-Request-Id, as echoed
+        self.worker_headers: dict[str, str] = {}  # e.g. Authorization, for every worker
 
     # -- migration ----------------------------------------------------------------
     def request_migration(self, target: str, after_tokens: int = 0) -> None:
@@ -188,7 +190,8 @@ class StreamRelay:
         self.obs.discard_pending()
         request = self.d.client.build_request(
             "POST", self.d.cluster.view(target).url + COMPLETIONS, json=body,
-            headers={"X-Request-Id": f"{self.request_id}-m{self.migrations}"},
+            headers={**self.worker_headers,
+                     "X-Request-Id": f"{self.request_id}-m{self.migrations}"},
             timeout=self.d.stream_timeout())
         self.upstream = await self.d.client.send(request, stream=True)
         if self.upstream.status_code != 200:
@@ -263,20 +266,20 @@ class StreamRelay:
 
     def _rewrite_chat(self, chunk: dict) -> bool:
         """Keep a chat stream looking like one: completion chunks from a migration target
-        become chat chunks; token ids show only if the client asked (vLLM then sends
-        nulls)."""
+        become chat chunks; token ids show only if the client asked (otherwise the keys are
+        dropped, even vLLM's nulls: they are not part of OpenAI's chunk)."""
         if not self.migrations:  # still the chat worker's own stream
             if not self._chat_stamp:
                 self._chat_stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             self._check_chat_choices(chunk)
             changed = False
-            if not self.client_wants_ids:
-                if chunk.get("prompt_token_ids") is not None:
-                    chunk["prompt_token_ids"] = None
+            if not self.client_wants_ids:  # not OpenAI's: drop them, nulls included
+                if "prompt_token_ids" in chunk:
+                    del chunk["prompt_token_ids"]
                     changed = True
                 for choice in chunk.get("choices") or ():
-                    if choice.get("token_ids") is not None:
-                        choice["token_ids"] = None
+                    if "token_ids" in choice:
+                        del choice["token_ids"]
                         changed = True
             return changed
         if "choices" not in chunk:  # an error event: pass it on
@@ -305,7 +308,8 @@ class StreamRelay:
                          "logprobs": None, "finish_reason": choice.get("finish_reason")}
             if converted["finish_reason"] is not None:
                 converted["stop_reason"] = choice.get("stop_reason")
-            converted["token_ids"] = choice.get("token_ids") if self.client_wants_ids else None
+            if self.client_wants_ids:
+                converted["token_ids"] = choice.get("token_ids")
             out["choices"].append(converted)
         for key in ("usage", "system_fingerprint"):
             if key in chunk:

@@ -27,6 +27,17 @@ class ProxyStreamResponse(StreamingResponse):
         super().__init__(content, **kw)
         self._on_close = on_close
 
+    def also_on_close(self, func: Callable[[], None]) -> None:
+        """Run `func` (synchronous) after `on_close`, exactly once, whatever happens."""
+        inner = self._on_close
+
+        async def both() -> None:
+            try:
+                await inner()
+            finally:
+                func()
+        self._on_close = both
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._serve(scope, receive, send)

@@ -1,6 +1,8 @@
 """One scripted request sequence through the live gateway (over fake workers) and through
 the simulator: the routing policy must receive the same calls, in the same order, with the
 same arguments. Measured times differ by nature; they are compared by kind (a float >= 0).
+Request ids too: the gateway makes its own unique ids, so each id is replaced by the order
+in which it first appeared (the same request must keep one id across its calls).
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ SCRIPT = [(12, 5, True), (40, 20, False), (7, 2, True), (25, 9, True), (3, 17, F
 def _time(x: object) -> str:
     assert isinstance(x, float) and x >= 0, x
     return "seconds"
+
+
+def _by_first_seen(calls: list[tuple]) -> list[tuple]:
+    ids: dict[str, str] = {}
+
+    def norm(x: object) -> object:
+        if isinstance(x, tuple):
+            return tuple(norm(v) for v in x)
+        if isinstance(x, str) and (x.isdigit() or x.startswith("fulcrum-")):
+            return ids.setdefault(x, f"request#{len(ids)}")
+        return x
+
+    return [norm(c) for c in calls]
 
 
 class Recording(RoutingPolicy):
@@ -127,7 +142,7 @@ def sim_calls() -> list[tuple]:
 
 
 def test_gateway_and_simulator_make_the_same_policy_calls(monkeypatch) -> None:
-    live, simulated = live_calls(monkeypatch), sim_calls()
+    live, simulated = _by_first_seen(live_calls(monkeypatch)), _by_first_seen(sim_calls())
     assert live == simulated
     # the script really exercised every leg: both picks, both measurements, each finish
     kinds = [c[0] for c in simulated]
