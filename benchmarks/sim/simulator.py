@@ -45,7 +45,7 @@ from instance_manager.controller.base import ControlPolicy, ControlSnapshot, Wor
 from router.quantile import linear_quantile
 
 _heappush, _heappop = heapq.heappush, heapq.heappop
-ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
+ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE, REBALANCE = range(6)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class SimConfig:
     flip_rewarm_s: float = 0.0
     length_oracle: bool = False  # True: max_tokens = the true output length
     client_max_tokens: int | None = DEFAULT_CLIENT_MAX_TOKENS  # the cap otherwise (None: none)
+    rebalance_interval_s: float = 2.0  # ARES migration planning, as the gateway's default
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
@@ -87,6 +88,7 @@ class SimResult:
     wall_s: float
     cpu_s: float
     busy_s: dict[str, float]
+    migrations: list[tuple[float, str, str, str]] = field(default_factory=list)
 
     @property
     def ttft(self) -> np.ndarray:
@@ -113,6 +115,7 @@ class SimResult:
             slo=slo, percentiles=percentiles)
         result["num_prompts"] = int(self.arrival.size)
         result["flips"] = len(self.flips)
+        result["migrations"] = len(self.migrations)
         result["sim_events"] = self.events
         result["sim_wall_s"] = self.wall_s
         result["sim_cpu_s"] = self.cpu_s
@@ -139,6 +142,13 @@ class Simulator:
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
         self.kv_bytes = float(perf.kv_bytes_per_token)
+        if config.rebalance_interval_s > 0 and self.driver.tracks_residents:
+            from router.rebalance import default_planner  # the gateway's planner
+
+            self.driver.planner = default_planner()
+        self.migrations: list[tuple[float, str, str, str]] = []
+        self._evictions: dict[int, tuple[SimRequest, Engine]] = {}
+        self._reqs: list[SimRequest] = []
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
@@ -213,6 +223,9 @@ class Simulator:
             self.driver.finished(req.info.request_id)
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
+        if req.moved:  # a migrated decode recomputed its context here: it continues
+            e.join_local(req, req.output - 1, now) if req.output > 1 else self._finish(e, req, now)
+            return
         if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
             self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
@@ -292,7 +305,8 @@ class Simulator:
         e.in_flight_decode -= 1
         e.decode_tokens_in_flight -= req.info.decode_tokens
         e.requests_finished += 1
-        per_token = (now - req.first_token) / (req.output - 1) if req.output > 1 else None
+        total = req.output + req.moved
+        per_token = (now - req.first_token) / (total - 1) if total > 1 else None
         if self.control is not None and per_token is not None:
             e.samples_itl.append((now, per_token))
         self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
@@ -307,6 +321,10 @@ class Simulator:
             self._prefill_done(e, req, now)
         for req in finished:
             self._finish(e, req, now)
+        if self._evictions and e.idx in self._evictions:
+            moving, target = self._evictions.pop(e.idx)
+            if moving.finish != moving.finish:  # still running: not finished meanwhile
+                self._migrate(e, moving, target, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
             self._views.mark(e.idx)
         if finished and e.decode_wait:
@@ -314,6 +332,62 @@ class Simulator:
         self._kick(e, now)
         if e.pending_role is not None:
             self._check_drained(e, now)
+
+    # ---- ARES rebalancing: the gateway's planner, driven the same way ------------------
+    def _rebalance_tick(self, now: float) -> None:
+        driver = self.driver
+        if driver.learns_progress:
+            for e in self.engines:
+                step = e.step
+                for finish_step, _, req in e.running:
+                    generated = req.moved + req.output - (finish_step - step)
+                    if generated > 0:
+                        driver.progress(req.info.request_id, generated)
+        reqs, by_name = self._reqs, self.by_name
+
+        def movable(worker: str, r: object) -> bool:
+            req = reqs[int(r.request_id)]  # type: ignore[attr-defined]
+            e = by_name.get(worker)
+            return (e is not None and req.decode_worker == e.idx and e.idx not in
+                    self._evictions and req.finish != req.finish and req.prefilled >= req.prompt
+                    and any(entry[2] is req for entry in e.running))
+
+        decoders = [w.name for w in self.snapshot(now).routable(Role.DECODE)]
+        decision = driver.plan_migration(decoders, movable)
+        if decision is None:
+            return
+        src, dst = by_name[decision.source], by_name[decision.target]
+        req = reqs[int(decision.request_id)]
+        if req.prompt + req.output > dst.kv_cap:
+            return
+        self._evictions[src.idx] = (req, dst)  # taken out at src's next step boundary
+        end = src.interrupt(now)
+        if end is not None:
+            self._push(end, ITER_END, src, src.version)
+
+    def _migrate(self, src: Engine, req: SimRequest, dst: Engine, now: float) -> None:
+        """Move a running decode: the target recomputes its context (prompt + generated,
+        a prefill priced by the engine model), then decodes the rest, as the gateway's
+        recompute migration does."""
+        generated = src.evict(req)
+        if generated < 0:
+            return
+        src.in_flight_decode -= 1
+        src.decode_tokens_in_flight -= req.info.decode_tokens
+        self._changed(src)
+        req.moved += generated
+        req.prompt += generated
+        req.output -= generated
+        req.prefilled = 0
+        req.local_decode = True
+        req.prefill_worker = req.decode_worker = dst.idx
+        dst.in_flight_decode += 1
+        dst.decode_tokens_in_flight += req.info.decode_tokens
+        dst.enqueue_prefill(req, now)
+        self.migrations.append((now, req.info.request_id, src.name, dst.name))
+        self.driver.migrated(req.info.request_id, dst.name)
+        self._changed(dst)
+        self._kick(dst, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
@@ -431,6 +505,10 @@ class Simulator:
                 a.state = WorkerState.READY
                 self._changed_role_or_state(a)
                 self._kick(a, now)
+            elif kind == REBALANCE:
+                if self._finished < n:
+                    self._rebalance_tick(now)
+                    self._push(now + self.config.rebalance_interval_s, REBALANCE)
         return events
 
     # ---- main loop -----------------------------------------------------------------------
@@ -447,6 +525,7 @@ class Simulator:
                 out = min(out, cap)  # the engine stops at the client's cap
             reqs.append(SimRequest(i, float(t), max(1, r.prompt_tokens), out,
                                    out if oracle else cap, r.prompt or None))
+        self._reqs = reqs
         self._finish_count = [0] * n
         self._finished = 0
         self._record_roles(0.0)
@@ -454,6 +533,9 @@ class Simulator:
         first_seq = self._seq
         if self.control is not None:
             self._push(self.config.control_interval_s, CONTROL)
+        if self.driver.planner is not None or self.driver.learns_progress:
+            if self.config.rebalance_interval_s > 0:
+                self._push(self.config.rebalance_interval_s, REBALANCE)
         events = self._loop(reqs, first_seq)
         unfinished = [r.rid for r in reqs if not r.failed and r.finish != r.finish]
         if unfinished:
@@ -462,11 +544,11 @@ class Simulator:
             arrival=np.array([r.arrival for r in reqs]),
             first_token=np.array([r.first_token for r in reqs]),
             finish=np.array([r.finish for r in reqs]),
-            prompt_tokens=np.array([r.prompt for r in reqs]),
-            output_tokens=np.array([r.output for r in reqs]),
+            prompt_tokens=np.array([r.prompt - r.moved for r in reqs]),
+            output_tokens=np.array([r.output + r.moved for r in reqs]),
             failed=np.array([r.failed for r in reqs], dtype=bool),
             finish_count=np.array(self._finish_count, dtype=np.int64), roles=self.roles,
             flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
-            busy_s={e.name: e.busy_s for e in self.engines})
+            busy_s={e.name: e.busy_s for e in self.engines}, migrations=self.migrations)
