@@ -31,18 +31,24 @@ and swallowed; exceptions from the pick methods propagate.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from core.feedback import PolicyFeedback, ResidentRequest, overrides
 from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.slo import SLOTargets
-from core.workers import ClusterSnapshot
+from core.workers import ClusterSnapshot, Role
 
 log = logging.getLogger("fulcrum.driver")
+_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(RequestInfo))
+# RequestInfo is a plain frozen dataclass (no slots, no __post_init__): filling its __dict__
+# skips the per-field object.__setattr__ of its __init__, ~4x cheaper per request in the
+# simulator's hot loop
+assert "__slots__" not in vars(RequestInfo) and not hasattr(RequestInfo, "__post_init__")
+_new = object.__new__
 
 
 class MigrationChoice(Protocol):
@@ -56,8 +62,7 @@ class Planner(Protocol):
                ) -> MigrationChoice | None: ...
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """Where a request goes: `prefill` None means the decode worker computes the prompt."""
 
     decode: str | None
@@ -105,8 +110,10 @@ class PolicyDriver:
     def request(self, request_id: str, prompt_tokens: int, max_tokens: int | None,
                 arrival_time: float, prompt_text: str | None = None) -> RequestInfo:
         """A request arrived: what the policy may know of it (and `observe_prompt`)."""
-        info = RequestInfo(request_id, prompt_tokens, max_tokens, arrival_time,
-                           self.tbt_target_s, prompt_text)
+        info = _new(RequestInfo)
+        info.__dict__.update(zip(_INFO_FIELDS, (request_id, prompt_tokens, max_tokens,
+                                                arrival_time, self.tbt_target_s, prompt_text),
+                                 strict=True))
         if self.learns_prompts:
             self._safely(self.policy.observe_prompt, prompt_tokens)
         return info
@@ -123,8 +130,11 @@ class PolicyDriver:
     def decode_after_prefill(self, info: RequestInfo, chosen: str,
                              snapshot: ClusterSnapshot) -> str | None:
         """`chosen` if it is still a decode candidate, else a new pick without it."""
-        if any(w.name == chosen for w in snapshot.decode_candidates()):
-            return chosen
+        for w in snapshot.workers:  # is it in snapshot.decode_candidates()? (no tuple built)
+            if w.name == chosen:
+                if w.routable and (w.role == Role.DECODE or not snapshot.routable(Role.DECODE)):
+                    return chosen
+                break
         return self.policy.pick_decode(info, snapshot, frozenset((chosen,)))
 
     def retry_decode(self, info: RequestInfo, snapshot: ClusterSnapshot,
