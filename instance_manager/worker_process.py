@@ -38,6 +38,8 @@ class WorkerSpec:
     device: str = "cpu"
     cpu_core: int | None = None
     gpu_index: int | None = None
+    gpu_ids: tuple[int, ...] = ()  # a GPU range for one worker (tensor parallelism)
+    tensor_parallel_size: int = 1
     max_model_len: int | None = None
     kv_cache_gib: int = 1
     extra_args: tuple[str, ...] = ()
@@ -60,6 +62,8 @@ class WorkerSpec:
             cmd.append("--enforce-eager")  # torch.compile recompiles at every CPU start
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         return cmd + self.kv.cli_args() + list(self.extra_args)
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -72,6 +76,8 @@ class WorkerSpec:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             if self.cpu_core is not None:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        elif self.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         elif self.gpu_index is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
         if self.api_key:  # vLLM reads it here as --api-key; kept off the command line

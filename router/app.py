@@ -22,10 +22,12 @@ from core.driver import PolicyDriver
 from core.slo import SLOTargets
 from core.workers import Role
 from instance_manager.controller.loop import Controller
+from instance_manager.controller.metrics import ControllerMetrics
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
+from router.admin_workers import install_worker_registry
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
@@ -34,14 +36,14 @@ from router.error_handlers import BodyLimitMiddleware, install_error_handlers
 from router.errors import GatewayError
 from router.health import HealthCollector, HealthConfig, HealthMonitor
 from router.limits import client_request_id, new_request_id, read_limited
-from router.metrics import GatewayMetrics
+from router.metrics import ERROR, GatewayMetrics
 from router.openapi_schemas import request_body_schema
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
 from router.security import AuthConfig
 from router.streaming import ProxyStreamResponse
-from router.validation import CHAT, COMPLETIONS, parse_request
+from router.validation import CHAT, COMPLETIONS, ParsedRequest, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -132,6 +134,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             controller = app.state.controller
+            if controller is not None:
+                controller.listen(app.state.dispatcher.policy)
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
@@ -167,8 +171,11 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
+    app.state.metrics.registry.register(
+        ControllerMetrics(lambda: getattr(app.state, "controller", None)))
     app.include_router(admin.router)
     app.include_router(admin_control.router)
+    install_worker_registry(app, cluster, app.state.flips, config.served_models[0])
 
     install_error_handlers(app)
     routes = (COMPLETIONS, CHAT, "/v1/models")
@@ -187,6 +194,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         client_id = client_request_id(request.headers.get("x-request-id"))
         headers = {"X-Request-Id": client_id or request_id, "X-Fulcrum-Request-Id": request_id}
         started = time.monotonic()
+        parsed: ParsedRequest | None = None
         admitted = False
         try:
             admission.enter()  # first: overload is answered before the body is read
@@ -206,7 +214,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work
                 log.info("client left before a reply; aborted %s", request_id)
-                metrics.requests.labels(route, "499").inc()
+                metrics.count_request(route, 499)
                 admission.leave()
                 return Response(status_code=499)
             gone.cancel()
@@ -225,9 +233,10 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 response.also_on_close(admission.leave)  # the slot lasts as long as the stream
             else:
                 admission.leave()
-        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.count_request(route, response.status_code)
         if response.status_code != 200:
-            metrics.e2e.labels(route).observe(time.monotonic() - started)
+            model = parsed.model if parsed is not None else ""
+            metrics.latency(route, model, ERROR, "").e2e.observe(time.monotonic() - started)
         return response
 
     models_list = list(config.served_models)

@@ -11,6 +11,9 @@ Failure rules:
   the same worker without KV (a failed KV pull), then on another worker;
 - decode fails mid-stream: the client gets an OpenAI-style error event and [DONE];
 - a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
+
+First-token handoff (`router.handoff`): where a stream could migrate, the prefill leg's
+token is streamed to the client first and the decode leg continues after it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from core.workers import Role
 from router.admission import Admission, AdmissionConfig
 from router.cluster import Cluster
 from router.errors import GatewayError, clip
+from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
-from router.metrics import GatewayMetrics
+from router.metrics import LOCAL, PD, GatewayMetrics
 from router.relay import StreamRelay, migratable
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
@@ -104,8 +108,9 @@ def engine_seconds_per_token(metrics: object) -> float | None:
     return None
 
 
-def _prefill_body(body: dict) -> dict:
+def _prefill_body(body: dict, extra: dict | None = None) -> dict:
     out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
+    out.update(extra or {})
     out["stream"] = False
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -223,49 +228,51 @@ class Dispatcher:
                 raise self.admission.no_decode_room()
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
                                code="no_ready_worker", headers={"Retry-After": "1"})
-        kv_params = None
+        kv_params, first = None, None
         if route.prefill is not None:
-            kv_params = await self._prefill_leg(route.prefill, req, request_id, leg)
+            kv_params, first = await self._prefill_leg(route.prefill, req, request_id, leg)
             decode = self.driver.decode_after_prefill(info, decode,
                                                       self.cluster.snapshot()) or decode
-        return await self._decode_leg(decode, req, info, kv_params, started, leg)
+        return await self._decode_leg(decode, req, info, kv_params, started, leg, first)
 
     def worker_headers(self, request_id: str, leg: _LegContext) -> dict[str, str]:
         return {**leg.headers, "X-Request-Id": request_id}
 
-    async def _prefill_leg(self, worker: str, req: ParsedRequest,
-                           request_id: str, leg: _LegContext) -> dict | None:
-        """Run the prefill leg; None means "decode computes the prompt itself"."""
+    async def _prefill_leg(self, worker: str, req: ParsedRequest, request_id: str,
+                           leg: _LegContext) -> tuple[dict | None, FirstToken | None]:
+        """Run the prefill leg: (KV params, its first token if handed off); no params
+        means "decode computes the prompt itself"."""
         url = self.cluster.view(worker).url + req.route
         tokens = req.prompt_tokens_estimate
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
             resp = await self.health.guard(worker, self.client.post(
-                url, json=_prefill_body(req.body), headers=self.worker_headers(request_id, leg),
+                url, json=_prefill_body(req.body, prefill_fields(req)),
+                headers=self.worker_headers(request_id, leg),
                 timeout=self._timeout(self.config.prefill_timeout_s)))
         except (httpx.HTTPError, WorkerUnhealthy) as exc:
             if isinstance(exc, httpx.TransportError):
                 self.health.report_failure(worker, f"prefill leg: {exc.__class__.__name__}")
-            return self._prefill_failed(worker, request_id, repr(exc))
+            return self._prefill_failed(worker, request_id, repr(exc)), None
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
         self.health.report_success(worker)
         if 400 <= resp.status_code < 500:
             raise UpstreamReply(resp.status_code, resp.content)
         if resp.status_code != 200:
-            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}")
+            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}"), None
         try:
             reply = resp.json()
             params = reply.get("kv_transfer_params")
         except ValueError:
             reply, params = {}, None
         if not params:
-            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
+            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply"), None
         prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
         self.driver.prefilled(worker, prompt_tokens,
                               prefill_seconds(reply.get("metrics"), time.monotonic() - leg_started))
-        return params
+        return params, from_prefill_reply(req, reply)
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
         log.warning("prefill leg on %s failed for %s (%s); decoding with local prefill",
@@ -275,7 +282,7 @@ class Dispatcher:
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
                           kv_params: dict | None, started: float,
-                          leg: _LegContext) -> Response:
+                          leg: _LegContext, first: FirstToken | None = None) -> Response:
         request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
@@ -284,6 +291,8 @@ class Dispatcher:
             body = dict(req.body)
             if kv_params:
                 body["kv_transfer_params"] = kv_params
+                if first is not None:
+                    body = decode_body(body, first, req.max_tokens or 16)
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
@@ -313,9 +322,10 @@ class Dispatcher:
                 self.health.report_success(worker)
                 if upstream.status_code == 200:
                     # counted here: a request whose KV pull failed and was retried is local
-                    self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
+                    (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
-                                             started, leg, sent_at)
+                                             started, leg, sent_at,
+                                             first if kv_params else None)
                 content = await upstream.aread()
                 await upstream.aclose()
                 self.cluster.end(worker, Role.DECODE, tokens)
@@ -327,6 +337,7 @@ class Dispatcher:
             log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
             self.metrics.leg_failures.labels("decode", "retry").inc()
             kv_params = None  # whatever failed, the next attempt computes the prompt itself
+            first = None
             if worker in tried:
                 nxt = self.driver.retry_decode(info, self.cluster.snapshot(), frozenset(tried))
                 if nxt is None:
@@ -338,10 +349,14 @@ class Dispatcher:
 
     async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
                      request_id: str, body: dict, tokens: int, started: float,
-                     leg: _LegContext, sent_at: float) -> Response:
+                     leg: _LegContext, sent_at: float,
+                     first: FirstToken | None = None) -> Response:
         headers = {"X-Fulcrum-Decode-Worker": worker}
+        mode = PD if "kv_transfer_params" in body else LOCAL
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
+            if first is not None:
+                relay.prime(first_event(first), len(first.token_ids))
             relay.client_request_id = leg.client_request_id
             relay.worker_headers = leg.headers
             self.streams[request_id] = relay
@@ -367,7 +382,8 @@ class Dispatcher:
                              engine_seconds_per_token(body.get("metrics")))
         body.pop("kv_transfer_params", None)
         self._record_usage(body.get("usage"))
-        self.metrics.e2e.labels(req.route).observe(time.monotonic() - started)
+        self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
+            time.monotonic() - started)
         return JSONResponse(body, headers=headers)
 
     def _record_usage(self, usage: dict | None) -> None:
@@ -379,17 +395,18 @@ class Dispatcher:
         self.mix.record(prompt, completion)
 
     def observe_stream(self, worker: str, req: ParsedRequest, request_id: str,
-                       obs: StreamObserver, started: float) -> None:
+                       obs: StreamObserver, started: float, mode: str = LOCAL) -> None:
         """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
-        self.metrics.e2e.labels(req.route).observe(e2e)
+        children = self.metrics.latency(req.route, req.model, mode, worker)
+        children.e2e.observe(e2e)
         per_token = engine_seconds_per_token(obs.metrics)
         if obs.ttft is not None:
-            self.metrics.ttft.labels(req.route).observe(obs.ttft)
+            children.ttft.observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
-                self.metrics.tpot.labels(req.route).observe(tpot)
+                children.tpot.observe(tpot)
                 if per_token is None:  # the worker reports no timings: the client's view
                     per_token = tpot
         if obs.usage:

@@ -30,16 +30,16 @@ async def read_limited(chunks: AsyncIterator[bytes], content_length: str | None,
         except ValueError:
             raise GatewayError(400, "Content-Length is not a number") from None
         if declared > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
     body = bytearray()
     async for chunk in chunks:
         body += chunk
         if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
     return bytes(body)
 
 
-def _too_large(max_bytes: int) -> GatewayError:
+def too_large(max_bytes: int) -> GatewayError:
     return GatewayError(413, f"request body exceeds the gateway's limit of "
                         f"{max_bytes / 2**20:g} MiB (--max-body-mb)",
                         code="request_too_large")

@@ -12,7 +12,7 @@ from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.ares import AresDecodePolicy
-from router.policies.arrow import ArrowPolicy
+from router.policies.arrow import ArrowRouting
 from router.policies.dopd_match import DOPDMatchPolicy
 
 
@@ -44,7 +44,7 @@ class LeastLoadedPolicy(RoutingPolicy):
 
 POLICIES: dict[str, type[RoutingPolicy]] = {
     LeastLoadedPolicy.name: LeastLoadedPolicy,
-    ArrowPolicy.name: ArrowPolicy,
+    ArrowRouting.name: ArrowRouting,
     DOPDMatchPolicy.name: DOPDMatchPolicy,
     AresDecodePolicy.name: AresDecodePolicy,
 }

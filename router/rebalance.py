@@ -14,16 +14,19 @@ import logging
 from core.feedback import ResidentRequest
 from core.workers import Role
 from router.dispatch import Dispatcher
-from router.policies.ares import MigrationPlanner
-from router.policies.latency_model import DecodeLatencyModel
+from router.policies.ares import MigrationPlanner, RecomputeCost
+from router.policies.latency_model import DecodeLatencyModel, PrefillLatencyModel
 
 log = logging.getLogger("fulcrum.rebalance")
 
 
 def default_planner() -> MigrationPlanner:
-    """A planner pricing decode steps with the default linear step-time model."""
+    """A planner pricing decode steps with the default linear step-time model and a move
+    as the recompute it is (`Dispatcher.migrate` resubmits the stream to the target, which
+    prefills prompt + generated tokens again)."""
     model = DecodeLatencyModel()
-    return MigrationPlanner(lambda worker, tokens: model.predict(tokens))
+    return MigrationPlanner(lambda worker, tokens: model.predict(tokens),
+                            RecomputeCost(PrefillLatencyModel()))
 
 
 def rebalance_once(dispatcher: Dispatcher) -> str | None:

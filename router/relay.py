@@ -33,6 +33,7 @@ import httpx
 
 from core.workers import Role
 from router.errors import GatewayError
+from router.metrics import LOCAL, PD
 from router.sse import StreamObserver, is_usage_only
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
@@ -122,6 +123,7 @@ class StreamRelay:
         self.upstream = upstream
         self.req = req
         self.body = body  # what the current worker was sent
+        self.mode = PD if "kv_transfer_params" in body else LOCAL  # as dispatched
         self.tokens = tokens
         self.started = started
         self.obs = StreamObserver(started=started)
@@ -143,9 +145,16 @@ class StreamRelay:
         # detokenizes wrongly (vLLM 0.32 streams the whole prompt's text as the first
         # delta), so a move waits for a clean boundary.
         self._text_caught_up = False
+        self._primer: bytes | None = None  # an event to send before the worker's
         self._closed = False
         self.client_request_id: str | None = None  # the client's X-Request-Id, as echoed
         self.worker_headers: dict[str, str] = {}  # e.g. Authorization, for every worker
+
+    def prime(self, event: bytes, generated: int) -> None:
+        """Send `event` first: `generated` tokens made elsewhere (the prefill leg's first
+        token, `router.handoff`); the worker continues after them, as after a migration."""
+        self._primer = event
+        self._completion_before = generated
 
     # -- migration ----------------------------------------------------------------
     def request_migration(self, target: str, after_tokens: int = 0) -> None:
@@ -214,7 +223,7 @@ class StreamRelay:
         changed = False
         if self.stream_id is None and chunk.get("id"):
             self.stream_id = chunk["id"]
-        elif self.migrations and chunk.get("id") != self.stream_id:
+        elif self._continued and chunk.get("id") != self.stream_id:
             chunk["id"] = self.stream_id
             changed = True
         self._collect_ids(chunk)
@@ -223,7 +232,7 @@ class StreamRelay:
         else:
             changed = self._hide_completion_ids(chunk) or changed
         usage = chunk.get("usage")
-        if self.migrations and usage:
+        if self._continued and usage:
             prompt = self._prompt_tokens or usage.get("prompt_tokens", 0)
             completion = self._completion_before + (usage.get("completion_tokens") or 0)
             chunk["usage"] = {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
@@ -232,6 +241,12 @@ class StreamRelay:
         if not changed:
             return raw
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    @property
+    def _continued(self) -> bool:
+        """The current worker continues tokens generated before it (its ids, prompt and
+        usage counts need rewriting)."""
+        return bool(self.migrations or self._completion_before)
 
     def _collect_ids(self, chunk: dict) -> None:
         """Learn the prompt ids (chat: top level; completions: in the choice) and the ids
@@ -259,7 +274,7 @@ class StreamRelay:
                     if key in choice:
                         del choice[key]
                         changed = True
-            elif self.migrations and "prompt_token_ids" in choice:
+            elif self._continued and "prompt_token_ids" in choice:
                 del choice["prompt_token_ids"]  # the client saw the real prompt already
                 changed = True
         return changed
@@ -319,8 +334,14 @@ class StreamRelay:
     async def chunks(self) -> AsyncIterator[bytes]:
         reported = 0
         try:
+            if self._primer is not None:
+                events = self.obs.feed(self._primer)
+                out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
+                if out:
+                    yield b"".join(out)
             while True:
                 async for data in self.upstream.aiter_raw():
+                    self.d.health.saw_progress(self.worker)
                     events = self.obs.feed(data)
                     if self.obs.content_events - reported >= self.progress_every:
                         reported = self.obs.content_events
@@ -356,4 +377,5 @@ class StreamRelay:
         self.d.streams.pop(self.request_id, None)
         await self.upstream.aclose()
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
-        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started)
+        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started,
+                             self.mode)

@@ -121,7 +121,7 @@ def test_policy_show_and_set():
     client = TestClient(app, headers=AUTH)
     shown = client.get("/admin/policy").json()
     assert shown["name"] == "arrow" and shown["mode"] == "act"
-    assert shown["knobs"]["cooldown_s"] == 20.0
+    assert shown["knobs"]["cooldown_s"] == 10.0
     changed = client.put("/admin/policy", json={"knobs": {"cooldown_s": "5"}, "ttft_s": 2.0,
                                                 "advisory": True}).json()
     assert changed["knobs"]["cooldown_s"] == 5.0 and changed["knobs"]["sustain_ticks"] == 2
@@ -178,7 +178,7 @@ def test_cli_flip_drain_undrain_and_refusal(capsys):
     app = make_app()
     assert run_cli(app, "flip", "d0", "--to", "prefill", "--timeout", "1") == 0
     assert app.state.cluster.view("d0").role == Role.PREFILL
-    assert run_cli(app, "flip", "d1", "--to", "prefill") == 2
+    assert run_cli(app, "flip", "d1", "--to", "prefill") == 1  # refused (409)
     assert "no READY worker" in capsys.readouterr().err
     assert run_cli(app, "drain", "p1") == 0
     assert app.state.cluster.view("p1").state == WorkerState.DRAINING
@@ -220,7 +220,7 @@ def test_cli_commands_are_registered_in_fulcrum():
     args = build_parser().parse_args(["flip", "w1", "--to", "decode", "--dry-run"])
     assert (args.worker, args.to, args.dry_run) == ("w1", "decode", True)
     args = build_parser().parse_args(["policy", "set", "dopd", "--knob", "hysteresis=0.5"])
-    assert args.name == "dopd" and args.knob == ["hysteresis=0.5"]
+    assert args.name == "dopd" and args.control_knob == ["hysteresis=0.5"]
 
 
 @pytest.mark.parametrize("argv", [["flip", "x", "--to", "sideways"], ["flip", "x"]])

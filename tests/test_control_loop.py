@@ -7,7 +7,7 @@ import pytest
 
 from core.slo import SLOTargets
 from core.workers import Role, WorkerState
-from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
+from instance_manager.controller.arrow import ArrowConfig, ArrowController
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.loop import Controller
 from instance_manager.flip import FlipCoordinator
@@ -68,7 +68,7 @@ def make_controller(cluster: Cluster, policy, *, advisory: bool = False) -> Cont
 async def test_arrow_controller_flips_a_decode_worker_under_prefill_pressure():
     cluster = make_cluster()
     cluster.begin("d1", Role.DECODE, 5)  # busier, so d0 is the one to go
-    controller = make_controller(cluster, ArrowPolicy(ArrowConfig(sustain_ticks=2)))
+    controller = make_controller(cluster, ArrowController(ArrowConfig(sustain_ticks=2)))
     workers = FakeWorkers()
     async with httpx.AsyncClient(transport=httpx.MockTransport(workers.handler)) as client:
         first = await controller.tick(client)  # baseline scrape: no percentiles yet
@@ -150,3 +150,63 @@ async def test_run_survives_a_failing_tick_and_stops_on_cancel():
             await task
     assert len(policy.seen) >= 3  # the first tick raised, later ones were recorded
     assert cluster.view("p0").role == Role.PREFILL
+
+
+async def test_routing_pressure_wakes_the_loop_and_reaches_the_policy():
+    import asyncio
+
+    from core.pressure import SLOPressure
+    from router.policies.arrow import ArrowRouting
+
+    cluster = make_cluster()
+    policy = ScriptedPolicy("p0", Role.DECODE)
+    policy.action = None  # only watch
+    policy.decide = lambda snap: (policy.seen.append(snap), [])[1]
+    controller = make_controller(cluster, policy, advisory=True)
+    controller.interval_s = 60.0  # without a wake-up the second tick is a minute away
+    controller.min_interval_s = 0.0
+    routing = ArrowRouting()
+    controller.listen(routing)
+    signal = SLOPressure(Role.DECODE, "r1", "d0", 0.2, 0.1, 0.0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeWorkers().handler)) as c:
+        task = asyncio.create_task(controller.run(c))
+        while not policy.seen:
+            await asyncio.sleep(0.001)
+        assert policy.seen[0].pressure == ()
+        routing.pressure.report(signal)
+        await asyncio.wait_for(_until(lambda: len(policy.seen) >= 2), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert policy.seen[1].pressure == (signal,)
+    assert routing.pressure.drain() == []  # the controller drained it
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def test_several_flips_of_one_decision_are_applied_together():
+    class Jump:
+        name = "jump"
+
+        def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
+            return [FlipAction("p0", Role.DECODE, "jump"), FlipAction("p1", Role.DECODE, "jump")]
+
+    cluster = Cluster()
+    for name, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL),
+                       ("d0", Role.DECODE)):
+        cluster.add(name, f"http://{name}:8000", role, WorkerState.READY)
+    cluster.begin("p0", Role.PREFILL, 100)  # p0 is busy: its drain never ends here
+    controller = make_controller(cluster, Jump())
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeWorkers().handler)) as c:
+        decision = await controller.tick(c)
+    # p1 switched while p0's drain ran into its timeout beside it (in turn, p1 would only
+    # have started after p0 rolled back)
+    assert decision.results[1] == "done: prefill -> decode"
+    assert decision.results[0].startswith("rolled-back: drain timed out")
+    assert [r.worker for r in controller.flips.history] == ["p1", "p0"]
+    assert cluster.view("p1").role == Role.DECODE and cluster.view("p0").role == Role.PREFILL

@@ -12,7 +12,7 @@ from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
-from router.policies.arrow import ArrowPolicy
+from router.policies.arrow import ArrowRouting
 from router.policy import POLICIES, LeastLoadedPolicy
 
 
@@ -86,12 +86,12 @@ def test_the_driver_refuses_an_untyped_policy() -> None:
 def test_the_driver_knows_which_hooks_a_policy_overrides() -> None:
     plain = PolicyDriver(LeastLoadedPolicy())
     assert not (plain.learns_prefill or plain.learns_decode or plain.tracks_residents)
-    arrow = PolicyDriver(ArrowPolicy())
+    arrow = PolicyDriver(ArrowRouting())
     assert arrow.learns_prefill and arrow.learns_decode and not arrow.learns_prompts
 
 
 def test_slo_reaches_the_policy_and_every_request() -> None:
-    policy = ArrowPolicy()
+    policy = ArrowRouting()
     driver = PolicyDriver(policy, SLOTargets(ttft_s=0.3, tpot_s=0.02))
     assert (policy.targets.ttft_s, policy.targets.tpot_s) == (0.3, 0.02)
     info = driver.request("r", 10, None, 0.0, "hi")

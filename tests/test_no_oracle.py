@@ -58,5 +58,5 @@ def test_harness_sends_a_client_cap_and_no_ignore_eos_by_default() -> None:
     assert hidden["max_tokens"] == 512 and "ignore_eos" not in hidden
     uncapped = request_body(Endpoint("http://x", "m", chat=True), REQ)
     assert "max_completion_tokens" not in uncapped and "ignore_eos" not in uncapped
-    oracle = request_body(Endpoint("http://x", "m", length_oracle=True), REQ)
+    oracle = request_body(Endpoint("http://x", "m", length_oracle=True, ignore_eos=True), REQ)
     assert oracle["max_tokens"] == 77 and oracle["ignore_eos"] is True

@@ -108,6 +108,49 @@ def test_pd_output_equals_single_instance_and_kv_moved(cluster: LiveCluster,
                           source="local_compute") == local
 
 
+def _stream(url: str, prompt: str, max_tokens: int) -> tuple[list[int], str, dict, set]:
+    """Token ids, text, usage and chunk ids of a greedy streamed completion."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    ids: list[int] = []
+    text, usage, chunk_ids = "", {}, set()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            chunk_ids.add(chunk["id"])
+            for choice in chunk["choices"]:
+                ids.extend(choice.get("token_ids") or [])
+                text += choice["text"]
+            usage = chunk.get("usage") or usage
+    return ids, text, usage, chunk_ids
+
+
+def test_streamed_pd_hands_off_the_first_token_and_equals_single_instance(
+        cluster: LiveCluster) -> None:
+    """With Fulcrum's connector the prefill leg's token is streamed first and the decode
+    leg continues after it (its prompt is one token longer); with NIXL the decode leg
+    recomputes it. Either way the stream equals one instance's."""
+    decode = cluster.by_role("decode")
+    prompt = unique_prompt(60, 31)
+    reference = _stream(cluster.worker_url(decode), prompt, 10)
+    prompt_sum = cluster.metric(decode, "vllm:request_prompt_tokens_sum")
+    via_pd = _stream(cluster.url, prompt, 10)
+    prompt_len = reference[2]["prompt_tokens"]
+    assert via_pd[0] == reference[0] and len(via_pd[0]) == 10
+    assert via_pd[1] == reference[1]
+    assert via_pd[2]["prompt_tokens"] == prompt_len
+    assert via_pd[2]["completion_tokens"] == 10
+    assert len(via_pd[3]) == 1  # one stream id, as from one worker
+    handed_off = cluster.metric(decode, "vllm:fulcrum_kv_pulls_total") > 0  # our connector
+    assert cluster.metric(decode, "vllm:request_prompt_tokens_sum") - prompt_sum == \
+        prompt_len + (1 if handed_off else 0)
+
+
 def _post(cluster: LiveCluster, route: str, payload: bytes | dict) -> httpx.Response:
     content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return httpx.post(cluster.url + route, content=content,
@@ -291,7 +334,7 @@ def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCl
     subprocess.run([sys.executable, "-m", "benchmarks.bench", "--base-url", cluster.url,
                     "--model", MODEL_NAME, "--dataset", "random", "--input-len", "64",
                     "--output-len", "8", "--num-prompts", "8", "--request-rate", "4",
-                    "--goodput", "ttft:30000", "tpot:10000", "--save-result",
+                    "--goodput", "ttft:30000", "tpot:10000", "--ignore-eos", "--save-result",
                     "--result-dir", str(tmp_path), "--result-filename", "run.json",
                     "--no-progress"], check=True, timeout=300, capture_output=True)
     result = json.loads((tmp_path / "run.json").read_text())
@@ -301,6 +344,39 @@ def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCl
                 "request_goodput", "slo_attainment"):
         assert isinstance(result[key], int | float), key
     assert result["mean_ttft_ms"] > 0 and result["slo_attainment"] == 1.0
+
+
+def test_metrics_on_real_workers_feed_every_dashboard_panel(cluster: LiveCluster,
+                                                            request: pytest.FixtureRequest
+                                                            ) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deploy.observability import dashboard
+    from tests.test_observability import metric_names, series_names
+
+    decode = cluster.by_role("decode")
+    body = {"model": MODEL_NAME, "prompt": unique_prompt(60, 31), "max_tokens": 6,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        list(r.iter_lines())
+    gateway = httpx.get(cluster.url + "/metrics", timeout=10).text
+    ttft = [s for f in text_string_to_metric_families(gateway) for s in f.samples
+            if s.name == "fulcrum_time_to_first_token_seconds_count"
+            and s.labels["mode"] == "pd" and s.labels["worker"] == decode]
+    assert ttft and ttft[0].value >= 1 and ttft[0].labels["model"] == MODEL_NAME
+    exported = series_names(gateway)
+    for name in cluster.workers():
+        exported |= series_names(httpx.get(cluster.worker_url(name) + "/metrics",
+                                           timeout=10).text)
+    used = {n for q in dashboard.queries(dashboard.build()) for n in metric_names(q)}
+    vllm_used = {n for n in used if n.startswith("vllm:") and "fulcrum_kv" not in n}
+    assert vllm_used and vllm_used <= exported  # vLLM's names, as real workers export them
+    kv_used = {n for n in used if "fulcrum_kv" in n}
+    if "fulcrum" in request.node.callspec.id:  # Fulcrum's connector is loaded
+        assert kv_used <= exported
+    # every gateway series but the controller's (this cluster runs without a controller)
+    assert {n for n in used if n.startswith("fulcrum_") and "controller" not in n} <= exported
 
 
 # --- faults: these kill workers; the manager must bring them back -----------------

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from core.pressure import SLOPressure
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role
 
@@ -45,6 +46,10 @@ class ControlSnapshot:
     slo: SLOTargets = field(default_factory=SLOTargets)
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
+    arrival_rate_per_s: float | None = None
+    """Requests per second over the window (None where the producer does not count them)."""
+    pressure: tuple[SLOPressure, ...] = ()
+    """Predicted SLO misses the routing policy reported since the previous tick."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from kv_transfer.fulcrum.loader import BlockLoader
 from kv_transfer.fulcrum.metadata import FulcrumMetadata
 from kv_transfer.fulcrum.server import BlockServer
 from kv_transfer.fulcrum.stats import FulcrumStats, StatsRecorder
+from kv_transfer.fulcrum.trace import TRACE
 from kv_transfer.fulcrum.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,12 @@ class FulcrumWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor],
                            transport: Transport) -> None:
         self.transport = transport
+        if hasattr(transport, "on_tcp_receive"):
+            transport.on_tcp_receive = self.stats.pulled_over_tcp
         self.store = KVBlockStore(kv_caches, self.num_blocks)
         self.server = BlockServer("0.0.0.0", self.port, self.store, self.leases,
-                                  self.transport, self.stats, self.max_concurrent)
+                                  self.transport, self.stats, self.max_concurrent,
+                                  lease_s=self.lease_s)
         self.loader = BlockLoader(self.store, self.transport, self.stats, self.max_concurrent)
         log.info("fulcrum: serving KV on %s:%d via %s (%d layers, %d B/block)", self.host,
                  self.server.port, self.transport.name, len(self.store.layers),
@@ -50,6 +54,7 @@ class FulcrumWorker:
         """Apply one step's metadata: register holds, start pulls and releases."""
         for hold in meta.holds:
             self.leases.hold(hold.transfer_id, hold.req_id, hold.block_ids, self.lease_s)
+            TRACE.event("hold", req=hold.req_id, tid=hold.transfer_id)
         if self.loader is None:
             if meta.pulls:
                 raise RuntimeError("fulcrum: pull requested before KV caches registered")

@@ -1,4 +1,5 @@
-"""What a routing policy tells the controller when no worker can meet an SLO.
+"""What a routing policy tells the controller when no worker can meet an SLO (a type
+both `router` and `instance_manager` use, so it lives below them).
 
 The policy never flips roles itself (Arrow Algorithm 1 step 3 hands that to the
 controller). It records an `SLOPressure` and, if given one, calls a sink; the controller
