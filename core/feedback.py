@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from core.pressure import PressureLog
 from core.slo import SLOTargets
 
 HOOK_PREFIX = "observe_"
@@ -59,6 +60,11 @@ class PolicyFeedback:
     def observe_finished(self, request_id: str) -> None:
         """`request_id` left the system (finished, failed or aborted); sent exactly once."""
 
+    def pressure_log(self) -> PressureLog | None:
+        """Where this policy records predicted SLO misses for the controller (Arrow's inline
+        flips); None: it records none."""
+        return None
+
     def residents(self) -> Mapping[str, Sequence[ResidentRequest]] | None:
         """Running decodes by worker, for a migration planner; None: this policy does not
         track them (no rebalancing)."""
@@ -72,7 +78,7 @@ class PolicyFeedback:
 def _hooks() -> dict[str, int]:
     return {name: len(inspect.signature(fn).parameters)
             for name, fn in vars(PolicyFeedback).items()
-            if name.startswith(HOOK_PREFIX) or name in ("use_slo", "residents")}
+            if name.startswith(HOOK_PREFIX) or name in ("use_slo", "residents", "pressure_log")}
 
 
 def check_hooks(cls: type) -> None:

@@ -172,8 +172,8 @@ class Simulator:
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
         # outputs are known when a request finishes (as the gateway's RequestMix sees them)
         self._recent_outputs: deque[tuple[float, int]] = deque()
-        pressure = getattr(routing, "pressure", None)
-        self._drain_pressure = getattr(pressure, "drain", None)
+        pressure = routing.pressure_log()
+        self._drain_pressure = pressure.drain if pressure is not None else None
         self._last_counters: dict[str, tuple[int, int, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------

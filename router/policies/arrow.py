@@ -74,6 +74,9 @@ class ArrowRouting(RoutingPolicy):
         self.pressure = PressureLog(pressure_sink)
 
     # -- feeding measured data ------------------------------------------------------
+    def pressure_log(self) -> PressureLog:
+        return self.pressure
+
     def use_slo(self, slo: SLOTargets) -> None:
         self.targets = replace(self.targets, ttft_s=slo.ttft_s, tpot_s=slo.tpot_s)
 
