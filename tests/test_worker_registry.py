@@ -205,11 +205,11 @@ def test_cli_worker_add_list_remove(rig: Rig, capsys: pytest.CaptureFixture) -> 
         assert cli.main(["worker", "list", "--json", "--url", rig.url]) == 0
         rows = {w["name"]: w for w in json.loads(capsys.readouterr().out)["workers"]}
         assert rows["dd"]["kv_endpoint"] == "127.0.0.1:9321" and rows["dd"]["state"] == "ready"
-        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 2  # last decoder
+        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 1  # refused: last decoder
         assert "decode pool" in capsys.readouterr().err
         assert cli.main(["worker", "remove", "dd", "--force", "--url", rig.url]) == 0
         assert "dd removed" in capsys.readouterr().out
-        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 2
+        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 1  # no such worker
         assert "404" in capsys.readouterr().err
 
 
