@@ -467,29 +467,36 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(7.5 * len(runs), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(10 * len(runs), 6.5), squeeze=False)
     for ax, (label, by_conn) in zip(axes[0], runs.items(), strict=True):
         bars: list[tuple[str, dict]] = []
+        ttfts: list[float] = []
         for conn, summary in by_conn.items():
             for target in TARGETS:
                 if "segments_ms" in (summary.get(target) or {}):
                     bars.append((f"{conn}\n{target}", summary[target]["segments_ms"]))
+                    ttfts.append(summary[target]["ttft_ms"]["median"])
         names = list(dict.fromkeys(n for _, segs in bars for n in segs))
         cmap = plt.get_cmap("tab20")
+        color = {n: cmap(j % 20) for j, n in enumerate(names)}
+        color["rest of the stream"] = "#bbbbbb"
+        labelled: set[str] = set()
         for i, (_, segs) in enumerate(bars):
             bottom = 0.0
-            for j, name in enumerate(names):
-                val = segs.get(name, {}).get("median", 0.0)
+            for name, q in segs.items():  # each bar in its own time order
+                val = q.get("median", 0.0)
                 if val <= 0:
                     continue
-                ax.bar(i, val, bottom=bottom, color=cmap(j % 20),
-                       label=name if i == next(k for k, (_, s) in enumerate(bars)
-                                               if name in s) else None)
+                ax.bar(i, val, bottom=bottom, color=color[name],
+                       label=None if name in labelled else name)
+                labelled.add(name)
                 bottom += val
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+            ax.plot([i - 0.4, i + 0.4], [ttfts[i]] * 2, color="black", linewidth=2,
+                    label=None if i else "median TTFT")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=30)
         ax.set_ylabel("median ms per request (segments stacked)")
         ax.set_title(label)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"P/D breakdown: {result['config']['model']}, "
                  f"{result['config']['prompt_tokens']} prompt tokens, "
                  f"{result['config']['max_tokens']} out")
@@ -498,7 +505,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def print_table(label: str, summary: dict) -> None:
-    print(f"\n== {label}")
+    print(f"\n== {label}", flush=True)
     for target in TARGETS:
         e = summary.get(target, {})
         if not isinstance(e, dict) or "ttft_ms" not in e:
@@ -541,6 +548,10 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
         cluster.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -563,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true",
                         help="keep the other connectors' runs already in --out (same config)")
     args = parser.parse_args(argv)
+    # A bounded run (`timeout`) must still stop its cluster: SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.max_model_len is None:
         need = args.prompt_tokens + args.max_tokens + 16
         args.max_model_len = 1 << (need - 1).bit_length()
@@ -594,12 +607,16 @@ def main(argv: list[str] | None = None) -> int:
                 conc = label[1:]
                 name = args.label or connector
                 result["runs"].setdefault(f"{conc} concurrent", {})[name] = summary
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if result["runs"]:
-        plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+            write(result, args.out)  # after each connector: a later one may not finish
     return 0
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["runs"]:
+        plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

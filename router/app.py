@@ -18,6 +18,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from core.driver import PolicyDriver
 from core.slo import SLOTargets
 from core.workers import Role
 from instance_manager.controller.loop import Controller
@@ -117,19 +118,19 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
         async with httpx.AsyncClient(limits=limits, timeout=None) as client:
             app.state.client = client
-            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), client,
-                                              app.state.metrics, config.dispatch,
-                                              app.state.request_mix, app.state.health,
-                                              app.state.admission)
+            planner = default_planner() if config.rebalance_interval_s > 0 else None
+            driver = PolicyDriver(make_policy(config.policy), config.control.slo, planner)
+            app.state.dispatcher = Dispatcher(cluster, driver, client, app.state.metrics,
+                                              config.dispatch, app.state.request_mix,
+                                              app.state.health, app.state.admission)
             probes = (asyncio.create_task(app.state.health.run(client))
                       if config.health.interval_s > 0 else None)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                           config.stats_interval_s))
             rebalance = None
-            if config.rebalance_interval_s > 0 and \
-                    hasattr(app.state.dispatcher.policy, "residents"):
+            if planner is not None and driver.tracks_residents:
                 rebalance = asyncio.create_task(rebalance_forever(
-                    app.state.dispatcher, default_planner(), config.rebalance_interval_s))
+                    app.state.dispatcher, config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             controller = app.state.controller

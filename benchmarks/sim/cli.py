@@ -94,7 +94,8 @@ def simulate(args: argparse.Namespace, trace, perf: PerfModel, slo: SLO) -> SimR
     cfg = SimConfig(prefill=args.prefill, decode=args.decode,
                     engine=EngineConfig(args.max_num_seqs, args.token_budget, slai), slo=slo,
                     control_interval_s=args.control_interval, window_s=args.window,
-                    flip_mode=args.flip_mode, flip_rewarm_s=args.flip_rewarm)
+                    flip_mode=args.flip_mode, flip_rewarm_s=args.flip_rewarm,
+                    length_oracle=args.length_oracle, client_max_tokens=args.client_max_tokens)
     return Simulator(cfg, perf, make_routing(args.policy),
                      make_control(args.control_policy, control_knobs(args, perf, slo))).run(trace)
 
@@ -119,7 +120,9 @@ def run_sim(args: argparse.Namespace) -> dict:
               "prefill": args.prefill,
               "decode": args.decode, "perf_model": getattr(perf, "name", "?"),
               "perf": perf.describe() if hasattr(perf, "describe") else None,
-              "dataset": spec.dataset, "arrival": spec.arrival, "seed": spec.seed}
+              "dataset": spec.dataset, "arrival": spec.arrival, "seed": spec.seed,
+              "lengths": "oracle" if args.length_oracle else "hidden",
+              "client_max_tokens": None if args.length_oracle else args.client_max_tokens}
     last: dict[float, SimResult] = {}
 
     def evaluate(rate: float) -> dict:

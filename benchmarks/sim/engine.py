@@ -41,13 +41,17 @@ class SimRequest:
 
     __slots__ = ("rid", "arrival", "prompt", "output", "prefilled", "local_decode",
                  "prefill_worker", "decode_worker", "first_token", "finish", "finish_step",
-                 "kv_held", "failed", "info", "prefill_start")
+                 "kv_held", "failed", "info", "prefill_start", "max_tokens", "text", "moved")
 
-    def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
+    def __init__(self, rid: int, arrival: float, prompt: int, output: int,
+                 max_tokens: int | None = None, text: str | None = None) -> None:
         self.rid = rid
         self.arrival = arrival
         self.prompt = prompt
-        self.output = output
+        self.output = output  # the hidden true length: only the engine reads it
+        self.max_tokens = max_tokens  # what the client sent as its cap
+        self.text = text
+        self.moved = 0  # tokens generated before a migration (now part of `prompt`)
         self.prefilled = 0
         self.local_decode = False
         self.prefill_worker = -1
@@ -293,6 +297,22 @@ class Engine:
                 finished.append(req)
             self.ctx_offset = offset
         return prefilled, finished
+
+    def evict(self, req: SimRequest) -> int:
+        """Take a running decode out at this step boundary (no plan in flight), freeing its
+        KV; returns the tokens it generated so far in this run, or -1 if it is not running
+        here."""
+        running = self.running
+        i = next((k for k, entry in enumerate(running) if entry[2] is req), -1)
+        if i < 0:
+            return -1
+        running[i] = running[-1]
+        running.pop()
+        heapq.heapify(running)
+        self.ctx_offset -= req.prompt + req.output - req.finish_step  # undo _join
+        self.kv_used -= req.kv_held
+        req.kv_held = 0
+        return req.output - (req.finish_step - self.step)
 
     def join_local(self, req: SimRequest, steps: int, first_token_at: float | None) -> None:
         """Start decoding a request whose KV is already here (joins at this boundary)."""

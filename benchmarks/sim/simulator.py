@@ -1,10 +1,17 @@
 """The discrete-event loop: arrivals, engine iterations, KV transfers, control ticks.
 
-Routing goes through a `router.policy.RoutingPolicy` (pick_prefill at arrival, pick_decode
-when the prompt's KV is ready, on a `ClusterSnapshot` of simulated state), role flips
-through an `instance_manager.controller.base.ControlPolicy` (decide(ControlSnapshot) every
-`control_interval_s`). Policies with `observe_prefill`, `observe_decode`, `observe_prompt`
-or `observe_finished` methods are fed the same measurements the live gateway sees.
+Routing goes through a `core.routing.RoutingPolicy` driven by `core.driver.PolicyDriver`,
+exactly as the live gateway drives it: at arrival `request` (observe_prompt) then `route`
+(pick_decode, then pick_prefill, on a `ClusterSnapshot` of simulated state); when the
+prompt's KV is ready `prefilled` (the engine's prefill time, queueing excluded) and
+`decode_after_prefill`; at the end `finished` (the request's mean inter-token time on its
+decode worker). Role flips go through an `instance_manager.controller.base.ControlPolicy`
+(decide(ControlSnapshot) every `control_interval_s`).
+
+No length oracle by default: a request carries the client's cap
+(`SimConfig.client_max_tokens`, a large one by default; None = no cap) and its true output
+length stays inside the engine; `length_oracle=True` sends the true length as `max_tokens`,
+as a benchmark with `ignore_eos` does.
 
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
@@ -27,10 +34,11 @@ import numpy as np
 from benchmarks.arrivals import Trace
 from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
 from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
-from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
-from core.request import RequestInfo
+from benchmarks.workload import DEFAULT_CLIENT_MAX_TOKENS
+from core.driver import PolicyDriver
+from core.routing import RoutingPolicy
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
 from instance_manager.controller.base import (
@@ -40,13 +48,10 @@ from instance_manager.controller.base import (
     WorkerMetrics,
 )
 from instance_manager.controller.scaling import ScaleAction
-from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
-_make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
-                                             "arrival_time", "tbt_target_s", "prompt_text"))
 _heappush, _heappop = heapq.heappush, heapq.heappop
-ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
+ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE, REBALANCE = range(6)
 
 
 @dataclass
@@ -61,6 +66,9 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    length_oracle: bool = False  # True: max_tokens = the true output length
+    client_max_tokens: int | None = DEFAULT_CLIENT_MAX_TOKENS  # the cap otherwise (None: none)
+    rebalance_interval_s: float = 2.0  # ARES migration planning, as the gateway's default
     spare: int = 0  # workers provisioned switched off, for scale actions to start
     start_time_s: float = 60.0  # from a scale-up to the new worker's first request
 
@@ -90,6 +98,7 @@ class SimResult:
     busy_s: dict[str, float]
     worker_seconds: float = 0.0  # time workers were on (starting included): the cost
     scales: list[tuple[float, str, str, str]] = field(default_factory=list)
+    migrations: list[tuple[float, str, str, str]] = field(default_factory=list)
 
     @property
     def ttft(self) -> np.ndarray:
@@ -116,6 +125,7 @@ class SimResult:
             slo=slo, percentiles=percentiles)
         result["num_prompts"] = int(self.arrival.size)
         result["flips"] = len(self.flips)
+        result["migrations"] = len(self.migrations)
         result["scale_actions"] = len(self.scales)
         result["worker_seconds"] = self.worker_seconds
         result["sim_events"] = self.events
@@ -143,22 +153,27 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
-        self._tbt = config.slo.tpot_ms / 1000 if config.slo.tpot_ms else None
+        slo = config.slo
+        self.driver = PolicyDriver(routing, SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
+                                                       tpot_s=(slo.tpot_ms or 100.0) / 1000))
         self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
         self.kv_bytes = float(perf.kv_bytes_per_token)
-        self._obs_prefill = getattr(routing, "observe_prefill", None)
-        self._obs_decode = getattr(routing, "observe_decode", None)
-        self._obs_prompt = getattr(routing, "observe_prompt", None)
-        self._obs_finished = getattr(routing, "observe_finished", None)
+        if config.rebalance_interval_s > 0 and self.driver.tracks_residents:
+            from router.rebalance import default_planner  # the gateway's planner
+
+            self.driver.planner = default_planner()
+        self.migrations: list[tuple[float, str, str, str]] = []
+        self._evictions: dict[int, tuple[SimRequest, Engine]] = {}
+        self._reqs: list[SimRequest] = []
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
         # outputs are known when a request finishes (as the gateway's RequestMix sees them)
         self._recent_outputs: deque[tuple[float, int]] = deque()
-        pressure = getattr(routing, "pressure", None)
-        self._drain_pressure = getattr(pressure, "drain", None)
+        pressure = routing.pressure_log()
+        self._drain_pressure = pressure.drain if pressure is not None else None
         self._last_counters: dict[str, tuple[int, int, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
@@ -197,31 +212,28 @@ class Simulator:
 
     # ---- request life cycle ------------------------------------------------------------
     def _arrive(self, req: SimRequest, now: float) -> None:
-        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, self._tbt,
-                                     None)
-        if self._obs_prompt is not None:
-            self._obs_prompt(req.prompt)
+        info = req.info = self.driver.request(str(req.rid), req.prompt, req.max_tokens, now,
+                                              req.text)
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
-        snap = self.snapshot(now)
-        pname = self.routing.pick_prefill(info, snap)
-        if pname is None:
-            dname = self.routing.pick_decode(info, snap)
-            if dname is None:
-                return self._fail(req)
-            e = self.by_name[dname]
+        route = self.driver.route(info, self.snapshot(now))
+        if route.decode is None:
+            return self._fail(req)
+        d = self.by_name[route.decode]
+        if route.prefill is None:
+            e = d
             req.local_decode = True
             if req.prompt + req.output > e.kv_cap:
                 return self._fail(req)
-            req.decode_worker = e.idx
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += info.decode_tokens
         else:
-            e = self.by_name[pname]
+            e = self.by_name[route.prefill]
             if req.prompt > e.kv_cap:
                 return self._fail(req)
             e.in_flight_prefill += 1
             e.prefill_tokens_in_flight += req.prompt
+        req.decode_worker = d.idx  # chosen now; confirmed when the KV is ready
         req.prefill_worker = e.idx
         e.enqueue_prefill(req, now)
         self._changed(e)
@@ -230,22 +242,28 @@ class Simulator:
     def _fail(self, req: SimRequest) -> None:
         req.failed = True
         self._finished += 1
+        if req.info is not None:
+            self.driver.finished(req.info.request_id)
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self._obs_prefill is not None and req.prefill_start == req.prefill_start:
-            self._obs_prefill(e.name, req.prompt, now - req.prefill_start)
+        if req.moved:  # a migrated decode recomputed its context here: it continues
+            e.join_local(req, req.output - 1, now) if req.output > 1 else self._finish(e, req, now)
+            return
+        if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
+            self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
             self._start_local_decode(e, req, now)
             return
         e.in_flight_prefill -= 1
         e.prefill_tokens_in_flight -= req.prompt
-        dname = self.routing.pick_decode(req.info, self.snapshot(now))
+        dname = self.driver.decode_after_prefill(req.info, self.engines[req.decode_worker].name,
+                                                 self.snapshot(now))
         if dname is None or dname == e.name:
             req.local_decode = True
             req.kv_held += req.output
             e.kv_used += req.output
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += req.info.decode_tokens
             req.decode_worker = e.idx
             self._start_local_decode(e, req, now)
             return
@@ -256,7 +274,7 @@ class Simulator:
             return
         req.decode_worker = d.idx
         d.in_flight_decode += 1
-        d.decode_tokens_in_flight += req.prompt + req.output
+        d.decode_tokens_in_flight += req.info.decode_tokens
         d.decode_wait.append(req)
         self._changed(d)
         self._admit_pulls(d, now)
@@ -308,21 +326,19 @@ class Simulator:
         e.kv_used -= req.kv_held
         req.kv_held = 0
         e.in_flight_decode -= 1
-        e.decode_tokens_in_flight -= req.prompt + req.output
+        e.decode_tokens_in_flight -= req.info.decode_tokens
         e.requests_finished += 1
-        if self.control is not None and req.output > 1:
-            e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
+        total = req.output + req.moved
+        per_token = (now - req.first_token) / (total - 1) if total > 1 else None
         if self.control is not None:
-            self._recent_outputs.append((now, req.output))
-        if self._obs_finished is not None:
-            self._obs_finished(req.info.request_id)
+            if per_token is not None:
+                e.samples_itl.append((now, per_token))
+            self._recent_outputs.append((now, total))
+        self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
 
     def _iteration_end(self, e: Engine, now: float) -> None:
         plan = e.plan
-        n = len(e.running)
         prefilled, finished = e.complete(now)
-        if self._obs_decode is not None and n and plan is not None and not plan.chunks:
-            self._obs_decode(e.name, e.ctx_total, plan.step_s)
         if plan is not None and plan.first_tokens and self.control is not None:
             for req in plan.first_tokens:
                 self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
@@ -330,6 +346,10 @@ class Simulator:
             self._prefill_done(e, req, now)
         for req in finished:
             self._finish(e, req, now)
+        if self._evictions and e.idx in self._evictions:
+            moving, target = self._evictions.pop(e.idx)
+            if moving.finish != moving.finish:  # still running: not finished meanwhile
+                self._migrate(e, moving, target, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
             self._views.mark(e.idx)
         if finished and e.decode_wait:
@@ -337,6 +357,62 @@ class Simulator:
         self._kick(e, now)
         if e.pending_role is not None:
             self._check_drained(e, now)
+
+    # ---- ARES rebalancing: the gateway's planner, driven the same way ------------------
+    def _rebalance_tick(self, now: float) -> None:
+        driver = self.driver
+        if driver.learns_progress:
+            for e in self.engines:
+                step = e.step
+                for finish_step, _, req in e.running:
+                    generated = req.moved + req.output - (finish_step - step)
+                    if generated > 0:
+                        driver.progress(req.info.request_id, generated)
+        reqs, by_name = self._reqs, self.by_name
+
+        def movable(worker: str, r: object) -> bool:
+            req = reqs[int(r.request_id)]  # type: ignore[attr-defined]
+            e = by_name.get(worker)
+            return (e is not None and req.decode_worker == e.idx and e.idx not in
+                    self._evictions and req.finish != req.finish and req.prefilled >= req.prompt
+                    and any(entry[2] is req for entry in e.running))
+
+        decoders = [w.name for w in self.snapshot(now).routable(Role.DECODE)]
+        decision = driver.plan_migration(decoders, movable)
+        if decision is None:
+            return
+        src, dst = by_name[decision.source], by_name[decision.target]
+        req = reqs[int(decision.request_id)]
+        if req.prompt + req.output > dst.kv_cap:
+            return
+        self._evictions[src.idx] = (req, dst)  # taken out at src's next step boundary
+        end = src.interrupt(now)
+        if end is not None:
+            self._push(end, ITER_END, src, src.version)
+
+    def _migrate(self, src: Engine, req: SimRequest, dst: Engine, now: float) -> None:
+        """Move a running decode: the target recomputes its context (prompt + generated,
+        a prefill priced by the engine model), then decodes the rest, as the gateway's
+        recompute migration does."""
+        generated = src.evict(req)
+        if generated < 0:
+            return
+        src.in_flight_decode -= 1
+        src.decode_tokens_in_flight -= req.info.decode_tokens
+        self._changed(src)
+        req.moved += generated
+        req.prompt += generated
+        req.output -= generated
+        req.prefilled = 0
+        req.local_decode = True
+        req.prefill_worker = req.decode_worker = dst.idx
+        dst.in_flight_decode += 1
+        dst.decode_tokens_in_flight += req.info.decode_tokens
+        dst.enqueue_prefill(req, now)
+        self.migrations.append((now, req.info.request_id, src.name, dst.name))
+        self.driver.migrated(req.info.request_id, dst.name)
+        self._changed(dst)
+        self._kick(dst, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
@@ -491,6 +567,10 @@ class Simulator:
                 a.state = WorkerState.READY
                 self._changed_role_or_state(a)
                 self._kick(a, now)
+            elif kind == REBALANCE:
+                if self._finished < n:
+                    self._rebalance_tick(now)
+                    self._push(now + self.config.rebalance_interval_s, REBALANCE)
         return events
 
     # ---- main loop -----------------------------------------------------------------------
@@ -499,8 +579,15 @@ class Simulator:
         wall0 = time.perf_counter()
         cpu0 = time.process_time()
         n = len(trace)
-        reqs = [SimRequest(i, float(t), max(1, r.prompt_tokens), max(1, r.output_tokens))
-                for i, (t, r) in enumerate(trace)]
+        oracle, cap = self.config.length_oracle, self.config.client_max_tokens
+        reqs = []
+        for i, (t, r) in enumerate(trace):
+            out = max(1, r.output_tokens)
+            if not oracle and cap is not None:
+                out = min(out, cap)  # the engine stops at the client's cap
+            reqs.append(SimRequest(i, float(t), max(1, r.prompt_tokens), out,
+                                   out if oracle else cap, r.prompt or None))
+        self._reqs = reqs
         self._finish_count = [0] * n
         self._finished = 0
         self._on_since = {e.idx: 0.0 for e in self.engines if e.state != WorkerState.DEAD}
@@ -509,6 +596,9 @@ class Simulator:
         first_seq = self._seq
         if self.control is not None:
             self._push(self.config.control_interval_s, CONTROL)
+        if self.driver.planner is not None or self.driver.learns_progress:
+            if self.config.rebalance_interval_s > 0:
+                self._push(self.config.rebalance_interval_s, REBALANCE)
         events = self._loop(reqs, first_seq)
         end = max((r.finish for r in reqs if r.finish == r.finish), default=0.0)
         self.worker_seconds += sum(max(0.0, end - t) for t in self._on_since.values())
@@ -519,12 +609,12 @@ class Simulator:
             arrival=np.array([r.arrival for r in reqs]),
             first_token=np.array([r.first_token for r in reqs]),
             finish=np.array([r.finish for r in reqs]),
-            prompt_tokens=np.array([r.prompt for r in reqs]),
-            output_tokens=np.array([r.output for r in reqs]),
+            prompt_tokens=np.array([r.prompt - r.moved for r in reqs]),
+            output_tokens=np.array([r.output + r.moved for r in reqs]),
             failed=np.array([r.failed for r in reqs], dtype=bool),
             finish_count=np.array(self._finish_count, dtype=np.int64), roles=self.roles,
             flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
             busy_s={e.name: e.busy_s for e in self.engines},
-            worker_seconds=self.worker_seconds, scales=self.scales)
+            worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)
