@@ -88,9 +88,8 @@ def test_sharegpt_without_a_tokenizer_says_it_approximates(fake_server, tmp_path
                                                            capsys):
     url, _ = fake_server
     rc = main(["--base-url", url, "--num-prompts", "2", "--request-rate", "100",
-               "--output-len-override", "2", "--no-progress", "--save-result",
-               "--result-dir", str(tmp_path), "--result-filename", "run.json",
-               "--length-oracle"])
+               "--output-len-override", "2", "--length-oracle", "--no-progress", "--save-result",
+               "--result-dir", str(tmp_path), "--result-filename", "run.json"])
     assert rc == 0
     assert "counting tokens as chars/4" in capsys.readouterr().err
     assert json.loads((tmp_path / "run.json").read_text())["tokenizer_id"] == "approx-chars/4"
