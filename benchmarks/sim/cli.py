@@ -43,8 +43,9 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
                    help="relabel at once, or wait for the old role's work to drain")
     c.add_argument("--flip-rewarm", type=float, default=0.0,
                    help="seconds a flipped worker is unroutable after the flip")
-    c.add_argument("--max-num-seqs", type=int, default=256,
-                   help="most sequences an engine runs at once (vLLM's --max-num-seqs)")
+    c.add_argument("--max-num-seqs", type=int, default=1024,
+                   help="most sequences an engine runs at once (vLLM's --max-num-seqs; "
+                        "its default on H100/H200 is 1024)")
     c.add_argument("--token-budget", type=int, default=8192,
                    help="max_num_batched_tokens per iteration (chunked prefill)")
     c.add_argument("--slai", action="store_true",

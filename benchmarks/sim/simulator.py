@@ -16,6 +16,14 @@ as a benchmark with `ignore_eos` does.
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
 the old role is gone); either way it is unroutable for `flip_rewarm_s` afterwards.
+Flip cost: `flip_rewarm_s` is the median re-warm time; `flip_rewarm_sigma` > 0 draws each
+flip's time from a log-normal around it (seeded, capped at `flip_rewarm_max_s`), to
+replay a measured distribution rather than one number.
+
+Timing per leg: `prefill_done` is the end of the prefill leg (arrival -> prefill on its
+worker, what the prefill worker's own TTFT measures and what control policies are fed
+for it); `first_token` is when the client sees the first token, after the KV transfer,
+decode admission and the first decode step in P/D.
 KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
 needs KV room on the decode worker before it starts.
 """
@@ -66,6 +74,9 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    flip_rewarm_sigma: float = 0.0   # log-normal spread of the re-warm time (0: fixed)
+    flip_rewarm_max_s: float = math.inf
+    seed: int = 0                    # for sampled flip times
     length_oracle: bool = False  # True: max_tokens = the true output length
     client_max_tokens: int | None = DEFAULT_CLIENT_MAX_TOKENS  # the cap otherwise (None: none)
     rebalance_interval_s: float = 2.0  # ARES migration planning, as the gateway's default
@@ -96,6 +107,10 @@ class SimResult:
     wall_s: float
     cpu_s: float
     busy_s: dict[str, float]
+    prefill_done: np.ndarray | None = None
+    slow_gaps: np.ndarray | None = None     # gaps above `tbt_limit_s`, per request
+    tbt_limit_s: float = math.inf
+    gap_log: np.ndarray | None = None       # rows (end time, gap s, count), all engines
     worker_seconds: float = 0.0  # time workers were on (starting included): the cost
     scales: list[tuple[float, str, str, str]] = field(default_factory=list)
     migrations: list[tuple[float, str, str, str]] = field(default_factory=list)
@@ -115,15 +130,51 @@ class SimResult:
             return 0.0
         return float(np.nanmax(self.finish[ok]) - self.arrival.min())
 
+    def tbt_ok(self, tbt_ms: float) -> np.ndarray:
+        """Per request: its p99 inter-token gap (nearest rank) is <= tbt_ms."""
+        if self.slow_gaps is None or abs(self.tbt_limit_s - tbt_ms / 1000) > 1e-12:
+            raise ValueError(f"this run counted gaps above {self.tbt_limit_s * 1000} ms, "
+                             f"not {tbt_ms} ms: set SimConfig.slo.tbt_ms before running")
+        gaps = np.maximum(self.output_tokens - 1, 0)
+        return self.slow_gaps <= gaps // 100
+
     def metrics(self, slo: SLO | None = None,
-                percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
-        ok = ~self.failed
+                percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                warmup_s: float = 0.0) -> dict:
+        """vLLM-named metrics over requests arriving `warmup_s` or later after the first."""
+        keep = self.arrival >= self.arrival.min() + warmup_s if warmup_s > 0 else \
+            np.ones(self.arrival.size, dtype=bool)
+        ok = ~self.failed[keep]
+        arrival = self.arrival[keep]
+        finish = self.finish[keep]
+        done = ~np.isnan(finish) & ok
+        duration = float(np.nanmax(finish[done]) - arrival.min()) if done.any() else 0.0
+        ttft, latency = self.ttft[keep], self.latency[keep]
+        itls = weights = None
+        if self.gap_log is not None and self.gap_log.size:
+            log = self.gap_log[self.gap_log[:, 0] >= arrival.min()] if warmup_s > 0 \
+                else self.gap_log
+            if log.size:
+                itls, weights = log[:, 1], log[:, 2]
+        tbt_ok = None
+        if slo is not None and slo.tbt_ms is not None:
+            tbt_ok = self.tbt_ok(slo.tbt_ms)[keep]
         result = summarize_arrays(
-            duration_s=self.duration, prompt_tokens=self.prompt_tokens.astype(float),
-            output_tokens=self.output_tokens.astype(float), success=ok,
-            ttft_s=np.where(ok, self.ttft, 0.0), latency_s=np.where(ok, self.latency, 0.0),
-            slo=slo, percentiles=percentiles)
-        result["num_prompts"] = int(self.arrival.size)
+            duration_s=duration, prompt_tokens=self.prompt_tokens[keep].astype(float),
+            output_tokens=self.output_tokens[keep].astype(float), success=ok,
+            ttft_s=np.where(ok, ttft, 0.0), latency_s=np.where(ok, latency, 0.0),
+            itls_s=itls, itl_weights=weights, tbt_ok=tbt_ok, slo=slo,
+            percentiles=percentiles)
+        if self.prefill_done is not None:
+            leg = (self.prefill_done - self.arrival)[keep][ok]
+            handoff = (self.first_token - self.prefill_done)[keep][ok]
+            for name, values in (("ttft_prefill_leg", leg), ("ttft_handoff", handoff)):
+                values = values[~np.isnan(values)]
+                for p in (50, 90, 99):
+                    result[f"p{p}_{name}_ms"] = \
+                        float(np.percentile(values, p) * 1000) if values.size else None
+        result["num_prompts"] = int(keep.sum())
+        result["warmup_s"] = warmup_s
         result["flips"] = len(self.flips)
         result["migrations"] = len(self.migrations)
         result["scale_actions"] = len(self.scales)
@@ -153,6 +204,10 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
+        self.tbt_limit_s = config.slo.tbt_ms / 1000 if config.slo.tbt_ms else math.inf
+        for e in self.engines:
+            e.tbt_limit_s = self.tbt_limit_s
+        self._rng = np.random.default_rng(config.seed)
         slo = config.slo
         self.driver = PolicyDriver(routing, SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
                                                        tpot_s=(slo.tpot_ms or 100.0) / 1000))
@@ -249,6 +304,9 @@ class Simulator:
         if req.moved:  # a migrated decode recomputed its context here: it continues
             e.join_local(req, req.output - 1, now) if req.output > 1 else self._finish(e, req, now)
             return
+        req.prefill_done = now
+        if self.control is not None:  # the prefill leg, as the prefill worker measures it
+            e.samples_ttft.append((now, now - req.arrival))
         if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
             self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
@@ -281,15 +339,10 @@ class Simulator:
 
     def _start_local_decode(self, e: Engine, req: SimRequest, now: float) -> None:
         req.first_token = now
-        self._sample_ttft(e, req, now)
         if req.output <= 1:
             self._finish(e, req, now)
         else:
             e.join_local(req, req.output - 1, now)
-
-    def _sample_ttft(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self.control is not None:
-            e.samples_ttft.append((now, now - req.arrival))
 
     def _admit_pulls(self, d: Engine, now: float) -> None:
         """Start KV pulls for waiting decodes while the decode worker has room."""
@@ -339,9 +392,6 @@ class Simulator:
     def _iteration_end(self, e: Engine, now: float) -> None:
         plan = e.plan
         prefilled, finished = e.complete(now)
-        if plan is not None and plan.first_tokens and self.control is not None:
-            for req in plan.first_tokens:
-                self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
         for req in prefilled:
             self._prefill_done(e, req, now)
         for req in finished:
@@ -518,10 +568,18 @@ class Simulator:
         self._record_roles(now)
         self._rewarm(e, now)
 
+    def _rewarm_s(self) -> float:
+        cfg = self.config
+        if cfg.flip_rewarm_sigma <= 0 or cfg.flip_rewarm_s <= 0:
+            return cfg.flip_rewarm_s
+        drawn = cfg.flip_rewarm_s * math.exp(cfg.flip_rewarm_sigma * self._rng.standard_normal())
+        return min(drawn, cfg.flip_rewarm_max_s)
+
     def _rewarm(self, e: Engine, now: float) -> None:
-        if self.config.flip_rewarm_s > 0:
+        secs = self._rewarm_s()
+        if secs > 0:
             e.state = WorkerState.STARTING
-            self._push(now + self.config.flip_rewarm_s, FLIP_DONE, e, None)
+            self._push(now + secs, FLIP_DONE, e, None)
         else:
             e.state = WorkerState.READY
         self._changed_role_or_state(e)
@@ -617,4 +675,9 @@ class Simulator:
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
             busy_s={e.name: e.busy_s for e in self.engines},
+            prefill_done=np.array([r.prefill_done for r in reqs]),
+            slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
+            tbt_limit_s=self.tbt_limit_s,
+            gap_log=np.array([row for e in self.engines for row in e.gap_log],
+                             dtype=float).reshape(-1, 3),
             worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)
