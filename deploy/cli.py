@@ -83,7 +83,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
         port=args.port, worker_base_port=args.worker_base_port,
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
-        device=args.device, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args))
     app, manager = build_local_cluster(opts)
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV transport between workers: 'fulcrum' (ours), 'nixl' (vLLM's, "
                          "with CPU fixes), 'none' (aggregated serving)")
     up.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    up.add_argument("--dtype", default="auto",
+                    help="vLLM --dtype for the workers; 'auto': float32 on a CPU without "
+                         "native bf16 (avx512_bf16/amx_bf16), else the model's own")
     up.add_argument("--max-model-len", type=int, default=None)
     up.add_argument("--kv-cache-gib", type=int, default=2,
                     help="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)")

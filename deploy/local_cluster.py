@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from instance_manager.manager import InstanceManager, SupervisorConfig
-from instance_manager.worker_process import WorkerSpec
+from instance_manager.worker_process import WorkerSpec, choose_dtype
 from kv_transfer.settings import worker_kv_settings
 from router.app import ControlConfig, GatewayConfig, create_app
 from router.cluster import Cluster, Role
 from router.dispatch import DispatchConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("fulcrum.cluster")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class ClusterOptions:
     side_channel_base_port: int = 5600
     kv_connector: str = "fulcrum"
     device: str = "cpu"
+    dtype: str = "auto"
     max_model_len: int | None = None
     kv_cache_gib: int = 2
     policy: str = "least-loaded"
@@ -61,6 +64,10 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
     """One spec per worker: ports, core or GPU, KV settings and log file."""
     cores = os.cpu_count() or 1
     base = opts.worker_base_port or opts.port + 1
+    dtype = choose_dtype(opts.device, opts.dtype)
+    if dtype and opts.dtype == "auto":
+        log.info("this CPU has no native bf16 (avx512_bf16/amx_bf16): workers run in %s "
+                 "(--dtype overrides)", dtype)
     specs = []
     for i in range(opts.workers):
         name = f"w{i}"
@@ -73,7 +80,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
             device=opts.device,
             cpu_core=(i % cores) if opts.device == "cpu" else None,
             gpu_index=i if opts.device == "gpu" else None,
-            max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib,
+            max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, dtype=dtype,
             extra_args=opts.extra_worker_args))
     return specs
 
