@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,14 +26,14 @@ from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
 from router.cluster import Cluster, WorkerState
-from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
+from router.dispatch import DispatchConfig, Dispatcher
 from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
+from router.openai_asgi import OpenAIEndpoints, Receive, Scope, Send, is_openai_request
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
-from router.validation import CHAT, COMPLETIONS, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -85,23 +84,36 @@ def _make_controller(control: ControlConfig, flips: FlipCoordinator,
                       request_mix=mix.means)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+class GatewayApp(FastAPI):
+    """FastAPI for admin, health, metrics and OpenAPI; the OpenAI request routes take
+    the lean path (`router.openai_asgi`)."""
+
+    openai: OpenAIEndpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_openai_request(scope):
+            await self.openai(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def data_plane_session() -> aiohttp.ClientSession:
+    """The pooled HTTP/1.1 client the request path talks to workers with."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
 
 
 def create_app(config: GatewayConfig, cluster: Cluster,
-               supervisor: WorkerSupervisor | None = None) -> FastAPI:
+               supervisor: WorkerSupervisor | None = None) -> GatewayApp:
     """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
-            app.state.client = client
-            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), client,
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
+                data_plane_session() as session:
+            app.state.client = client  # control plane: scrapes, flips, admin
+            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), session,
                                               app.state.metrics, config.dispatch,
                                               app.state.request_mix)
             stats = asyncio.create_task(poll_engine_stats(cluster, client,
@@ -132,7 +144,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 if supervisor is not None:
                     await supervisor.stop()
 
-    app = FastAPI(title="Fulcrum gateway", lifespan=lifespan)
+    app = GatewayApp(title="Fulcrum gateway", lifespan=lifespan)
     app.state.cluster = cluster
     app.state.config = config
     app.state.metrics = GatewayMetrics(cluster)
@@ -143,6 +155,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
+    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics,
+                                 lambda: app.state.dispatcher)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 
@@ -153,42 +167,6 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return GatewayError(400, str(exc)).response()
-
-    async def serve(request: Request, route: str) -> Response:
-        metrics: GatewayMetrics = app.state.metrics
-        request_id = request.headers.get("x-request-id") or f"fulcrum-{uuid.uuid4().hex}"
-        headers = {"X-Request-Id": request_id}
-        started = time.monotonic()
-        try:
-            parsed = parse_request(route, await request.body(), config.served_models)
-            work = asyncio.ensure_future(app.state.dispatcher.dispatch(parsed, request_id))
-            gone = asyncio.ensure_future(_wait_for_disconnect(request))
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                log.info("client left before a reply; aborted %s", request_id)
-                metrics.requests.labels(route, "499").inc()
-                return Response(status_code=499)
-            gone.cancel()
-            response = work.result()
-        except GatewayError as exc:
-            response = exc.response(headers)
-        except UpstreamReply as exc:
-            response = exc.response(headers)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        if response.status_code != 200:
-            metrics.e2e.labels(route).observe(time.monotonic() - started)
-        return response
-
-    @app.post(COMPLETIONS)
-    async def completions(request: Request) -> Response:
-        return await serve(request, COMPLETIONS)
-
-    @app.post(CHAT)
-    async def chat_completions(request: Request) -> Response:
-        return await serve(request, CHAT)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -21,17 +21,17 @@ import logging
 import time
 from dataclasses import dataclass
 
-import httpx
-from fastapi.responses import JSONResponse, Response
+import aiohttp
+import orjson
 
 from router.cluster import Cluster, Role
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.policy import RequestInfo, RoutingPolicy
 from router.relay import StreamRelay, migratable
+from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
-from router.streaming import ProxyStreamResponse
 from router.validation import ParsedRequest
 
 log = logging.getLogger("fulcrum.dispatch")
@@ -59,15 +59,15 @@ class UpstreamReply(Exception):
         self.status = status
         self.content = content
 
-    def response(self, headers: dict[str, str]) -> Response:
+    def reply(self, headers: dict[str, str]) -> JsonReply:
         try:
-            body = json.loads(self.content)
+            body = orjson.loads(self.content)
         except ValueError:
             return GatewayError(self.status, self.content.decode(errors="replace")[:2000]
-                                ).response(headers)
+                                ).reply(headers)
         if isinstance(body, dict) and "error" not in body:  # FastAPI-style {"detail": ...}
-            body = GatewayError(self.status, json.dumps(body)[:2000]).body()
-        return JSONResponse(body, status_code=self.status, headers=headers)
+            return GatewayError(self.status, json.dumps(body)[:2000]).reply(headers)
+        return JsonReply(self.status, orjson.dumps(body), headers)
 
 
 def _prefill_body(body: dict) -> dict:
@@ -83,7 +83,7 @@ def _prefill_body(body: dict) -> dict:
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
-    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: httpx.AsyncClient,
+    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: aiohttp.ClientSession,
                  metrics: GatewayMetrics, config: DispatchConfig,
                  mix: RequestMix | None = None) -> None:
         self.cluster = cluster
@@ -95,12 +95,20 @@ class Dispatcher:
         self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
         # request id -> (target, after_tokens, expires_at): moves asked for before the start
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
+        connect = config.connect_timeout_s
+        self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout_s,
+                                                     sock_connect=connect)
+        self.stream_timeout = aiohttp.ClientTimeout(sock_read=config.stream_idle_timeout_s,
+                                                    sock_connect=connect)
+        self.request_timeout = aiohttp.ClientTimeout(total=config.request_timeout_s,
+                                                     sock_connect=connect)
 
-    def _timeout(self, read: float) -> httpx.Timeout:
-        return httpx.Timeout(read, connect=self.config.connect_timeout_s)
-
-    def stream_timeout(self) -> httpx.Timeout:
-        return self._timeout(self.config.stream_idle_timeout_s)
+    async def post(self, url: str, body: dict, request_id: str,
+                   timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """POST `body` as JSON to a worker; the caller reads and releases the response."""
+        return await self.client.post(url, data=orjson.dumps(body), timeout=timeout,
+                                      headers={"X-Request-Id": request_id,
+                                               "Content-Type": "application/json"})
 
     def migrate(self, request_id: str, target: str, after_tokens: int = 0) -> StreamRelay:
         """Ask a live stream to continue on `target` (a READY worker) once it has generated
@@ -141,7 +149,7 @@ class Dispatcher:
             return
         relay.request_migration(target, after_tokens)
 
-    async def dispatch(self, req: ParsedRequest, request_id: str) -> Response:
+    async def dispatch(self, req: ParsedRequest, request_id: str) -> Reply:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
         started = time.monotonic()
         info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
@@ -165,7 +173,7 @@ class Dispatcher:
             log.exception("policy %s.%s failed", self.policy.name, method)
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
-                        started: float) -> Response:
+                        started: float) -> Reply:
         request_id = info.request_id
         snap = self.cluster.snapshot()
         decode = self.policy.pick_decode(info, snap)
@@ -177,7 +185,7 @@ class Dispatcher:
             prefill = self.policy.pick_prefill(info, snap)
             if prefill is not None and prefill != decode:
                 kv_params = await self._prefill_leg(prefill, req, request_id)
-        self.metrics.pd_requests.labels("pd" if kv_params else "local").inc()
+        (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
         return await self._decode_leg(decode, req, request_id, kv_params, started)
 
     async def _prefill_leg(self, worker: str, req: ParsedRequest,
@@ -188,21 +196,22 @@ class Dispatcher:
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
-            resp = await self.client.post(url, json=_prefill_body(req.body),
-                                          headers={"X-Request-Id": request_id},
-                                          timeout=self._timeout(self.config.prefill_timeout_s))
-        except httpx.HTTPError as exc:
+            resp = await self.post(url, _prefill_body(req.body), request_id,
+                                   self.prefill_timeout)
+            async with resp:
+                status, content = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return self._prefill_failed(worker, request_id, repr(exc))
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
-        if 400 <= resp.status_code < 500:
-            raise UpstreamReply(resp.status_code, resp.content)
-        if resp.status_code != 200:
-            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}")
+        if 400 <= status < 500:
+            raise UpstreamReply(status, content)
+        if status != 200:
+            return self._prefill_failed(worker, request_id, f"HTTP {status}")
         try:
-            reply = resp.json()
+            reply = orjson.loads(content)
             params = reply.get("kv_transfer_params")
-        except ValueError:
+        except (ValueError, AttributeError):
             reply, params = {}, None
         if not params:
             return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
@@ -217,7 +226,7 @@ class Dispatcher:
         return None
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
-                          kv_params: dict | None, started: float) -> Response:
+                          kv_params: dict | None, started: float) -> Reply:
         tried: set[str] = set()
         last_error = "no attempt made"
         tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
@@ -231,16 +240,11 @@ class Dispatcher:
             if migratable(req):  # token ids let the stream continue on another worker
                 body["return_token_ids"] = True
             url = self.cluster.view(worker).url + req.route
-            read_timeout = (self.config.stream_idle_timeout_s if req.stream
-                            else self.config.request_timeout_s)
+            timeout = self.stream_timeout if req.stream else self.request_timeout
             self.cluster.begin(worker, Role.DECODE, tokens)
             try:
-                upstream = await self.client.send(
-                    self.client.build_request("POST", url, json=body,
-                                              headers={"X-Request-Id": request_id},
-                                              timeout=self._timeout(read_timeout)),
-                    stream=True)
-            except httpx.HTTPError as exc:
+                upstream = await self.post(url, body, request_id, timeout)
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 self.cluster.end(worker, Role.DECODE, tokens)
                 last_error = f"{worker}: {exc!r}"
                 tried.add(worker)
@@ -248,15 +252,19 @@ class Dispatcher:
                 self.cluster.end(worker, Role.DECODE, tokens)
                 raise
             else:
-                if upstream.status_code == 200:
+                if upstream.status == 200:
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
                                              started)
-                content = await upstream.aread()
-                await upstream.aclose()
-                self.cluster.end(worker, Role.DECODE, tokens)
-                if 400 <= upstream.status_code < 500:
-                    raise UpstreamReply(upstream.status_code, content)
-                last_error = f"{worker}: HTTP {upstream.status_code} {content[:200]!r}"
+                try:
+                    content = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    content = repr(exc).encode()
+                finally:
+                    upstream.release()
+                    self.cluster.end(worker, Role.DECODE, tokens)
+                if 400 <= upstream.status < 500:
+                    raise UpstreamReply(upstream.status, content)
+                last_error = f"{worker}: HTTP {upstream.status} {content[:200]!r}"
                 if not kv_params:
                     tried.add(worker)
             log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
@@ -273,34 +281,38 @@ class Dispatcher:
         raise GatewayError(502, f"every decode attempt failed; last: {last_error}",
                            code="upstream_unavailable")
 
-    async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
-                     request_id: str, body: dict, tokens: int, started: float) -> Response:
+    async def _reply(self, worker: str, upstream: aiohttp.ClientResponse, req: ParsedRequest,
+                     request_id: str, body: dict, tokens: int, started: float) -> Reply:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
             self.streams[request_id] = relay
             if self.pending_migrations:
                 self._apply_planned_migration(relay)
-            return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
-                                       media_type="text/event-stream", headers=headers)
+            return StreamReply(relay, headers)
         try:
-            content = await asyncio.wait_for(upstream.aread(), self.config.request_timeout_s)
-        except (httpx.HTTPError, TimeoutError) as exc:
+            content = await asyncio.wait_for(upstream.read(), self.config.request_timeout_s)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            upstream.close()
             raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",
                                code="upstream_error") from None
+        except BaseException:  # cancelled: the client went away; the worker aborts
+            upstream.close()
+            raise
+        else:
+            upstream.release()
         finally:
-            await upstream.aclose()
             self.cluster.end(worker, Role.DECODE, tokens)
             self.feedback("observe_finished", request_id)
         try:
-            body = json.loads(content)
-        except ValueError:
-            raise GatewayError(502, f"worker {worker} sent a body that is not JSON",
+            body = orjson.loads(content)
+            body.pop("kv_transfer_params", None)
+        except (ValueError, AttributeError):
+            raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
-        body.pop("kv_transfer_params", None)
         self._record_usage(body.get("usage"))
-        self.metrics.e2e.labels(req.route).observe(time.monotonic() - started)
-        return JSONResponse(body, headers=headers)
+        self.metrics.for_route(req.route).e2e.observe(time.monotonic() - started)
+        return JsonReply(200, orjson.dumps(body), headers)
 
     def _record_usage(self, usage: dict | None) -> None:
         if not isinstance(usage, dict):
@@ -314,13 +326,14 @@ class Dispatcher:
                        obs: StreamObserver, started: float) -> None:
         """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
-        self.metrics.e2e.labels(req.route).observe(e2e)
+        route = self.metrics.for_route(req.route)
+        route.e2e.observe(e2e)
         if obs.ttft is not None:
-            self.metrics.ttft.labels(req.route).observe(obs.ttft)
+            route.ttft.observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
-                self.metrics.tpot.labels(req.route).observe(tpot)
+                route.tpot.observe(tpot)
                 resident = self.cluster.view(worker).decode_tokens_in_flight
                 self.feedback("observe_decode", worker, resident, tpot)
         if obs.usage:

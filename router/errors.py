@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from router.replies import JsonReply
 
 _TYPES = {
     400: "invalid_request_error",
@@ -41,6 +45,12 @@ class GatewayError(Exception):
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def reply(self, headers: dict[str, str] | None = None) -> JsonReply:
+        """The error for the lean OpenAI path (no framework objects)."""
+        from router.replies import JsonReply
+
+        return JsonReply(self.status, json.dumps(self.body()).encode(), headers or {})
 
     def sse_event(self) -> bytes:
         """The error as one server-sent event, for failures after a stream has begun."""

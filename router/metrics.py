@@ -6,6 +6,8 @@ process never share counters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -43,6 +45,16 @@ class _ClusterCollector(Collector):
         yield kv
 
 
+@dataclass(frozen=True)
+class RouteMetrics:
+    """One route's metric children, bound once (a `.labels()` lookup per event is slow)."""
+
+    ttft: object
+    tpot: object
+    e2e: object
+    statuses: dict[str, object]
+
+
 class GatewayMetrics:
     """Counters and histograms the dispatcher feeds."""
 
@@ -72,6 +84,25 @@ class GatewayMetrics:
         self.completion_tokens = Counter("fulcrum_completion_tokens",
                                          "Completion tokens served", registry=r)
         r.register(_ClusterCollector(cluster))
+        self.pd_mode = self.pd_requests.labels("pd")
+        self.local_mode = self.pd_requests.labels("local")
+        self._routes: dict[str, RouteMetrics] = {}
+
+    def for_route(self, route: str) -> RouteMetrics:
+        """The bound children of `route`'s latency histograms and request counter."""
+        found = self._routes.get(route)
+        if found is None:
+            found = RouteMetrics(self.ttft.labels(route), self.tpot.labels(route),
+                                 self.e2e.labels(route), {})
+            self._routes[route] = found
+        return found
+
+    def count_request(self, route: str, status: int) -> None:
+        statuses = self.for_route(route).statuses
+        child = statuses.get(status)
+        if child is None:
+            child = statuses[status] = self.requests.labels(route, str(status))
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

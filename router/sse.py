@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
+
+import orjson
 
 
 def _has_content(chunk: dict) -> bool:
@@ -57,8 +58,11 @@ class StreamObserver:
                 self.saw_done = True
                 continue
             try:
-                chunk = json.loads(payload)
+                chunk = orjson.loads(payload)
             except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                chunk = None
                 continue
             if "error" in chunk:
                 self.saw_error = True
