@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from instance_manager.controller.base import SLOTargets
+from instance_manager.controller.base import ControlSnapshot, SLOTargets
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
@@ -79,9 +79,17 @@ def _make_controller(control: ControlConfig, flips: FlipCoordinator,
         return None
     policy = make_control_policy(control.policy, **dict(control.knobs))
     collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
-    return Controller(collector, flips, policy, interval_s=control.interval_s,
-                      advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
-                      request_mix=mix.means)
+    controller = Controller(collector, flips, policy, interval_s=control.interval_s,
+                            advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
+                            request_mix=mix.means)
+    controller.on_snapshot = lambda snap: _store_engine_gauges(flips.cluster, snap)
+    return controller
+
+
+def _store_engine_gauges(cluster: Cluster, snapshot: ControlSnapshot) -> None:
+    for name, m in snapshot.metrics.items():
+        cluster.set_engine_stats(name, kv_cache_usage=m.kv_cache_usage,
+                                 num_running=m.num_running, num_waiting=m.num_waiting)
 
 
 class GatewayApp(FastAPI):
@@ -116,8 +124,12 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), session,
                                               app.state.metrics, config.dispatch,
                                               app.state.request_mix)
-            stats = asyncio.create_task(poll_engine_stats(cluster, client,
-                                                          config.stats_interval_s))
+            app.openai.dispatcher = app.state.dispatcher
+            controller = app.state.controller
+            stats = None
+            if controller is None:  # otherwise the controller's scrapes feed the gauges
+                stats = asyncio.create_task(poll_engine_stats(cluster, client,
+                                                              config.stats_interval_s))
             rebalance = None
             if config.rebalance_interval_s > 0 and \
                     hasattr(app.state.dispatcher.policy, "residents"):
@@ -125,7 +137,6 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                     app.state.dispatcher, default_planner(), config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
-            controller = app.state.controller
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
@@ -134,7 +145,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             try:
                 yield
             finally:
-                stats.cancel()
+                if stats is not None:
+                    stats.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:
@@ -155,8 +167,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
-    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics,
-                                 lambda: app.state.dispatcher)
+    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 

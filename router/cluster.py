@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 class Role(enum.StrEnum):
@@ -112,7 +112,11 @@ class Cluster:
     def _update(self, name: str, **changes: object) -> None:
         rec = self._records.get(name)
         if rec is not None:
-            rec.view = replace(rec.view, **changes)
+            # `dataclasses.replace` without its per-call field introspection: this runs
+            # twice per request leg. WorkerView has no __post_init__ to skip.
+            view = object.__new__(WorkerView)
+            view.__dict__.update(rec.view.__dict__, **changes)
+            rec.view = view
 
     def set_state(self, name: str, state: WorkerState) -> None:
         self._update(name, state=state)

@@ -104,11 +104,10 @@ class OpenAIEndpoints:
     """The ASGI handler of the OpenAI request routes."""
 
     def __init__(self, served_models: tuple[str, ...], metrics: GatewayMetrics,
-                 dispatcher: Callable[[], Dispatcher],
                  max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.served_models = served_models
         self.metrics = metrics
-        self._dispatcher = dispatcher
+        self.dispatcher: Dispatcher | None = None  # set once the app's lifespan starts
         self.max_body_bytes = max_body_bytes
         self.checks: list[RequestCheck] = []
 
@@ -129,7 +128,9 @@ class OpenAIEndpoints:
                 check(scope, body)
             parsed = parse_request(route, body, self.served_models)
             watch = _Watch(receive)
-            reply: Reply = await self._dispatcher().dispatch(parsed, request_id)
+            if self.dispatcher is None:
+                raise GatewayError(503, "the gateway is starting", code="not_ready")
+            reply: Reply = await self.dispatcher.dispatch(parsed, request_id)
         except _ClientLeft:
             self.metrics.count_request(route, 499)
             return

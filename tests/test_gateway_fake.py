@@ -460,7 +460,7 @@ def test_null_max_completion_tokens_falls_back_to_max_tokens(limits: dict,
 
 def test_a_stream_that_cannot_move_says_why_and_is_refused() -> None:
     d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
-    d0.state.behaviour.token_delay_s = 0.05
+    d0.state.behaviour.token_delay_s = 0.25  # the stream outlives two admin calls on a busy host
     with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
         cluster = Cluster()
         cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
