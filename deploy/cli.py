@@ -23,8 +23,6 @@ from instance_manager.models import cache_root
 log = logging.getLogger("fulcrum")
 
 _EXTENSIONS = ("deploy.operator_cli", "benchmarks.cli")
-# uvloop and httptools: the event loop and HTTP parser in C; no per-request access log.
-_FAST_SERVER = {"loop": "uvloop", "http": "httptools", "access_log": False}
 _DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct",
                   "tiny": "tiny-llama"}
 
@@ -45,6 +43,12 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds of metrics each decision looks at")
     group.add_argument("--advisory", action="store_true",
                        help="decide and explain, but never flip")
+
+
+def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-workers", type=int, default=1, metavar="N",
+                        help="gateway processes sharing the port (SO_REUSEPORT); process 0 "
+                             "runs the controller, the others follow its worker table")
 
 
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
@@ -72,14 +76,46 @@ def _served_name(model_spec: str, resolved: str) -> str:
     return _DEFAULT_NAMES.get(model_spec) or Path(resolved.rstrip("/")).name
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    import uvicorn
+def _gateway_sockets(args: argparse.Namespace):  # noqa: ANN202 - lazy imports
+    """The listening sockets, the peer settings and (leader of several) the run folder."""
+    from deploy import gateway_processes as gp
+    from router.peers import PeerConfig
 
+    count = args.gateway_workers
+    follow = getattr(args, "follow", None)
+    public = gp.listen_socket(args.host, args.port, reuse_port=count > 1 or bool(follow))
+    if follow:
+        return [public], PeerConfig(Path(follow), args.process_index), None
+    if count <= 1:
+        return [public], None, None
+    run_dir = gp.fresh_run_dir(args.port)
+    admin = gp.listen_socket("127.0.0.1", 0, reuse_port=False)
+    admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
+    return [public, admin], PeerConfig(run_dir, 0, admin_url=admin_url), run_dir
+
+
+def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path | None,
+           follower_args: list[str]) -> None:
+    """Serve `app`; as the leader of several processes, with the followers running."""
+    from deploy import gateway_processes as gp
+
+    if run_dir is None:
+        gp.serve(app, sockets)
+        return
+    extra = [*follower_args, "--host", args.host, "--port", str(args.port)]
+    if args.admin_token:
+        extra += ["--admin-token", args.admin_token]
+    with gp.followers(args.gateway_workers - 1, run_dir, extra):
+        gp.serve(app, sockets)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.local_cluster import ClusterOptions, build_local_cluster
     from instance_manager.models import resolve_model
 
     print(f"fulcrum: preparing model {args.model!r} ...", flush=True)
     model = resolve_model(args.model)
+    sockets, peers, run_dir = _gateway_sockets(args)
     opts = ClusterOptions(
         model=model, served_model_name=args.served_model_name or _served_name(args.model, model),
         workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
@@ -88,7 +124,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
-        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args))
+        extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
+        peers=peers)
     app, manager = build_local_cluster(opts)
     state = _state_file(args.port)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -110,35 +147,46 @@ def _cmd_up(args: argparse.Namespace) -> int:
     app.state.on_workers_started = announce_when_ready
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps({"pid": os.getpid(), "url": url, "log_dir": str(opts.log_dir)}))
-    print(f"fulcrum: gateway on {url}, starting {opts.workers} worker(s) on "
-          f"{opts.served_model_name} (logs in {opts.log_dir}/) ...", flush=True)
+    print(f"fulcrum: gateway on {url} ({args.gateway_workers} process(es)), starting "
+          f"{opts.workers} worker(s) on {opts.served_model_name} (logs in {opts.log_dir}/) ...",
+          flush=True)
+    follower_args = ["--model", opts.served_model_name, "--policy", args.policy]
+    if args.kv_connector == "none":
+        follower_args.append("--no-pd")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **_FAST_SERVER)
+        _serve(app, args, sockets, run_dir, follower_args)
     finally:
         state.unlink(missing_ok=True)
     return 0
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from router.app import GatewayConfig, create_app
+    from router.app import ControlConfig, GatewayConfig, create_app
     from router.cluster import Cluster, Role, WorkerState
+    from router.dispatch import DispatchConfig
 
     cluster = Cluster()
-    for i, item in enumerate(args.worker):
+    if not args.follow and not args.worker:
+        raise SystemExit("fulcrum: gateway needs at least one --worker ROLE=URL")
+    for i, item in enumerate(args.worker or ()):
         role, sep, url = item.partition("=")
         if not sep or role not in ("prefill", "decode"):
             raise SystemExit(f"fulcrum: --worker takes ROLE=URL with ROLE prefill|decode, "
                              f"got {item!r}")
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
+    sockets, peers, run_dir = _gateway_sockets(args)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
-                           admin_token=args.admin_token, control=_control_config(args),
-                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"))
-    print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
-          f"{len(args.worker)} external worker(s)", flush=True)
-    uvicorn.run(create_app(config, cluster), host=args.host, port=args.port,
-                log_level="warning", **_FAST_SERVER)
+                           admin_token=args.admin_token,
+                           control=ControlConfig() if args.follow else _control_config(args),
+                           admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
+                           dispatch=DispatchConfig(pd_enabled=not args.no_pd), peers=peers)
+    if not args.follow:
+        print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
+              f"{len(args.worker)} external worker(s), {args.gateway_workers} process(es)",
+              flush=True)
+    follower_args = [a for m in args.model for a in ("--model", m)]
+    follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
+    _serve(create_app(config, cluster), args, sockets, run_dir, follower_args)
     return 0
 
 
@@ -236,12 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token for /admin (required to use it off loopback)")
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
+    _add_gateway_workers_arg(up)
     _add_control_args(up)
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gw.add_argument("--worker", action="append", required=True, metavar="ROLE=URL",
+    gw.add_argument("--worker", action="append", metavar="ROLE=URL",
                     help="a vLLM server and its starting role, e.g. "
                          "prefill=http://10.0.0.5:8000 (repeatable)")
     gw.add_argument("--model", action="append", required=True,
@@ -250,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--policy", default="least-loaded")
     gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
+    _add_gateway_workers_arg(gw)
+    gw.add_argument("--no-pd", action="store_true", help="never split a request into P/D legs")
+    gw.add_argument("--follow", default=None, help=argparse.SUPPRESS)  # a follower's run dir
+    gw.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     _add_control_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 

@@ -15,6 +15,7 @@ from kv_transfer.settings import worker_kv_settings
 from router.app import ControlConfig, GatewayConfig, create_app
 from router.cluster import Cluster, Role
 from router.dispatch import DispatchConfig
+from router.peers import PeerConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("fulcrum.cluster")
@@ -45,6 +46,7 @@ class ClusterOptions:
     supervisor: SupervisorConfig = SupervisorConfig()
     dispatch: DispatchConfig = DispatchConfig()
     control: ControlConfig = ControlConfig()
+    peers: PeerConfig | None = None  # the leading one of several gateway processes
 
 
 def initial_roles(names: list[str], prefill_workers: int | None,
@@ -96,7 +98,8 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
         dispatch = DispatchConfig(**{**dispatch.__dict__, "pd_enabled": False})
     config = GatewayConfig(served_models=(opts.served_model_name,), policy=opts.policy,
                            dispatch=dispatch, admin_token=opts.admin_token,
-                           admin_open=opts.host in LOOPBACK, control=opts.control)
+                           admin_open=opts.host in LOOPBACK, control=opts.control,
+                           peers=opts.peers)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
     return app, manager

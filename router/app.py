@@ -31,6 +31,7 @@ from router.engine_stats import poll_engine_stats
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.openai_asgi import OpenAIEndpoints, Receive, Scope, Send, is_openai_request
+from router.peers import AdminForwarder, PeerConfig, PeerSync
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
@@ -71,6 +72,7 @@ class GatewayConfig:
     stats_interval_s: float = 2.0
     rebalance_interval_s: float = 2.0  # ARES decode rebalancing (policies with residents)
     control: ControlConfig = field(default_factory=ControlConfig)
+    peers: PeerConfig | None = None  # one of several processes (`--gateway-workers`)
 
 
 def _make_controller(control: ControlConfig, flips: FlipCoordinator,
@@ -97,10 +99,14 @@ class GatewayApp(FastAPI):
     the lean path (`router.openai_asgi`)."""
 
     openai: OpenAIEndpoints
+    forward_admin: AdminForwarder | None = None  # set on follower processes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if is_openai_request(scope):
             await self.openai(scope, receive, send)
+        elif self.forward_admin is not None and scope["type"] == "http" and \
+                scope["path"].startswith("/admin"):
+            await self.forward_admin(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -126,8 +132,19 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                               app.state.request_mix)
             app.openai.dispatcher = app.state.dispatcher
             controller = app.state.controller
+            follower = config.peers is not None and not config.peers.leader
+            peers = None
+            if config.peers is not None:
+                sync = PeerSync(cluster, config.peers)
+                peers = asyncio.create_task(sync.run())
+                if follower:
+                    app.forward_admin = AdminForwarder(sync, client)
+                    if not await sync.wait_for_leader(60.0):
+                        log.warning("no leading gateway process after 60 s; serving anyway")
             stats = None
-            if controller is None:  # otherwise the controller's scrapes feed the gauges
+            # One scraper per worker: the controller's scrapes feed the gauges when it
+            # runs, and followers take them from the leader.
+            if controller is None and not follower:
                 stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                               config.stats_interval_s))
             rebalance = None
@@ -147,6 +164,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             finally:
                 if stats is not None:
                     stats.cancel()
+                if peers is not None:
+                    peers.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:
