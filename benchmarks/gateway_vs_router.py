@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -318,6 +319,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def compare(args: argparse.Namespace) -> dict:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the processes we started
     logs = RESULTS / "tmp" / "gateway_vs_router"
     logs.mkdir(parents=True, exist_ok=True)
     p_port, d_port = _free_port(), _free_port()

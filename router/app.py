@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +34,7 @@ from router.peers import AdminForwarder, PeerConfig, PeerSync
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
+from router.upstream import UpstreamPool
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -111,12 +111,6 @@ class GatewayApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
-def data_plane_session() -> aiohttp.ClientSession:
-    """The pooled HTTP/1.1 client the request path talks to workers with."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
-
-
 def create_app(config: GatewayConfig, cluster: Cluster,
                supervisor: WorkerSupervisor | None = None) -> GatewayApp:
     """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
@@ -125,7 +119,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
-                data_plane_session() as session:
+                UpstreamPool() as session:
             app.state.client = client  # control plane: scrapes, flips, admin
             app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), session,
                                               app.state.metrics, config.dispatch,

@@ -15,13 +15,11 @@ Failure rules:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 
 from router.cluster import Cluster, Role
@@ -32,6 +30,7 @@ from router.relay import StreamRelay, migratable
 from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
+from router.upstream import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from router.validation import ParsedRequest
 
 log = logging.getLogger("fulcrum.dispatch")
@@ -83,7 +82,7 @@ def _prefill_body(body: dict) -> dict:
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
-    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: aiohttp.ClientSession,
+    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: UpstreamPool,
                  metrics: GatewayMetrics, config: DispatchConfig,
                  mix: RequestMix | None = None) -> None:
         self.cluster = cluster
@@ -96,19 +95,15 @@ class Dispatcher:
         # request id -> (target, after_tokens, expires_at): moves asked for before the start
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
         connect = config.connect_timeout_s
-        self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout_s,
-                                                     sock_connect=connect)
-        self.stream_timeout = aiohttp.ClientTimeout(sock_read=config.stream_idle_timeout_s,
-                                                    sock_connect=connect)
-        self.request_timeout = aiohttp.ClientTimeout(total=config.request_timeout_s,
-                                                     sock_connect=connect)
+        self.prefill_timeout = Timeouts(connect, total=config.prefill_timeout_s)
+        self.stream_timeout = Timeouts(connect, idle=config.stream_idle_timeout_s)
+        self.request_timeout = Timeouts(connect, total=config.request_timeout_s)
 
     async def post(self, url: str, body: dict, request_id: str,
-                   timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+                   timeouts: Timeouts) -> UpstreamResponse:
         """POST `body` as JSON to a worker; the caller reads and releases the response."""
-        return await self.client.post(url, data=orjson.dumps(body), timeout=timeout,
-                                      headers={"X-Request-Id": request_id,
-                                               "Content-Type": "application/json"})
+        return await self.client.post(url, orjson.dumps(body), {"X-Request-Id": request_id},
+                                      timeouts)
 
     def migrate(self, request_id: str, target: str, after_tokens: int = 0) -> StreamRelay:
         """Ask a live stream to continue on `target` (a READY worker) once it has generated
@@ -198,9 +193,11 @@ class Dispatcher:
         try:
             resp = await self.post(url, _prefill_body(req.body), request_id,
                                    self.prefill_timeout)
-            async with resp:
+            try:
                 status, content = resp.status, await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            finally:
+                resp.release()
+        except UpstreamError as exc:
             return self._prefill_failed(worker, request_id, repr(exc))
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
@@ -244,7 +241,7 @@ class Dispatcher:
             self.cluster.begin(worker, Role.DECODE, tokens)
             try:
                 upstream = await self.post(url, body, request_id, timeout)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 self.cluster.end(worker, Role.DECODE, tokens)
                 last_error = f"{worker}: {exc!r}"
                 tried.add(worker)
@@ -257,7 +254,7 @@ class Dispatcher:
                                              started)
                 try:
                     content = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except UpstreamError as exc:
                     content = repr(exc).encode()
                 finally:
                     upstream.release()
@@ -281,7 +278,7 @@ class Dispatcher:
         raise GatewayError(502, f"every decode attempt failed; last: {last_error}",
                            code="upstream_unavailable")
 
-    async def _reply(self, worker: str, upstream: aiohttp.ClientResponse, req: ParsedRequest,
+    async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
                      request_id: str, body: dict, tokens: int, started: float) -> Reply:
         headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
         if req.stream:
@@ -291,8 +288,8 @@ class Dispatcher:
                 self._apply_planned_migration(relay)
             return StreamReply(relay, headers)
         try:
-            content = await asyncio.wait_for(upstream.read(), self.config.request_timeout_s)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            content = await upstream.read()  # bounded by request_timeout_s
+        except UpstreamError as exc:
             upstream.close()
             raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",
                                code="upstream_error") from None

@@ -28,12 +28,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 
 from router.cluster import Role
 from router.errors import GatewayError
 from router.sse import StreamObserver, is_usage_only
+from router.upstream import UpstreamError, UpstreamResponse
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fulcrum.relay")
 
 _ID_FIELDS = ("token_ids", "prompt_token_ids")
-_UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class UpstreamStreamError(Exception):
@@ -118,7 +117,7 @@ class StreamRelay:
 
     progress_every = 32  # content events between length-predictor refreshes
 
-    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: aiohttp.ClientResponse,
+    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: UpstreamResponse,
                  req: ParsedRequest, request_id: str, body: dict, tokens: int,
                  started: float) -> None:
         self.d = dispatcher
@@ -320,7 +319,7 @@ class StreamRelay:
         reported = 0
         try:
             while True:
-                async for data in self.upstream.content.iter_any():
+                async for data in self.upstream.iter_chunks():
                     events = self.obs.feed(data)
                     if self.obs.content_events - reported >= self.progress_every:
                         reported = self.obs.content_events
@@ -340,7 +339,7 @@ class StreamRelay:
                 yield self.obs.pending
             if not self.obs.saw_done:
                 raise UpstreamStreamError("stream ended without [DONE]")
-        except (*_UPSTREAM_ERRORS, UpstreamStreamError) as exc:
+        except (UpstreamError, UpstreamStreamError) as exc:
             log.warning("decode stream from %s broke: %r", self.worker, exc)
             self.d.metrics.leg_failures.labels("decode", "stream_error").inc()
             yield GatewayError(502, f"worker {self.worker} failed mid-stream: {exc!r}",
