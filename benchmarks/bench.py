@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -151,9 +152,10 @@ async def run_trace(trace: Trace, endpoint: Endpoint, max_concurrency: int | Non
     return list(timelines), duration
 
 
-async def discover_model(base_url: str) -> str:
+async def discover_model(base_url: str, api_key: str | None = None) -> str:
     """First model id served at `base_url/v1/models`."""
-    async with httpx.AsyncClient(timeout=30) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=30, headers=headers) as client:
         resp = await client.get(base_url.rstrip("/") + "/v1/models")
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
@@ -203,6 +205,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000",
                         help="OpenAI-compatible server or Fulcrum gateway")
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
+    parser.add_argument("--api-key", default=None,
+                        help="bearer key for the endpoint (default: $OPENAI_API_KEY)")
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="let the model stop early (outputs may be shorter than the trace)")
@@ -237,9 +241,11 @@ def _result_name(args: argparse.Namespace, model: str, rate: float | str) -> str
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run one benchmark (or a sweep) from parsed arguments; returns the result dict."""
-    model = args.model or asyncio.run(discover_model(args.base_url))
+    api_key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY") or None
+    model = args.model or asyncio.run(discover_model(args.base_url, api_key))
     endpoint = Endpoint(args.base_url, model, chat=args.chat,
-                        ignore_eos=not args.no_ignore_eos, timeout_s=args.request_timeout)
+                        ignore_eos=not args.no_ignore_eos, timeout_s=args.request_timeout,
+                        api_key=api_key)
     slo = SLO.parse(args.goodput)
     percentiles = ([float(p) for p in args.metric_percentiles.split(",") if p]
                    or list(DEFAULT_PERCENTILES))

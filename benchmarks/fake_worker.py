@@ -32,6 +32,8 @@ class FakeBehaviour:
     # token indices whose text is held back and sent with the next token (as a real
     # detokenizer does inside a multi-byte character)
     held_back_tokens: tuple[int, ...] = ()
+    api_key: str | None = None  # like vLLM's --api-key: /v1/* needs "Bearer KEY"
+    hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class FakeStats:
     running: int = 0
     request_ids: list[str] = field(default_factory=list)
     bodies: list[dict] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -62,6 +65,10 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
     app.state.behaviour = FakeBehaviour()
     app.state.stats = FakeStats()
 
+    async def hang_if_asked() -> None:
+        while app.state.behaviour.hang:
+            await asyncio.sleep(0.05)
+
     def chunk(kind: str, rid: str, i: int, text: str, finish: str | None) -> dict:
         if kind == "chat":
             delta = {"content": text} if i else {"role": "assistant", "content": text}
@@ -75,12 +82,18 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
     async def generate(request: Request, kind: str) -> Response:
         b: FakeBehaviour = app.state.behaviour
         stats: FakeStats = app.state.stats
+        await hang_if_asked()
         body = await request.json()
         rid = request.headers.get("x-request-id", uuid.uuid4().hex)
         stats.request_ids.append(rid)
         stats.bodies.append(body)
+        stats.authorizations.append(request.headers.get("authorization"))
+        if b.api_key and request.headers.get("authorization") != f"Bearer {b.api_key}":
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
         prompt_tokens = _prompt_tokens(body)
-        if prompt_tokens > b.max_model_len:
+        asked = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        if prompt_tokens > b.max_model_len or (isinstance(asked, int) and
+                                               prompt_tokens + asked > b.max_model_len):
             return JSONResponse({"error": {"message": "prompt too long", "type":
                                            "BadRequestError", "param": None, "code": 400}},
                                 status_code=400)
@@ -178,6 +191,7 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
+        await hang_if_asked()
         return Response(status_code=200)
 
     @app.get("/metrics")

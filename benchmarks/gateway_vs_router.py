@@ -358,6 +358,7 @@ def compare(args: argparse.Namespace) -> dict:
                               f"failed {result['failed']}", flush=True)
     rows = _summarise(phases)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+            "load_average_1min_at_end": os.getloadavg()[0],
             "host_note": "shared 2-core host: requests/s and TTFT are noisy and capped by "
                          "the cores everyone shares; CPU ms per request is the robust number",
             "vllm_router": VLLM_ROUTER, "duration_s": args.duration, "warmup_s": args.warmup,

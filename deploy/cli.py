@@ -35,6 +35,9 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--control-knob", action="append", metavar="K=V", default=[],
                        help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
                             "policy show`)")
+    group.add_argument("--control-profile", type=Path, default=None, metavar="FILE",
+                       help="a `fulcrum profile` JSON: DOPD's throughput constants are "
+                            "derived from it (explicit --control-knob values win)")
     group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
     group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
     group.add_argument("--control-interval", type=float, default=5.0,
@@ -52,7 +55,7 @@ def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
-    from instance_manager.controller.base import SLOTargets
+    from core.slo import SLOTargets
     from router.app import ControlConfig
 
     knobs = []
@@ -61,11 +64,101 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         if not sep:
             raise SystemExit(f"fulcrum: --control-knob takes K=V, got {item!r}")
         knobs.append((key, value))
+    if args.control_profile is not None and args.control_policy == "dopd":
+        from instance_manager.controller.calibrate import dopd_knobs_from_profile
+
+        given = {k for k, _ in knobs}
+        derived = dopd_knobs_from_profile(args.control_profile, args.slo_tpot)
+        knobs = [(k, v) for k, v in derived.items() if k not in given] + knobs
     return ControlConfig(
         policy=None if args.control_policy == "none" else args.control_policy,
         knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
         interval_s=args.control_interval, window_s=args.control_window,
         advisory=args.advisory)
+
+
+def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits, health checks and authentication")
+    group.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="largest request body accepted (413 beyond)")
+    group.add_argument("--max-inflight", type=int, default=1024,
+                       help="client requests in flight through the gateway; 429 beyond "
+                            "(0: no limit)")
+    group.add_argument("--max-worker-queue", type=int, default=256,
+                       help="legs in flight on one worker; a full worker takes no new ones, "
+                            "and with every worker full the gateway answers 429 (0: no limit)")
+    group.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to connect to a worker")
+    group.add_argument("--prefill-timeout", type=float, default=60.0,
+                       help="seconds for a prefill leg (then the decode worker computes "
+                            "the prompt)")
+    group.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds for a non-streamed answer, headers and body together")
+    group.add_argument("--stream-idle-timeout", type=float, default=120.0,
+                       help="longest silence inside a stream before it is cut with an error")
+    group.add_argument("--health-interval", type=float, default=0.5,
+                       help="seconds between active /health probes of each worker (0: off)")
+    group.add_argument("--health-timeout", type=float, default=1.0,
+                       help="a probe slower than this counts as a failure")
+    group.add_argument("--breaker-failures", type=int, default=2,
+                       help="consecutive failures (probes or legs) that take a worker out")
+    group.add_argument("--api-key", action="append", default=[],
+                       help="a key clients must send as 'Authorization: Bearer KEY' on "
+                            "/v1/* (repeatable; default $FULCRUM_API_KEY)")
+    group.add_argument("--api-key-file", action="append", default=[],
+                       help="a file with one API key per line (repeatable)")
+    group.add_argument("--forward-authorization", action="store_true",
+                       help="pass the client's Authorization header on to the workers")
+    group.add_argument("--worker-api-key", default=os.environ.get("FULCRUM_WORKER_API_KEY"),
+                       help="send this key to every worker (workers run vLLM with "
+                            "--api-key; `fulcrum up` starts them so)")
+
+
+def _hardening_config(args: argparse.Namespace) -> dict:
+    """GatewayConfig fields from `_add_hardening_args` options."""
+    from router.admission import AdmissionConfig
+    from router.dispatch import DispatchConfig
+    from router.health import HealthConfig
+    from router.security import AuthConfig, load_api_keys
+
+    keys = list(args.api_key) or [k for k in [os.environ.get("FULCRUM_API_KEY")] if k]
+    return {
+        "max_body_mb": args.max_body_mb,
+        "admission": AdmissionConfig(max_inflight=args.max_inflight,
+                                     max_worker_queue=args.max_worker_queue),
+        "health": HealthConfig(interval_s=args.health_interval, timeout_s=args.health_timeout,
+                               failures=args.breaker_failures),
+        "auth": AuthConfig(api_keys=load_api_keys(keys, args.api_key_file),
+                           forward_authorization=args.forward_authorization,
+                           worker_api_key=args.worker_api_key),
+        "dispatch": DispatchConfig(connect_timeout_s=args.connect_timeout,
+                                   prefill_timeout_s=args.prefill_timeout,
+                                   request_timeout_s=args.request_timeout,
+                                   stream_idle_timeout_s=args.stream_idle_timeout),
+    }
+
+
+_SECRET_OPTIONS = ("--api-key", "--worker-api-key")  # never on a command line (ps shows it)
+
+
+def _hardening_argv(args: argparse.Namespace) -> list[str]:
+    """`_add_hardening_args` options as given, for follower gateway processes (the keys
+    travel separately, see `_follower_secrets`)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_hardening_args(probe)
+    out: list[str] = []
+    for action in probe._actions:
+        if not action.option_strings or action.option_strings[0] in _SECRET_OPTIONS:
+            continue
+        flag, value = action.option_strings[0], getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            out += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            for item in value or ():
+                out += [flag, str(item)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def _state_file(port: int) -> Path:
@@ -94,6 +187,23 @@ def _gateway_sockets(args: argparse.Namespace):  # noqa: ANN202 - lazy imports
     return [public, admin], PeerConfig(run_dir, 0, admin_url=admin_url), run_dir
 
 
+def _follower_secrets(args: argparse.Namespace, run_dir: Path) -> tuple[list[str], dict]:
+    """API keys for followers: a private file in the run folder, and the environment."""
+    env = {}
+    if args.admin_token:
+        env["FULCRUM_ADMIN_TOKEN"] = args.admin_token
+    if args.worker_api_key:
+        env["FULCRUM_WORKER_API_KEY"] = args.worker_api_key
+    keys = list(args.api_key)
+    if not keys:
+        return [], env
+    path = run_dir / "api-keys"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(keys) + "\n")
+    return ["--api-key-file", str(path)], env
+
+
 def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path | None,
            follower_args: list[str]) -> None:
     """Serve `app`; as the leader of several processes, with the followers running."""
@@ -102,10 +212,9 @@ def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path |
     if run_dir is None:
         gp.serve(app, sockets)
         return
-    extra = [*follower_args, "--host", args.host, "--port", str(args.port)]
-    if args.admin_token:
-        extra += ["--admin-token", args.admin_token]
-    with gp.followers(args.gateway_workers - 1, run_dir, extra):
+    secret_args, env = _follower_secrets(args, run_dir)
+    extra = [*follower_args, *secret_args, "--host", args.host, "--port", str(args.port)]
+    with gp.followers(args.gateway_workers - 1, run_dir, extra, env):
         gp.serve(app, sockets)
 
 
@@ -125,7 +234,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
-        peers=peers)
+        peers=peers, **_hardening_config(args))
     app, manager = build_local_cluster(opts)
     state = _state_file(args.port)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -150,7 +259,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"fulcrum: gateway on {url} ({args.gateway_workers} process(es)), starting "
           f"{opts.workers} worker(s) on {opts.served_model_name} (logs in {opts.log_dir}/) ...",
           flush=True)
-    follower_args = ["--model", opts.served_model_name, "--policy", args.policy]
+    follower_args = ["--model", opts.served_model_name, "--policy", args.policy,
+                     *_hardening_argv(args)]
     if args.kv_connector == "none":
         follower_args.append("--no-pd")
     try:
@@ -161,9 +271,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from core.workers import Role, WorkerState
     from router.app import ControlConfig, GatewayConfig, create_app
-    from router.cluster import Cluster, Role, WorkerState
-    from router.dispatch import DispatchConfig
+    from router.cluster import Cluster
 
     cluster = Cluster()
     if not args.follow and not args.worker:
@@ -175,18 +287,22 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                              f"got {item!r}")
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
     sockets, peers, run_dir = _gateway_sockets(args)
+    hardening = _hardening_config(args)
+    if args.no_pd:
+        hardening["dispatch"] = replace(hardening["dispatch"], pd_enabled=False)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
                            admin_token=args.admin_token,
                            control=ControlConfig() if args.follow else _control_config(args),
                            admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
-                           dispatch=DispatchConfig(pd_enabled=not args.no_pd), peers=peers)
+                           peers=peers, **hardening)
     if not args.follow:
         print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
               f"{len(args.worker)} external worker(s), {args.gateway_workers} process(es)",
               flush=True)
     follower_args = [a for m in args.model for a in ("--model", m)]
     follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
-    _serve(create_app(config, cluster), args, sockets, run_dir, follower_args)
+    _serve(create_app(config, cluster), args, sockets, run_dir,
+           follower_args + _hardening_argv(args))
     return 0
 
 
@@ -286,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra argument passed to every vLLM worker (repeatable)")
     _add_gateway_workers_arg(up)
     _add_control_args(up)
+    _add_hardening_args(up)
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
@@ -304,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--follow", default=None, help=argparse.SUPPRESS)  # a follower's run dir
     gw.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     _add_control_args(gw)
+    _add_hardening_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 
     status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")

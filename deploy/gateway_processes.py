@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -54,13 +55,15 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def followers(count: int, run_dir: Path, follower_args: list[str]) -> Iterator[None]:
+def followers(count: int, run_dir: Path, follower_args: list[str],
+              env: dict[str, str] | None = None) -> Iterator[None]:
     """Start `count` follower processes (indices 1..count); stop them on exit."""
     procs = []
+    environment = {**os.environ, **(env or {})}
     for index in range(1, count + 1):
         cmd = [sys.executable, "-m", "deploy.cli", "gateway", "--follow", str(run_dir),
                "--process-index", str(index), *follower_args]
-        procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+        procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=environment))
     try:
         yield
     finally:

@@ -9,13 +9,17 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from core.workers import Role
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec, choose_dtype
 from kv_transfer.settings import worker_kv_settings
+from router.admission import AdmissionConfig
 from router.app import ControlConfig, GatewayConfig, create_app
-from router.cluster import Cluster, Role
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
+from router.health import HealthConfig
 from router.peers import PeerConfig
+from router.security import AuthConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("fulcrum.cluster")
@@ -46,6 +50,10 @@ class ClusterOptions:
     supervisor: SupervisorConfig = SupervisorConfig()
     dispatch: DispatchConfig = DispatchConfig()
     control: ControlConfig = ControlConfig()
+    max_body_mb: float = 32.0
+    admission: AdmissionConfig = AdmissionConfig()
+    health: HealthConfig = HealthConfig()
+    auth: AuthConfig = AuthConfig()  # its worker_api_key also starts workers with --api-key
     peers: PeerConfig | None = None  # the leading one of several gateway processes
 
 
@@ -83,7 +91,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
             cpu_core=(i % cores) if opts.device == "cpu" else None,
             gpu_index=i if opts.device == "gpu" else None,
             max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, dtype=dtype,
-            extra_args=opts.extra_worker_args))
+            extra_args=opts.extra_worker_args, api_key=opts.auth.worker_api_key))
     return specs
 
 
@@ -99,7 +107,8 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
     config = GatewayConfig(served_models=(opts.served_model_name,), policy=opts.policy,
                            dispatch=dispatch, admin_token=opts.admin_token,
                            admin_open=opts.host in LOOPBACK, control=opts.control,
-                           peers=opts.peers)
+                           max_body_mb=opts.max_body_mb, admission=opts.admission,
+                           health=opts.health, auth=opts.auth, peers=opts.peers)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
     return app, manager

@@ -17,11 +17,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from router.cluster import Cluster, Role, WorkerState, WorkerView
+from core.workers import Role, WorkerState, WorkerView
+
+if TYPE_CHECKING:  # the registry object is passed in; only its type is named here
+    from router.cluster import Cluster
 
 FLIP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 

@@ -12,11 +12,15 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
+from core.workers import Role, WorkerState
 from instance_manager.worker_process import WorkerSpec, kill_group, launch, log_tail, terminate
-from router.cluster import Cluster, Role, WorkerState
+
+if TYPE_CHECKING:  # the registry object is passed in; only its type is named here
+    from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.manager")
 
@@ -133,6 +137,7 @@ class InstanceManager:
             resp = await self._client.post(
                 spec.url + "/v1/completions",
                 json={"model": spec.served_model_name, "prompt": "Hello", "max_tokens": 2},
+                headers={"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {},
                 timeout=self.config.warmup_timeout_s)
         except httpx.HTTPError as exc:
             raise WorkerFailedToStart(f"warm-up request failed: {exc!r}") from None

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from instance_manager.controller.base import ControlSnapshot, SLOTargets, WorkerMetrics
-from router.cluster import ClusterSnapshot, Role, WorkerState
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState
+from instance_manager.controller.base import ControlSnapshot, WorkerMetrics
 from router.exposition import filter_exposition
 
 TTFT = "vllm:time_to_first_token_seconds"

@@ -74,6 +74,7 @@ class WorkerSpec:
     kv_cache_gib: int = 1
     dtype: str | None = None  # vLLM's --dtype; None: the model's own (see `choose_dtype`)
     extra_args: tuple[str, ...] = ()
+    api_key: str | None = None  # vLLM's --api-key: /v1/* then needs it
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -105,6 +106,8 @@ class WorkerSpec:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
         elif self.gpu_index is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
+        if self.api_key:  # vLLM reads it here as --api-key; kept off the command line
+            env["VLLM_API_KEY"] = self.api_key
         env.update(self.kv.env)
         env.update(self.extra_env)
         return env

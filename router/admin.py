@@ -1,30 +1,22 @@
-"""Read-only admin endpoints and the guard every admin endpoint shares.
+"""Read-only admin endpoints, stream migration, and the guard every admin endpoint shares.
 
 The admin API is off on a non-loopback bind unless a token is configured; when a
 token is configured, every admin call must carry `Authorization: Bearer <token>`.
+See `router.security.check_admin_request` for the rest (Host, Origin, content type).
 """
 
 from __future__ import annotations
-
-import hmac
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from router.errors import GatewayError
+from router.security import check_admin_request
 
 
 def require_admin(request: Request) -> None:
     """FastAPI dependency guarding admin routes."""
-    token: str | None = request.app.state.admin_token
-    if token:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given, f"Bearer {token}"):
-            raise GatewayError(401, "admin API: missing or wrong bearer token",
-                               code="invalid_admin_token")
-    elif not request.app.state.admin_open:
-        raise GatewayError(403, "admin API is off: the gateway listens beyond loopback and "
-                           "no --admin-token was given", code="admin_disabled")
+    check_admin_request(request, request.app.state.admin_token, request.app.state.admin_open)
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -34,6 +26,7 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 async def workers(request: Request) -> dict:
     """Every worker with its role, state, load and process facts."""
     cluster = request.app.state.cluster
+    health = request.app.state.health
     out = []
     for view in cluster.snapshot().workers:
         rec = cluster.record(view.name)
@@ -42,14 +35,15 @@ async def workers(request: Request) -> dict:
             "state": view.state.value, "in_flight_prefill": view.in_flight_prefill,
             "in_flight_decode": view.in_flight_decode, "kv_cache_usage": view.kv_cache_usage,
             "num_running": view.num_running, "num_waiting": view.num_waiting,
-            "pid": rec.pid, "restarts": rec.restarts,
+            "pid": rec.pid, "restarts": rec.restarts, "healthy": view.healthy,
+            "breaker": health.breaker(view.name).state.value,
         })
     return {"workers": out, "policy": request.app.state.dispatcher.policy.name}
 
 
 class MigrateBody(BaseModel):
-    request_id: str
-    to: str
+    request_id: str = Field(max_length=256)
+    to: str = Field(max_length=256)
     after_tokens: int = Field(0, ge=0)  # move once the stream has generated this many
     planned: bool = False  # the stream has not started yet: move it when it does
 
@@ -58,7 +52,8 @@ class MigrateBody(BaseModel):
 async def streams(request: Request) -> dict:
     """Live streams: where each runs and how far it got (migratable ones can move)."""
     relays = request.app.state.dispatcher.streams.values()
-    return {"streams": [{"request_id": r.request_id, "worker": r.worker,
+    return {"streams": [{"request_id": r.request_id,
+                         "client_request_id": r.client_request_id, "worker": r.worker,
                          "generated": len(r.generated_ids), "migratable": r.migratable,
                          "why_not_migratable": r.why_not_migratable,
                          "migrations": r.migrations} for r in relays]}
@@ -68,7 +63,10 @@ async def streams(request: Request) -> dict:
 async def migrate(body: MigrateBody, request: Request) -> dict:
     """Move a live stream to another worker; it continues there without a break.
 
-    With `planned`, the stream may not have started yet: it moves once it streams."""
+    `request_id` is the gateway's id of the stream (`X-Fulcrum-Request-Id` of its
+    response, or `GET /admin/streams`), never the client's `X-Request-Id`, which two
+    clients may share. With `planned`, the stream has not started yet, so `request_id`
+    names the client's `X-Request-Id`: the first stream that arrives with it moves."""
     dispatcher = request.app.state.dispatcher
     try:
         if body.planned and body.request_id not in dispatcher.streams:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from core.workers import Role
 from instance_manager.controller.loop import Controller, worker_rows
 from instance_manager.controller.registry import (
     CONTROL_POLICIES,
@@ -21,7 +22,6 @@ from instance_manager.controller.registry import (
 )
 from instance_manager.flip import FlipCoordinator, FlipRefused
 from router.admin import require_admin
-from router.cluster import Role
 from router.errors import GatewayError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])

@@ -15,26 +15,32 @@ from typing import Protocol
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from instance_manager.controller.base import ControlSnapshot, SLOTargets
+from core.slo import SLOTargets
+from core.workers import Role
+from instance_manager.controller.base import ControlSnapshot
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
-from router.cluster import Cluster, WorkerState
+from router.admission import Admission, AdmissionCollector, AdmissionConfig
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher
 from router.engine_stats import poll_engine_stats
-from router.errors import GatewayError
+from router.error_handlers import BodyLimitMiddleware, install_error_handlers
+from router.health import HealthCollector, HealthConfig, HealthMonitor
 from router.metrics import GatewayMetrics
 from router.openai_asgi import OpenAIEndpoints, Receive, Scope, Send, is_openai_request
+from router.openapi_schemas import request_body_schema
 from router.peers import AdminForwarder, PeerConfig, PeerSync
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
+from router.security import AuthConfig
 from router.upstream import UpstreamPool
+from router.validation import CHAT, COMPLETIONS
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -72,7 +78,15 @@ class GatewayConfig:
     stats_interval_s: float = 2.0
     rebalance_interval_s: float = 2.0  # ARES decode rebalancing (policies with residents)
     control: ControlConfig = field(default_factory=ControlConfig)
+    max_body_mb: float = 32.0
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     peers: PeerConfig | None = None  # one of several processes (`--gateway-workers`)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 def _make_controller(control: ControlConfig, flips: FlipCoordinator,
@@ -111,6 +125,16 @@ class GatewayApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
+class _LeanPath(Response):
+    """Hands a request FastAPI routed (OpenAPI tooling, mounted apps) to the lean path."""
+
+    def __init__(self, endpoint: OpenAIEndpoints) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
+
+
 def create_app(config: GatewayConfig, cluster: Cluster,
                supervisor: WorkerSupervisor | None = None) -> GatewayApp:
     """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
@@ -119,12 +143,15 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
-                UpstreamPool() as session:
-            app.state.client = client  # control plane: scrapes, flips, admin
-            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), session,
+                UpstreamPool() as pool:
+            app.state.client = client  # control plane: probes, scrapes, admin forwarding
+            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), pool,
                                               app.state.metrics, config.dispatch,
-                                              app.state.request_mix)
+                                              app.state.request_mix, app.state.health,
+                                              app.state.admission)
             app.openai.dispatcher = app.state.dispatcher
+            probes = (asyncio.create_task(app.state.health.run(client))
+                      if config.health.interval_s > 0 else None)
             controller = app.state.controller
             follower = config.peers is not None and not config.peers.leader
             peers = None
@@ -148,6 +175,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                     app.state.dispatcher, default_planner(), config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
+            if controller is not None:
+                controller.listen(app.state.dispatcher.policy)
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
             if supervisor is not None:
                 await supervisor.start()
@@ -160,6 +189,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                     stats.cancel()
                 if peers is not None:
                     peers.cancel()
+                if probes is not None:
+                    probes.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:
@@ -171,40 +202,80 @@ def create_app(config: GatewayConfig, cluster: Cluster,
 
     app = GatewayApp(title="Fulcrum gateway", lifespan=lifespan)
     app.state.cluster = cluster
+    app.state.health = HealthMonitor(cluster, config.health)
+    app.state.admission = Admission(config.admission)
     app.state.config = config
     app.state.metrics = GatewayMetrics(cluster)
     app.state.admin_token = config.admin_token
     app.state.admin_open = config.admin_open
     app.state.flips = FlipCoordinator(cluster, drain_timeout_s=config.control.drain_timeout_s)
     app.state.metrics.registry.register(FlipMetrics(app.state.flips))
+    app.state.metrics.registry.register(AdmissionCollector(app.state.admission))
+    app.state.metrics.registry.register(HealthCollector(app.state.health))
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
-    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return exc.response()
+    install_error_handlers(app)
+    routes = (COMPLETIONS, CHAT, "/v1/models")
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return GatewayError(400, str(exc)).response()
+    def count_refused(path: str, status: int) -> None:
+        app.state.metrics.requests.labels(path if path in routes else "other",
+                                          str(status)).inc()
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                       count=count_refused)
+    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics,
+                                 app.state.admission, config.auth, config.max_body_bytes)
+
+    models_list = list(config.served_models)
+
+    @app.post(COMPLETIONS, openapi_extra=request_body_schema(COMPLETIONS, models_list))
+    async def completions(request: Request) -> Response:
+        return _LeanPath(app.openai)
+
+    @app.post(CHAT, openapi_extra=request_body_schema(CHAT, models_list))
+    async def chat_completions(request: Request) -> Response:
+        return _LeanPath(app.openai)
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        config.auth.check_client(request.headers.get("authorization"))
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "fulcrum"}
             for m in config.served_models]}
 
+    @app.get("/livez")
+    async def livez() -> dict:
+        """The gateway process answers (says nothing about workers)."""
+        return {"status": "alive"}
+
+    def readiness() -> JSONResponse:
+        snap = cluster.snapshot()
+        prefill, decode = len(snap.routable(Role.PREFILL)), len(snap.routable(Role.DECODE))
+        if prefill and decode:
+            status = "ok"
+        elif prefill or decode:  # every worker can decode alone: served, without P/D
+            status = "degraded"
+        else:
+            status = "unavailable"
+        body = {"status": status, "ready_workers": prefill + decode,
+                "ready_prefill": prefill, "ready_decode": decode, "workers": len(snap.workers),
+                "breakers": app.state.health.summary()}
+        return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 while some worker can serve ("ok": both pools; "degraded": one pool only,
+        requests are computed whole on it); 503 when none can."""
+        return readiness()
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        states = [w.state for w in cluster.snapshot().workers]
-        ready = sum(s == WorkerState.READY for s in states)
-        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready,
-                "workers": len(states)}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        """Same answer as /readyz."""
+        return readiness()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -11,6 +11,9 @@ Failure rules:
   the same worker without KV (a failed KV pull), then on another worker;
 - decode fails mid-stream: the client gets an OpenAI-style error event and [DONE];
 - a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
+
+First-token handoff (`router.handoff`): where a stream could migrate, the prefill leg's
+token is streamed to the client first and the decode leg continues after it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from dataclasses import dataclass
 
 import orjson
 
-from router.cluster import Cluster, Role
-from router.errors import GatewayError
+from core.request import RequestInfo
+from core.workers import Role
+from router.admission import Admission, AdmissionConfig
+from router.cluster import Cluster
+from router.errors import GatewayError, clip
+from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
+from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
 from router.metrics import GatewayMetrics
-from router.policy import RequestInfo, RoutingPolicy
+from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
@@ -40,12 +48,16 @@ _PREFILL_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
 
 @dataclass(frozen=True)
 class DispatchConfig:
-    """Timeouts and retry limits; every leg is bounded."""
+    """Timeouts and retry limits; every leg is bounded.
+
+    `request_timeout_s` bounds a non-streamed decode leg from sending to the last byte
+    of its answer (headers and body together); a stream is bounded by the longest
+    silence between two of its chunks, `stream_idle_timeout_s`."""
 
     connect_timeout_s: float = 5.0
     prefill_timeout_s: float = 60.0
     stream_idle_timeout_s: float = 120.0
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 300.0
     decode_attempts: int = 3
     pd_enabled: bool = True
 
@@ -62,15 +74,17 @@ class UpstreamReply(Exception):
         try:
             body = orjson.loads(self.content)
         except ValueError:
-            return GatewayError(self.status, self.content.decode(errors="replace")[:2000]
+            return GatewayError(self.status, self.content.decode(errors="replace")
                                 ).reply(headers)
-        if isinstance(body, dict) and "error" not in body:  # FastAPI-style {"detail": ...}
-            return GatewayError(self.status, json.dumps(body)[:2000]).reply(headers)
+        if not isinstance(body, dict) or "error" not in body \
+                or len(self.content) > 4096:  # FastAPI-style {"detail": ...}, or an echo
+            return GatewayError(self.status, clip(json.dumps(body), 400)).reply(headers)
         return JsonReply(self.status, orjson.dumps(body), headers)
 
 
-def _prefill_body(body: dict) -> dict:
+def _prefill_body(body: dict, extra: dict | None = None) -> dict:
     out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
+    out.update(extra or {})
     out["stream"] = False
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -79,31 +93,52 @@ def _prefill_body(body: dict) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class _LegContext:
+    """Per-request facts every leg needs besides the body."""
+
+    client_request_id: str | None
+    headers: dict[str, str]
+
+
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
     def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: UpstreamPool,
                  metrics: GatewayMetrics, config: DispatchConfig,
-                 mix: RequestMix | None = None) -> None:
+                 mix: RequestMix | None = None, health: HealthMonitor | None = None,
+                 admission: Admission | None = None) -> None:
         self.cluster = cluster
+        self.health = health or HealthMonitor(cluster, HealthConfig(interval_s=0))
+        self.admission = admission or Admission(AdmissionConfig(0, 0))
         self.mix = mix or RequestMix()
         self.policy = policy
         self.client = client
         self.metrics = metrics
         self.config = config
-        self.streams: dict[str, StreamRelay] = {}  # live streams, by request id
-        # request id -> (target, after_tokens, expires_at): moves asked for before the start
+        self.streams: dict[str, StreamRelay] = {}  # live streams, by the gateway's own id
+        # client request id -> (target, after_tokens, expires_at): moves asked for before
+        # the stream exists; the first stream with that client id takes it
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
+
         connect = config.connect_timeout_s
         self.prefill_timeout = Timeouts(connect, total=config.prefill_timeout_s)
         self.stream_timeout = Timeouts(connect, idle=config.stream_idle_timeout_s)
+        # headers and body of a non-streamed answer share one deadline
         self.request_timeout = Timeouts(connect, total=config.request_timeout_s)
 
-    async def post(self, url: str, body: dict, request_id: str,
+    async def post(self, url: str, body: dict, headers: dict[str, str],
                    timeouts: Timeouts) -> UpstreamResponse:
         """POST `body` as JSON to a worker; the caller reads and releases the response."""
-        return await self.client.post(url, orjson.dumps(body), {"X-Request-Id": request_id},
-                                      timeouts)
+        return await self.client.post(url, orjson.dumps(body), headers, timeouts)
+
+    async def _post_and_read(self, url: str, body: dict, headers: dict[str, str],
+                             timeouts: Timeouts) -> tuple[int, bytes]:
+        resp = await self.post(url, body, headers, timeouts)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
 
     def migrate(self, request_id: str, target: str, after_tokens: int = 0) -> StreamRelay:
         """Ask a live stream to continue on `target` (a READY worker) once it has generated
@@ -133,7 +168,9 @@ class Dispatcher:
             raise ValueError(f"worker {target!r} is not ready")
 
     def _apply_planned_migration(self, relay: StreamRelay) -> None:
-        planned = self.pending_migrations.pop(relay.request_id, None)
+        if relay.client_request_id is None:
+            return
+        planned = self.pending_migrations.pop(relay.client_request_id, None)
         if planned is None or planned[2] < time.monotonic():
             return
         target, after_tokens, _ = planned
@@ -144,15 +181,21 @@ class Dispatcher:
             return
         relay.request_migration(target, after_tokens)
 
-    async def dispatch(self, req: ParsedRequest, request_id: str) -> Reply:
-        """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers."""
+    async def dispatch(self, req: ParsedRequest, request_id: str,
+                       client_request_id: str | None = None,
+                       worker_headers: dict[str, str] | None = None) -> Reply:
+        """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers.
+
+        `request_id` is the gateway's own unique id (the one workers see);
+        `worker_headers` go to every worker request (e.g. `Authorization`)."""
         started = time.monotonic()
         info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
                            max_tokens=req.max_tokens or 16, arrival_time=started,
                            prompt_text=req.prompt_text)
         self.feedback("observe_prompt", info.prompt_tokens)
+        leg = _LegContext(client_request_id, worker_headers or {})
         try:
-            return await self._dispatch(req, info, started)
+            return await self._dispatch(req, info, started, leg)
         except BaseException:
             self.feedback("observe_finished", request_id)
             raise
@@ -168,53 +211,59 @@ class Dispatcher:
             log.exception("policy %s.%s failed", self.policy.name, method)
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
-                        started: float) -> Reply:
+                        started: float, leg: _LegContext) -> Reply:
         request_id = info.request_id
-        snap = self.cluster.snapshot()
+        full = self.cluster.snapshot()
+        snap = self.admission.with_room(full)  # workers at their queue bound take no legs
         decode = self.policy.pick_decode(info, snap)
         if decode is None:
+            if full.decode_candidates():
+                raise self.admission.no_decode_room()
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
-                               code="no_ready_worker")
-        kv_params = None
+                               code="no_ready_worker", headers={"Retry-After": "1"})
+        kv_params, first = None, None
         if self.config.pd_enabled and req.body.get("n", 1) in (1, None):
             prefill = self.policy.pick_prefill(info, snap)
             if prefill is not None and prefill != decode:
-                kv_params = await self._prefill_leg(prefill, req, request_id)
-        (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
-        return await self._decode_leg(decode, req, request_id, kv_params, started)
+                kv_params, first = await self._prefill_leg(prefill, req, request_id, leg)
+        return await self._decode_leg(decode, req, request_id, kv_params, started, leg, first)
 
-    async def _prefill_leg(self, worker: str, req: ParsedRequest,
-                           request_id: str) -> dict | None:
-        """Run the prefill leg; None means "decode computes the prompt itself"."""
+    def worker_headers(self, request_id: str, leg: _LegContext) -> dict[str, str]:
+        return {**leg.headers, "X-Request-Id": request_id}
+
+    async def _prefill_leg(self, worker: str, req: ParsedRequest, request_id: str,
+                           leg: _LegContext) -> tuple[dict | None, FirstToken | None]:
+        """Run the prefill leg: (KV params, its first token if handed off); no params
+        means "decode computes the prompt itself"."""
         url = self.cluster.view(worker).url + req.route
         tokens = req.prompt_tokens_estimate
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
-            resp = await self.post(url, _prefill_body(req.body), request_id,
-                                   self.prefill_timeout)
-            try:
-                status, content = resp.status, await resp.read()
-            finally:
-                resp.release()
-        except UpstreamError as exc:
-            return self._prefill_failed(worker, request_id, repr(exc))
+            status, content = await self.health.guard(worker, self._post_and_read(
+                url, _prefill_body(req.body, prefill_fields(req)),
+                self.worker_headers(request_id, leg), self.prefill_timeout))
+        except (UpstreamError, WorkerUnhealthy) as exc:
+            if isinstance(exc, UpstreamError):
+                self.health.report_failure(worker, f"prefill leg: {exc.__class__.__name__}")
+            return self._prefill_failed(worker, request_id, repr(exc)), None
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
+        self.health.report_success(worker)
         if 400 <= status < 500:
             raise UpstreamReply(status, content)
         if status != 200:
-            return self._prefill_failed(worker, request_id, f"HTTP {status}")
+            return self._prefill_failed(worker, request_id, f"HTTP {status}"), None
         try:
             reply = orjson.loads(content)
             params = reply.get("kv_transfer_params")
         except (ValueError, AttributeError):
             reply, params = {}, None
         if not params:
-            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply")
+            return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply"), None
         prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
         self.feedback("observe_prefill", worker, prompt_tokens, time.monotonic() - leg_started)
-        return params
+        return params, from_prefill_reply(req, reply)
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
         log.warning("prefill leg on %s failed for %s (%s); decoding with local prefill",
@@ -223,7 +272,8 @@ class Dispatcher:
         return None
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
-                          kv_params: dict | None, started: float) -> Reply:
+                          kv_params: dict | None, started: float,
+                          leg: _LegContext, first: FirstToken | None = None) -> Reply:
         tried: set[str] = set()
         last_error = "no attempt made"
         tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
@@ -231,27 +281,35 @@ class Dispatcher:
             body = dict(req.body)
             if kv_params:
                 body["kv_transfer_params"] = kv_params
+                if first is not None:
+                    body = decode_body(body, first, req.max_tokens or 16)
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
             if migratable(req):  # token ids let the stream continue on another worker
                 body["return_token_ids"] = True
             url = self.cluster.view(worker).url + req.route
-            timeout = self.stream_timeout if req.stream else self.request_timeout
+            timeouts = self.stream_timeout if req.stream else self.request_timeout
             self.cluster.begin(worker, Role.DECODE, tokens)
             try:
-                upstream = await self.post(url, body, request_id, timeout)
-            except UpstreamError as exc:
+                upstream = await self.health.guard(worker, self.post(
+                    url, body, self.worker_headers(request_id, leg), timeouts))
+            except (UpstreamError, WorkerUnhealthy) as exc:
                 self.cluster.end(worker, Role.DECODE, tokens)
+                if isinstance(exc, UpstreamError):
+                    self.health.report_failure(worker, f"decode leg: {exc.__class__.__name__}")
                 last_error = f"{worker}: {exc!r}"
                 tried.add(worker)
             except BaseException:  # cancelled: the client went away
                 self.cluster.end(worker, Role.DECODE, tokens)
                 raise
             else:
+                self.health.report_success(worker)
                 if upstream.status == 200:
+                    # counted here: a request whose KV pull failed and was retried is local
+                    (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
-                                             started)
+                                             started, leg, first if kv_params else None)
                 try:
                     content = await upstream.read()
                 except UpstreamError as exc:
@@ -267,6 +325,7 @@ class Dispatcher:
             log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
             self.metrics.leg_failures.labels("decode", "retry").inc()
             kv_params = None  # whatever failed, the next attempt computes the prompt itself
+            first = None
             if worker in tried:
                 nxt = self.policy.pick_decode(
                     RequestInfo(request_id, req.prompt_tokens_estimate, req.max_tokens or 16),
@@ -279,16 +338,21 @@ class Dispatcher:
                            code="upstream_unavailable")
 
     async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
-                     request_id: str, body: dict, tokens: int, started: float) -> Reply:
-        headers = {"X-Request-Id": request_id, "X-Fulcrum-Decode-Worker": worker}
+                     request_id: str, body: dict, tokens: int, started: float,
+                     leg: _LegContext, first: FirstToken | None = None) -> Reply:
+        headers = {"X-Fulcrum-Decode-Worker": worker}
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
+            if first is not None:
+                relay.prime(first_event(first), len(first.token_ids))
+            relay.client_request_id = leg.client_request_id
+            relay.worker_headers = leg.headers
             self.streams[request_id] = relay
             if self.pending_migrations:
                 self._apply_planned_migration(relay)
             return StreamReply(relay, headers)
-        try:
-            content = await upstream.read()  # bounded by request_timeout_s
+        try:  # bounded by request_timeout_s from the send (the leg's Timeouts)
+            content = await upstream.read()
         except UpstreamError as exc:
             upstream.close()
             raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",

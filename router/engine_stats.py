@@ -8,7 +8,8 @@ import logging
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.cluster import Cluster, WorkerState
+from core.workers import WorkerState
+from router.cluster import Cluster
 from router.exposition import filter_exposition
 
 log = logging.getLogger("fulcrum.engine_stats")

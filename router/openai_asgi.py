@@ -9,8 +9,9 @@ A client that goes away is noticed at once, whether the gateway is waiting for a
 or relaying its stream: one watcher task per request cancels the request's task, which
 closes the worker connection (vLLM then aborts the request and frees its KV blocks).
 
-Checks that run before a request is parsed (API keys, admission, body limits) are
-`RequestCheck` functions in `OpenAIEndpoints.checks`; each raises `GatewayError`.
+The same rules as every other route apply: admission (429 when full; a stream holds
+its slot until it ends), API keys, the body limit (413), OpenAI-shaped errors, never a
+bare 500.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from router.admission import Admission
 from router.dispatch import Dispatcher, UpstreamReply
 from router.errors import GatewayError
+from router.limits import client_request_id, new_request_id, too_large
 from router.metrics import GatewayMetrics
 from router.replies import JsonReply, Reply, StreamReply
+from router.security import AuthConfig
 from router.validation import CHAT, COMPLETIONS, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
@@ -33,10 +36,8 @@ log = logging.getLogger("fulcrum.gateway")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-RequestCheck = Callable[[Scope, bytes], None]
 
 ROUTES = frozenset((COMPLETIONS, CHAT))
-MAX_BODY_BYTES = 32 * 1024 * 1024
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache")]
 _JSON = (b"content-type", b"application/json")
@@ -73,25 +74,32 @@ class _Watch:
         self._watcher.cancel()
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """The request body; 413 as soon as it is known to exceed `limit`."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise GatewayError(400, "Content-Length is not a number") from None
+        if declared > limit:
+            raise too_large(limit)
     message = await receive()
     if message["type"] == "http.disconnect":
         raise _ClientLeft
     body = message.get("body", b"")
     if not message.get("more_body"):
+        if len(body) > limit:
+            raise too_large(limit)
         return body
-    parts = [body]
-    size = len(body)
+    buffer = bytearray(body)
     while message.get("more_body"):
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientLeft
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise GatewayError(413, f"request body is larger than {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
+        buffer += message.get("body", b"")
+        if len(buffer) > limit:
+            raise too_large(limit)
+    return bytes(buffer)
 
 
 def _header_list(headers: dict[str, str], extra: tuple[bytes, bytes]) -> list:
@@ -104,35 +112,45 @@ class OpenAIEndpoints:
     """The ASGI handler of the OpenAI request routes."""
 
     def __init__(self, served_models: tuple[str, ...], metrics: GatewayMetrics,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 admission: Admission, auth: AuthConfig, max_body_bytes: int) -> None:
         self.served_models = served_models
         self.metrics = metrics
-        self.dispatcher: Dispatcher | None = None  # set once the app's lifespan starts
+        self.admission = admission
+        self.auth = auth
         self.max_body_bytes = max_body_bytes
-        self.checks: list[RequestCheck] = []
+        self.dispatcher: Dispatcher | None = None  # set once the app's lifespan starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = scope["path"]
-        request_id = None
+        raw_id = authorization = content_length = None
         for key, value in scope["headers"]:
             if key == b"x-request-id":
-                request_id = value.decode("latin-1")
-                break
-        request_id = request_id or f"fulcrum-{uuid.uuid4().hex}"
-        headers = {"X-Request-Id": request_id}
+                raw_id = value.decode("latin-1")
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                content_length = value
+        request_id = new_request_id()  # ours: unique, what workers and /admin see
+        client_id = client_request_id(raw_id)
+        headers = {"X-Request-Id": client_id or request_id, "X-Fulcrum-Request-Id": request_id}
         started = time.monotonic()
         watch = None
+        admitted = False
         try:
-            body = await _read_body(receive, self.max_body_bytes)
-            for check in self.checks:
-                check(scope, body)
+            self.admission.enter()  # first: overload is answered before the body is read
+            admitted = True
+            self.auth.check_client(authorization)
+            body = await _read_body(receive, content_length, self.max_body_bytes)
             parsed = parse_request(route, body, self.served_models)
-            watch = _Watch(receive)
+            del body  # one copy of the body from here on: the parsed one
             if self.dispatcher is None:
                 raise GatewayError(503, "the gateway is starting", code="not_ready")
-            reply: Reply = await self.dispatcher.dispatch(parsed, request_id)
+            watch = _Watch(receive)
+            reply: Reply = await self.dispatcher.dispatch(
+                parsed, request_id, client_id, self.auth.worker_headers(authorization))
+            reply.headers.update(headers)
         except _ClientLeft:
-            self.metrics.count_request(route, 499)
+            self._finish(route, 499, admitted)
             return
         except GatewayError as exc:
             reply = exc.reply(headers)
@@ -140,20 +158,37 @@ class OpenAIEndpoints:
             reply = exc.reply(headers)
         except asyncio.CancelledError:
             if watch is None or not watch.gone:
+                if admitted:
+                    self.admission.leave()
                 raise
             asyncio.current_task().uncancel()
             log.info("client left before a reply; aborted %s", request_id)
-            self.metrics.count_request(route, 499)
+            self._finish(route, 499, admitted)
             return
+        except Exception as exc:  # never a bare 500: OpenAI-shaped and counted
+            log.error("unexpected error serving %s: %r", request_id, exc, exc_info=exc)
+            reply = GatewayError(500, "internal error in the gateway",
+                                 code="internal_error").reply(headers)
         self.metrics.count_request(route, reply.status)
         if isinstance(reply, StreamReply):
-            await self._stream(reply, send, watch)
+            try:
+                await self._stream(reply, send, watch)
+            finally:
+                if admitted:  # the slot lasts as long as the stream
+                    self.admission.leave()
             return
         if watch is not None:
             watch.stop()
+        if admitted:
+            self.admission.leave()
         if reply.status != 200:
             self.metrics.for_route(route).e2e.observe(time.monotonic() - started)
         await self._send_json(reply, send)
+
+    def _finish(self, route: str, status: int, admitted: bool) -> None:
+        self.metrics.count_request(route, status)
+        if admitted:
+            self.admission.leave()
 
     @staticmethod
     async def _send_json(reply: JsonReply, send: Send) -> None:

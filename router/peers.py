@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.cluster import Cluster, Role, WorkerState
+from core.workers import Role, WorkerState
+from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.peers")
 

@@ -7,25 +7,13 @@ gateway and the simulator call the very same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.ares import AresDecodePolicy
-from router.policies.arrow import ArrowPolicy
+from router.policies.arrow import ArrowRouting
 from router.policies.dopd_match import DOPDMatchPolicy
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What a policy may know about a request before it runs."""
-
-    request_id: str
-    prompt_tokens: int
-    max_tokens: int
-    arrival_time: float = 0.0
-    tbt_target_s: float | None = None
-    prompt_text: str | None = None
 
 
 @runtime_checkable
@@ -72,7 +60,7 @@ class LeastLoadedPolicy:
 
 POLICIES: dict[str, type] = {
     LeastLoadedPolicy.name: LeastLoadedPolicy,
-    ArrowPolicy.name: ArrowPolicy,
+    ArrowRouting.name: ArrowRouting,
     DOPDMatchPolicy.name: DOPDMatchPolicy,
     AresDecodePolicy.name: AresDecodePolicy,
 }

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from router.cluster import Role
+from core.workers import Role
 from router.dispatch import Dispatcher
-from router.policies.ares import MigrationPlanner, ResidentRequest
-from router.policies.latency_model import DecodeLatencyModel
+from router.policies.ares import MigrationPlanner, RecomputeCost, ResidentRequest
+from router.policies.latency_model import DecodeLatencyModel, PrefillLatencyModel
 
 log = logging.getLogger("fulcrum.rebalance")
 
 
 def default_planner() -> MigrationPlanner:
-    """A planner pricing decode steps with the default linear step-time model."""
+    """A planner pricing decode steps with the default linear step-time model and a move
+    as the recompute it is (`Dispatcher.migrate` resubmits the stream to the target, which
+    prefills prompt + generated tokens again)."""
     model = DecodeLatencyModel()
-    return MigrationPlanner(lambda worker, tokens: model.predict(tokens))
+    return MigrationPlanner(lambda worker, tokens: model.predict(tokens),
+                            RecomputeCost(PrefillLatencyModel()))
 
 
 def live_residents(dispatcher: Dispatcher) -> dict[str, list[ResidentRequest]] | None:

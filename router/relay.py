@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from router.cluster import Role
+from core.workers import Role
 from router.errors import GatewayError
 from router.sse import StreamObserver, is_usage_only
 from router.upstream import UpstreamError, UpstreamResponse
@@ -147,8 +147,17 @@ class StreamRelay:
         # detokenizes wrongly (vLLM 0.32 streams the whole prompt's text as the first
         # delta), so a move waits for a clean boundary.
         self._text_caught_up = False
+        self._primer: bytes | None = None  # an event to send before the worker's
         self._closed = False
         self._upstream_done = False
+        self.client_request_id: str | None = None  # the client's X-Request-Id, as echoed
+        self.worker_headers: dict[str, str] = {}  # e.g. Authorization, for every worker
+
+    def prime(self, event: bytes, generated: int) -> None:
+        """Send `event` first: `generated` tokens made elsewhere (the prefill leg's first
+        token, `router.handoff`); the worker continues after them, as after a migration."""
+        self._primer = event
+        self._completion_before = generated
 
     # -- migration ----------------------------------------------------------------
     def request_migration(self, target: str, after_tokens: int = 0) -> None:
@@ -192,9 +201,10 @@ class StreamRelay:
         self.migrations += 1
         self.obs.discard_pending()
         self._upstream_done = False
-        self.upstream = await self.d.post(self.d.cluster.view(target).url + COMPLETIONS, body,
-                                          f"{self.request_id}-m{self.migrations}",
-                                          self.d.stream_timeout)
+        self.upstream = await self.d.post(
+            self.d.cluster.view(target).url + COMPLETIONS, body,
+            {**self.worker_headers, "X-Request-Id": f"{self.request_id}-m{self.migrations}"},
+            self.d.stream_timeout)
         if self.upstream.status != 200:
             detail = (await self.upstream.read())[:200]
             raise UpstreamStreamError(f"migration target answered {self.upstream.status}: "
@@ -214,7 +224,7 @@ class StreamRelay:
         changed = False
         if self.stream_id is None and chunk.get("id"):
             self.stream_id = chunk["id"]
-        elif self.migrations and chunk.get("id") != self.stream_id:
+        elif self._continued and chunk.get("id") != self.stream_id:
             chunk["id"] = self.stream_id
             changed = True
         self._collect_ids(chunk)
@@ -223,7 +233,7 @@ class StreamRelay:
         else:
             changed = self._hide_completion_ids(chunk) or changed
         usage = chunk.get("usage")
-        if self.migrations and usage:
+        if self._continued and usage:
             prompt = self._prompt_tokens or usage.get("prompt_tokens", 0)
             completion = self._completion_before + (usage.get("completion_tokens") or 0)
             chunk["usage"] = {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
@@ -232,6 +242,12 @@ class StreamRelay:
         if not changed:
             return raw
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    @property
+    def _continued(self) -> bool:
+        """The current worker continues tokens generated before it (its ids, prompt and
+        usage counts need rewriting)."""
+        return bool(self.migrations or self._completion_before)
 
     def _collect_ids(self, chunk: dict) -> None:
         """Learn the prompt ids (chat: top level; completions: in the choice) and the ids
@@ -259,27 +275,27 @@ class StreamRelay:
                     if key in choice:
                         del choice[key]
                         changed = True
-            elif self.migrations and "prompt_token_ids" in choice:
+            elif self._continued and "prompt_token_ids" in choice:
                 del choice["prompt_token_ids"]  # the client saw the real prompt already
                 changed = True
         return changed
 
     def _rewrite_chat(self, chunk: dict) -> bool:
         """Keep a chat stream looking like one: completion chunks from a migration target
-        become chat chunks; token ids show only if the client asked (vLLM then sends
-        nulls)."""
+        become chat chunks; token ids show only if the client asked (otherwise the keys are
+        dropped, even vLLM's nulls: they are not part of OpenAI's chunk)."""
         if not self.migrations:  # still the chat worker's own stream
             if not self._chat_stamp:
                 self._chat_stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             self._check_chat_choices(chunk)
             changed = False
-            if not self.client_wants_ids:
-                if chunk.get("prompt_token_ids") is not None:
-                    chunk["prompt_token_ids"] = None
+            if not self.client_wants_ids:  # not OpenAI's: drop them, nulls included
+                if "prompt_token_ids" in chunk:
+                    del chunk["prompt_token_ids"]
                     changed = True
                 for choice in chunk.get("choices") or ():
-                    if choice.get("token_ids") is not None:
-                        choice["token_ids"] = None
+                    if "token_ids" in choice:
+                        del choice["token_ids"]
                         changed = True
             return changed
         if "choices" not in chunk:  # an error event: pass it on
@@ -308,7 +324,8 @@ class StreamRelay:
                          "logprobs": None, "finish_reason": choice.get("finish_reason")}
             if converted["finish_reason"] is not None:
                 converted["stop_reason"] = choice.get("stop_reason")
-            converted["token_ids"] = choice.get("token_ids") if self.client_wants_ids else None
+            if self.client_wants_ids:
+                converted["token_ids"] = choice.get("token_ids")
             out["choices"].append(converted)
         for key in ("usage", "system_fingerprint"):
             if key in chunk:
@@ -318,6 +335,11 @@ class StreamRelay:
     async def chunks(self) -> AsyncIterator[bytes]:
         reported = 0
         try:
+            if self._primer is not None:
+                events = self.obs.feed(self._primer)
+                out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
+                if out:
+                    yield b"".join(out)
             while True:
                 async for data in self.upstream.iter_chunks():
                     events = self.obs.feed(data)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from router.errors import GatewayError
+from router.limits import loads_strict
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -80,10 +81,7 @@ def _prompt_chars(route: str, body: dict) -> int:
 
 def parse_request(route: str, raw: bytes, served_models: tuple[str, ...]) -> ParsedRequest:
     """Parse and check a request body; raise `GatewayError` with a 4xx on bad input."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+    body = loads_strict(raw)  # no NaN/Infinity, bounded depth: 400s, not encoder crashes
     if not isinstance(body, dict):
         raise GatewayError(400, "request body must be a JSON object")
     model = body.get("model")

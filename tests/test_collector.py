@@ -11,14 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from instance_manager.controller.base import SLOTargets
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 from instance_manager.metrics_collector import (
     TTFT,
     Histogram,
     MetricsCollector,
     parse_metrics,
 )
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
 
 DATA = Path(__file__).parent / "data"
 IDLE = (DATA / "vllm_metrics_idle.prom").read_text()

@@ -10,14 +10,15 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from core.slo import SLOTargets
+from core.workers import Role, WorkerState
 from deploy.operator_cli import register
-from instance_manager.controller.base import SLOTargets
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin_control
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.errors import GatewayError
 from tests.test_collector import vllm_text
 
@@ -120,7 +121,7 @@ def test_policy_show_and_set():
     client = TestClient(app, headers=AUTH)
     shown = client.get("/admin/policy").json()
     assert shown["name"] == "arrow" and shown["mode"] == "act"
-    assert shown["knobs"]["cooldown_s"] == 20.0
+    assert shown["knobs"]["cooldown_s"] == 10.0
     changed = client.put("/admin/policy", json={"knobs": {"cooldown_s": "5"}, "ttft_s": 2.0,
                                                 "advisory": True}).json()
     assert changed["knobs"]["cooldown_s"] == 5.0 and changed["knobs"]["sustain_ticks"] == 2

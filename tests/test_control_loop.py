@@ -5,12 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
-from instance_manager.controller.base import ControlSnapshot, FlipAction, SLOTargets
+from core.slo import SLOTargets
+from core.workers import Role, WorkerState
+from instance_manager.controller.arrow import ArrowConfig, ArrowController
+from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.loop import Controller
 from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from tests.test_collector import vllm_text
 
 
@@ -66,7 +68,7 @@ def make_controller(cluster: Cluster, policy, *, advisory: bool = False) -> Cont
 async def test_arrow_controller_flips_a_decode_worker_under_prefill_pressure():
     cluster = make_cluster()
     cluster.begin("d1", Role.DECODE, 5)  # busier, so d0 is the one to go
-    controller = make_controller(cluster, ArrowPolicy(ArrowConfig(sustain_ticks=2)))
+    controller = make_controller(cluster, ArrowController(ArrowConfig(sustain_ticks=2)))
     workers = FakeWorkers()
     async with httpx.AsyncClient(transport=httpx.MockTransport(workers.handler)) as client:
         first = await controller.tick(client)  # baseline scrape: no percentiles yet
@@ -148,3 +150,40 @@ async def test_run_survives_a_failing_tick_and_stops_on_cancel():
             await task
     assert len(policy.seen) >= 3  # the first tick raised, later ones were recorded
     assert cluster.view("p0").role == Role.PREFILL
+
+
+async def test_routing_pressure_wakes_the_loop_and_reaches_the_policy():
+    import asyncio
+
+    from core.pressure import SLOPressure
+    from router.policies.arrow import ArrowRouting
+
+    cluster = make_cluster()
+    policy = ScriptedPolicy("p0", Role.DECODE)
+    policy.action = None  # only watch
+    policy.decide = lambda snap: (policy.seen.append(snap), [])[1]
+    controller = make_controller(cluster, policy, advisory=True)
+    controller.interval_s = 60.0  # without a wake-up the second tick is a minute away
+    controller.min_interval_s = 0.0
+    routing = ArrowRouting()
+    controller.listen(routing)
+    signal = SLOPressure(Role.DECODE, "r1", "d0", 0.2, 0.1, 0.0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeWorkers().handler)) as c:
+        task = asyncio.create_task(controller.run(c))
+        while not policy.seen:
+            await asyncio.sleep(0.001)
+        assert policy.seen[0].pressure == ()
+        routing.pressure.report(signal)
+        await asyncio.wait_for(_until(lambda: len(policy.seen) >= 2), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert policy.seen[1].pressure == (signal,)
+    assert routing.pressure.drain() == []  # the controller drained it
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.001)

@@ -5,21 +5,30 @@ that no pool is ever emptied."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
-from instance_manager.controller.base import (
-    ControlPolicy,
-    ControlSnapshot,
-    SLOTargets,
-    WorkerMetrics,
+from core.pressure import SLOPressure
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
+from instance_manager.controller.arrow import ROUND1_KNOBS as ARROW_ROUND1
+from instance_manager.controller.arrow import (
+    ArrowConfig,
+    ArrowController,
+    spare_workers,
+    wanted_workers,
 )
-from instance_manager.controller.dopd import DOPDConfig, DOPDPolicy
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
+from instance_manager.controller.dopd import (
+    ROUND1_KNOBS,
+    DOPDConfig,
+    DOPDController,
+    HoltForecast,
+    choose_target,
+)
 from instance_manager.controller.registry import make_control_policy, policy_knobs
 from instance_manager.controller.static import StaticConfig, StaticPolicy
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
 
 PREFILL_TOKENS_PER_S = 4000.0  # one worker's prefill speed in the toy cluster
 DECODE_TOKENS_PER_S = 400.0  # one worker's decode capacity in the toy cluster
@@ -99,17 +108,17 @@ def test_toy_cluster_model_has_the_pressure_the_tests_rely_on():
 
 
 def test_arrow_moves_a_worker_to_prefill_and_back_when_the_mix_swings():
-    policy = ArrowPolicy(ArrowConfig(cooldown_s=20.0, sustain_ticks=2))
+    policy = ArrowController(ArrowConfig(cooldown_s=20.0, sustain_ticks=2))
     _, history = run_swing(policy)
     first_phase, second_phase = history[:30], history[30:]
     assert max(first_phase) == 3, history  # a decode worker became prefill
     assert history[0] == 2  # but not on the first tick: pressure must be sustained
-    assert second_phase[-1] == 2, history  # and went back once outputs got long
+    assert second_phase[-1] < 3, history  # and went back once outputs got long
     assert min(second_phase) >= 1
 
 
 def test_arrow_flip_reason_carries_the_numbers():
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = ToyCluster()
     actions = policy.decide(toy.snapshot(0, *LONG_PROMPTS))
     assert len(actions) == 1 and actions[0].to == Role.PREFILL
@@ -118,17 +127,18 @@ def test_arrow_flip_reason_carries_the_numbers():
 
 
 def test_arrow_flips_the_least_loaded_worker():
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = ToyCluster(in_flight={"w2": 5, "w3": 1})
     actions = policy.decide(toy.snapshot(0, *LONG_PROMPTS))
     assert [a.worker for a in actions] == ["w3"]
     toy = ToyCluster(in_flight={"w2": 0, "w3": 1})
-    assert [a.worker for a in ArrowPolicy(ArrowConfig(sustain_ticks=1)).decide(
+    assert [a.worker for a in ArrowController(ArrowConfig(sustain_ticks=1)).decide(
         toy.snapshot(0, *LONG_PROMPTS))] == ["w2"]
 
 
 def test_arrow_cooldown_blocks_a_second_flip():
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1, cooldown_s=30.0))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0,
+                                         max_flips_per_decision=1))
     toy = ToyCluster(roles={f"w{i}": Role.PREFILL if i < 2 else Role.DECODE for i in range(6)})
     assert toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
     for t in (5, 10, 25):
@@ -139,7 +149,7 @@ def test_arrow_cooldown_blocks_a_second_flip():
 
 def test_arrow_holds_when_the_source_pool_would_overload():
     # decode at 0.7 of target on each of 2 workers -> 1.4 after losing one: no flip
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = ToyCluster()
     snap = toy.snapshot(0, *LONG_PROMPTS)
     hot_decode = {n: (WorkerMetrics(n, itl_p90_s=0.07, itl_samples=50)
@@ -150,7 +160,7 @@ def test_arrow_holds_when_the_source_pool_would_overload():
 
 
 def test_arrow_counts_the_queue_in_ttft():
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = ToyCluster()
     snap = toy.snapshot(0, *LONG_OUTPUTS)  # TTFT itself is tiny
     queued = {n: (WorkerMetrics(n, ttft_p90_s=0.05, ttft_samples=20, num_waiting=8,
@@ -166,7 +176,7 @@ def test_arrow_counts_the_queue_in_ttft():
 def test_arrow_counts_decode_admission_queueing_as_decode_pressure():
     # ITL is within target, but requests wait to be admitted on the decode pool: that wait
     # is paid in TTFT, so the decode side is the starved one and gets a worker.
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = ToyCluster()
     snap = toy.snapshot(0, *LONG_OUTPUTS)
     full = {n: (WorkerMetrics(n, itl_p90_s=0.01, itl_samples=50, num_waiting=20,
@@ -179,9 +189,9 @@ def test_arrow_counts_decode_admission_queueing_as_decode_pressure():
 
 
 def test_dopd_moves_workers_with_the_mix_and_back():
-    policy = DOPDPolicy(DOPDConfig(prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
-                                   decode_tokens_per_s=DECODE_TOKENS_PER_S,
-                                   adjustment_interval_s=30.0))
+    policy = DOPDController(DOPDConfig(**{**ROUND1_KNOBS, "adjustment_interval_s": 30.0},
+                                       prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                       decode_tokens_per_s=DECODE_TOKENS_PER_S))
     _, history = run_swing(policy)
     assert max(history[:30]) == 3, history
     assert history[29] == 3
@@ -195,9 +205,10 @@ def test_dopd_forecast_acts_before_the_shift_completes():
     grows earlier than from the current mix alone."""
 
     def first_growth(horizon_s: float) -> int:
-        policy = DOPDPolicy(DOPDConfig(prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
-                                       decode_tokens_per_s=DECODE_TOKENS_PER_S,
-                                       forecast_horizon_s=horizon_s, hysteresis=0.3))
+        policy = DOPDController(DOPDConfig(**{**ROUND1_KNOBS,
+                                              "forecast_horizon_s": horizon_s},
+                                           prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                           decode_tokens_per_s=DECODE_TOKENS_PER_S))
         toy = ToyCluster()
         for i in range(40):
             frac = min(1.0, i / 30)  # 150 s ramp
@@ -213,8 +224,8 @@ def test_dopd_forecast_acts_before_the_shift_completes():
 
 
 def test_dopd_hysteresis_keeps_a_near_balanced_split():
-    policy = DOPDPolicy(DOPDConfig(prefill_tokens_per_s=1000, decode_tokens_per_s=1000,
-                                   forecast_horizon_s=0, hysteresis=0.3))
+    policy = DOPDController(DOPDConfig(**{**ROUND1_KNOBS, "forecast_horizon_s": 0.0},
+                                       prefill_tokens_per_s=1000, decode_tokens_per_s=1000))
     toy = ToyCluster()
     # share 0.65 -> ideal 2.6 prefill of 4: rounds to 3 but sits inside the band
     for t in range(10):
@@ -227,7 +238,7 @@ def test_dopd_hysteresis_keeps_a_near_balanced_split():
 
 
 def test_dopd_waits_for_traffic():
-    policy = DOPDPolicy()
+    policy = DOPDController()
     toy = ToyCluster()
     snap = toy.snapshot(0, *LONG_PROMPTS)
     empty = ControlSnapshot(snap.time, snap.cluster, snap.metrics, snap.window_s, snap.slo)
@@ -283,7 +294,7 @@ def test_registry_builds_policies_with_typed_knobs():
 
 
 def test_arrow_ignores_percentiles_from_too_few_samples():
-    policy = ArrowPolicy(ArrowConfig(sustain_ticks=1, min_samples=3))
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, min_samples=3))
     toy = ToyCluster()
     snap = toy.snapshot(0, *LONG_OUTPUTS)
     few = {n: (WorkerMetrics(n, ttft_p90_s=30.0, ttft_samples=2)
@@ -297,11 +308,203 @@ def test_arrow_ignores_percentiles_from_too_few_samples():
 def test_dopd_forecast_stays_with_the_data_after_a_gap():
     # A steep rise, then 40 s without an update (no request finished), then the share is
     # low: the level must move toward the data, not fly past 1 on the stale trend.
-    policy = DOPDPolicy(DOPDConfig(forecast_horizon_s=0.0))
+    holt = HoltForecast(0.5, 0.3, max_extrapolation_s=5.0, upper=1.0)
     for t, share in ((0, 0.1), (1, 0.4), (2, 0.7), (3, 0.9)):
-        policy._update_forecast(share, float(t))
-    after_gap = policy._update_forecast(0.03, 43.0)
+        holt.update(share, float(t), 0.0)
+    after_gap = holt.update(0.03, 43.0, 0.0)
     assert after_gap < 0.9
-    settled = [policy._update_forecast(0.03, 44.0 + i) for i in range(6)]
+    settled = [holt.update(0.03, 44.0 + i, 0.0) for i in range(6)]
     assert settled[-1] < 0.2
 
+
+
+# -- DOPD: need-based target, jump, hysteresis -------------------------------------------
+
+NEED_KNOBS = {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 100.0,
+              "prefill_utilization": 1.0, "decode_utilization": 1.0, "hysteresis": 0.3,
+              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0}
+
+
+def eight(n_prefill: int, **views: dict) -> ToyCluster:
+    return ToyCluster(roles={f"w{i}": Role.PREFILL if i < n_prefill else Role.DECODE
+                             for i in range(8)})
+
+
+def need_snapshot(toy: ToyCluster, t: float, rate: float, isl: float, osl: float,
+                  **fields) -> ControlSnapshot:
+    snap = toy.snapshot(t, isl, osl)
+    views = tuple(replace(w, **fields.get(w.name, {})) for w in snap.cluster.workers)
+    return replace(snap, cluster=ClusterSnapshot(views, taken_at=t), arrival_rate_per_s=rate,
+                   metrics={})
+
+
+def test_dopd_need_math_from_rate_lengths_and_capacity():
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy = eight(4)
+    # 10 req/s x 200 prompt tokens / 1000 tok/s = 2 prefill workers;
+    # 10 req/s x 30 output tokens / 100 tok/s = 3 decode workers: 4P4D covers both
+    assert policy.decide(need_snapshot(toy, 0.0, 10.0, 200, 30)) == []
+    numbers = policy.last_note.numbers
+    assert numbers["prefill_need"] == pytest.approx(2.0)
+    assert numbers["decode_need"] == pytest.approx(3.0)
+    assert "both pools have headroom" in policy.last_note.summary
+
+
+def test_dopd_decode_capacity_counts_batch_slots_and_kv_room():
+    knobs = {**NEED_KNOBS, "decode_tokens_per_s": 1000.0, "decode_step_s": 0.1,
+             "max_num_seqs": 50, "kv_tokens_per_worker": 2000}
+    policy = DOPDController(DOPDConfig(**knobs))
+    toy = eight(4)
+    # B* = 1000 x 0.1 = 100 sequences, batch slots 50, KV room 2000 / (100 + 200/2) = 10:
+    # 10 sequences per step of 0.1 s = 100 tok/s, not the TPOT-bound 1000
+    policy.decide(need_snapshot(toy, 0.0, 2.0, 100, 200))
+    assert policy.last_note.numbers["decode_slots"] == pytest.approx(10.0)
+    assert policy.last_note.numbers["decode_capacity_tokens_per_s"] == pytest.approx(100.0)
+    assert policy.last_note.numbers["decode_need_now"] == pytest.approx(4.0)
+
+
+def test_dopd_jumps_to_the_target_in_one_decision():
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy = eight(4)
+    # decode needs 10 x 70 / 100 = 7 workers, prefill 10 x 100 / 1000 = 1: three flips
+    moved = toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 70))
+    assert len(moved) == 3 and toy.count(Role.DECODE) == 7
+    assert "decode is short" in policy.last_note.summary
+    capped = DOPDController(DOPDConfig(**NEED_KNOBS, max_flips_per_decision=1))
+    toy = eight(4)
+    assert len(toy.apply(capped, need_snapshot(toy, 0.0, 10.0, 100, 70))) == 1
+
+
+def test_dopd_overload_splits_in_proportion_to_the_needs():
+    target, why = choose_target(4, 4, need_p=9.0, need_d=3.0, hysteresis=0.3)
+    assert target == 6 and "overloaded" in why
+    assert choose_target(4, 4, need_p=4.2, need_d=4.0, hysteresis=0.3)[0] == 4  # dead band
+    assert choose_target(4, 4, need_p=2.0, need_d=3.0, hysteresis=0.3)[0] == 4  # headroom
+    # prefill short, decode can give two workers and keep its own need
+    assert choose_target(4, 4, need_p=5.5, need_d=2.0, hysteresis=0.3)[0] == 6
+    # measured prompt backlog with no decode queue: prefill gets what it needs
+    assert choose_target(4, 4, 7.0, 4.0, 0.3, prompts_backlogged=True)[0] == 7
+    assert choose_target(4, 4, 7.0, 4.0, 0.3, prompts_backlogged=True,
+                         decodes_queued=True)[0] == 5
+
+
+def test_dopd_hysteresis_holds_a_small_shortage_and_a_quick_reversal():
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy = eight(4)
+    # decode needs 4.2 workers: inside the 0.3-worker band
+    assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 42)) == []
+    # a real shortage: the pool grows
+    assert toy.apply(policy, need_snapshot(toy, 1.0, 10.0, 100, 60))
+    n_d = toy.count(Role.DECODE)
+    # the mix swings back at once: one decision per interval, then the reverse hold
+    assert toy.apply(policy, need_snapshot(toy, 2.0, 10.0, 500, 10)) == []
+    assert "one decision per 2s" in policy.last_note.summary
+    assert toy.apply(policy, need_snapshot(toy, 5.0, 10.0, 500, 10)) == []
+    assert "reverse hold" in policy.last_note.summary
+    assert toy.count(Role.DECODE) == n_d
+    assert toy.apply(policy, need_snapshot(toy, 12.0, 10.0, 500, 10))
+
+
+def test_dopd_sees_queued_prompts_and_decodes_before_the_window_does():
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy = eight(4)
+    # the window still says short prompts, but 6 s of prefill work is queued per worker
+    queued = {f"w{i}": {"in_flight_prefill": 3, "prefill_tokens_in_flight": 6000}
+              for i in range(4)}
+    snap = need_snapshot(toy, 0.0, 10.0, 100, 10, **queued)
+    assert toy.apply(policy, snap)
+    assert policy.last_note.numbers["prefill_backlog_workers"] == pytest.approx(24.0)
+    assert toy.count(Role.PREFILL) == 7
+    # decodes waiting for a slot raise the decode need although outputs look short
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS, max_num_seqs=10))
+    toy = eight(4)
+    waiting = {f"w{i}": {"in_flight_decode": 15} for i in range(4, 8)}
+    policy.decide(need_snapshot(toy, 0.0, 1.0, 100, 10, **waiting))
+    assert policy.last_note.numbers["decode_need"] == pytest.approx(6.0)
+    assert policy.last_note.numbers["decodes_queued"] == 1
+
+
+def test_dopd_round1_knobs_keep_the_work_share_target():
+    policy = DOPDController(DOPDConfig(**{**NEED_KNOBS, **ROUND1_KNOBS}))
+    toy = eight(4)
+    moved = toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 60))
+    assert len(moved) == 1  # one flip per interval
+    assert "prefill_share_now" in policy.last_note.numbers
+
+
+# -- Arrow: inline flips on predicted misses ---------------------------------------------
+
+def pressure(leg: Role, n: int, ratio: float = 2.0, at: float = 0.0) -> tuple:
+    return tuple(SLOPressure(leg, f"r{i}", "w0", ratio * 0.1, 0.1, at) for i in range(n))
+
+
+def quiet(toy: ToyCluster, t: float, **fields) -> ControlSnapshot:
+    """A snapshot whose measured loads are all within target."""
+    snap = toy.snapshot(t, *LONG_OUTPUTS)
+    calm = {n: WorkerMetrics(n) for n in snap.metrics}
+    return replace(snap, metrics=calm, **fields)
+
+
+def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
+    policy = ArrowController(ArrowConfig(pressure_guard_s=2.0, cooldown_s=10.0))
+    toy = eight(4)
+    assert toy.apply(policy, quiet(toy, 0.0)) == []
+    moved = toy.apply(policy, quiet(toy, 1.0, pressure=pressure(Role.DECODE, 5)))
+    assert len(moved) == 1 and toy.count(Role.DECODE) == 5
+    assert "predicted to miss on every decode worker" in policy.last_note.summary
+    # within the guard the next signals wait; after it they flip again
+    assert toy.apply(policy, quiet(toy, 2.0, pressure=pressure(Role.DECODE, 5))) == []
+    assert "guard" in policy.last_note.summary
+    assert toy.apply(policy, quiet(toy, 3.5, pressure=pressure(Role.DECODE, 5)))
+    # the other way needs the cooldown: prefill misses 1 s later are held
+    assert toy.apply(policy, quiet(toy, 6.0, pressure=pressure(Role.PREFILL, 5))) == []
+    assert "other way" in policy.last_note.summary
+
+
+def test_arrow_inline_needs_enough_signals_and_a_quiet_other_leg():
+    policy = ArrowController(ArrowConfig(pressure_signals=3, pressure_fraction=0.1))
+    toy = eight(4)
+    assert toy.apply(policy, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 2))) == []
+    both = pressure(Role.DECODE, 5) + pressure(Role.PREFILL, 5)
+    assert toy.apply(policy, quiet(toy, 1.0, pressure=both)) == []
+    # 5 misses out of 100 arrivals since the last tick: below the 10% fraction
+    assert toy.apply(policy, quiet(toy, 2.0, pressure=pressure(Role.DECODE, 5),
+                                   arrival_rate_per_s=100.0)) == []
+    assert toy.apply(policy, quiet(toy, 3.0, pressure=pressure(Role.DECODE, 20),
+                                   arrival_rate_per_s=100.0))
+    off = ArrowController(ArrowConfig(**ARROW_ROUND1))
+    toy = eight(4)
+    assert toy.apply(off, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 50))) == []
+
+
+def test_arrow_moves_several_workers_far_past_target():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1))
+    toy = eight(2)
+    # prefill load 3 on 2 workers: 6 workers' worth, so 4 more, all the decode pool spares
+    moved = toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
+    assert len(moved) > 1
+    assert policy.last_note.numbers["workers_moved"] == len(moved)
+    assert wanted_workers(3.0, 2, 1.0) == 4
+    assert spare_workers(0.5, 6, 1.0) == 2  # 0.5 x 6 / 4 = 0.75 < 1; / 3 = 1.0 is not
+    assert spare_workers(0.0, 3, 1.0) == 2  # never the last worker
+
+
+def test_arrow_counts_full_decode_batches_as_load():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, decode_slots=100))
+    toy = eight(4)
+    full = {f"w{i}": {"in_flight_decode": 150} for i in range(4, 8)}
+    snap = need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS, **full)
+    snap = replace(snap, metrics={n: WorkerMetrics(n) for n in toy.roles})
+    actions = policy.decide(snap)
+    assert actions and actions[0].to == Role.DECODE
+    assert policy.last_note.numbers["decode_load"] == pytest.approx(1.5)
+
+
+def test_arrow_prefill_busy_fraction_bounds_what_prefill_gives_up():
+    policy = ArrowController(ArrowConfig(prefill_tokens_per_s=1000.0,
+                                         max_prefill_utilization=0.9))
+    toy = eight(4)
+    busy = {f"w{i}": WorkerMetrics(f"w{i}", prompt_tokens_per_s=800.0) for i in range(4)}
+    snap = replace(quiet(toy, 0.0, pressure=pressure(Role.DECODE, 5)), metrics=busy)
+    assert policy.decide(snap) == []  # 0.8 x 4 / 3 = 1.07 > 0.9
+    assert policy.last_note.numbers["prefill_utilization"] == pytest.approx(0.8)

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from core.workers import Role, WorkerState
 from instance_manager.flip import FlipCoordinator, FlipMetrics, FlipOutcome, FlipRefused
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 
 
 def make_cluster(prefill: int = 2, decode: int = 2) -> Cluster:

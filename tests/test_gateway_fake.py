@@ -16,8 +16,9 @@ import openai
 import pytest
 
 from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
 from router.app import GatewayConfig, create_app
-from router.cluster import Cluster, Role, WorkerState
+from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from tests.servers import free_port, serve_in_thread
 
@@ -285,6 +286,8 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
             texts, usage, ids = [], None, set()
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=20,
                               headers={"X-Request-Id": "mig-1"}) as resp:
+                assert resp.headers["x-request-id"] == "mig-1"  # the client's, echoed
+                sid = resp.headers["x-fulcrum-request-id"]  # the gateway's own key
                 for line in resp.iter_lines():
                     if not line.startswith("data: {"):
                         continue
@@ -296,14 +299,17 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
                     usage = chunk.get("usage") or usage
                     if len(texts) == 5:
                         listed = httpx.get(url + "/admin/streams").json()["streams"]
-                        assert listed[0]["request_id"] == "mig-1" and listed[0]["migratable"]
+                        assert listed[0]["request_id"] == sid and listed[0]["migratable"]
+                        assert listed[0]["client_request_id"] == "mig-1"
+                        assert httpx.post(url + "/admin/migrate", json={
+                            "request_id": "mig-1", "to": "d1"}).status_code == 404
                         assert listed[0]["why_not_migratable"] is None
                         bad = httpx.post(url + "/admin/migrate",
-                                         json={"request_id": "mig-1", "to": "d1"})
+                                         json={"request_id": sid, "to": "d1"})
                         assert bad.status_code == 409  # d1 is draining, not ready
                         cluster.set_state("d1", WorkerState.READY)
                         moved = httpx.post(url + "/admin/migrate",
-                                           json={"request_id": "mig-1", "to": "d1"})
+                                           json={"request_id": sid, "to": "d1"})
                         assert moved.status_code == 200, moved.text
             assert "".join(texts) == "".join(f" t{i}" for i in range(30))
             assert len(ids) == 1  # one stream id from start to end
@@ -311,7 +317,7 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
             assert _eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
             continued = d1.state.stats.bodies[-1]
             assert continued["prompt"][:3] == [0, 1, 2] and continued["max_tokens"] < 30
-            assert httpx.post(url + "/admin/migrate", json={"request_id": "mig-1", "to": "d0"}
+            assert httpx.post(url + "/admin/migrate", json={"request_id": sid, "to": "d0"}
                               ).status_code == 404
             assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
             assert _in_flight_zero(cluster)
@@ -399,6 +405,7 @@ def test_chat_stream_migrates_as_a_completion_and_reads_as_one_chat_stream(
             chunks = []
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=20,
                               headers={"X-Request-Id": "chat-1"}) as resp:
+                sid = resp.headers["x-fulcrum-request-id"]
                 chunks = [json.loads(line[6:]) for line in resp.iter_lines()
                           if line.startswith("data: {")]
             assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
@@ -422,7 +429,7 @@ def test_chat_stream_migrates_as_a_completion_and_reads_as_one_chat_stream(
             assert continued["prompt"] == [0, 1, 2] + [1000 + i for i in range(moved_after)]
             assert "messages" not in continued and "max_completion_tokens" not in continued
             assert continued["min_tokens"] == 15 - moved_after
-            assert d1.state.stats.request_ids[-1] == "chat-1-m1"
+            assert d1.state.stats.request_ids[-1] == f"{sid}-m1"
             assert _eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
             assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
             assert _in_flight_zero(cluster)
@@ -483,12 +490,13 @@ def test_a_stream_that_cannot_move_says_why_and_is_refused() -> None:
                 for line in resp.iter_lines():
                     if line.startswith("data: {"):
                         seen += 1
-                    if seen == 2:
+                    if seen == 2 and line:  # once, at the second event
                         (listed,) = httpx.get(url + "/admin/streams").json()["streams"]
                         assert not listed["migratable"]
                         assert listed["why_not_migratable"] == "echo"
                         refused = httpx.post(url + "/admin/migrate",
-                                             json={"request_id": "echo-1", "to": "d1"})
+                                             json={"request_id": listed["request_id"],
+                                                   "to": "d1"})
                         assert refused.status_code == 409
                         assert "echo" in refused.json()["error"]["message"]
             assert seen >= 10  # the refused stream still finished on its own worker

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 
 from benchmarks.fake_worker import create_fake_worker
-from router.cluster import Cluster, Role, WorkerState
+from core.workers import Role, WorkerState
+from router.cluster import Cluster
 from router.peers import PeerConfig, apply_peers, own_state, read_peers, write_state
 from tests.servers import free_port, serve_in_thread
 

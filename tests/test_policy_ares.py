@@ -2,16 +2,19 @@
 
 import pytest
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.length_predictor import DecodeState, MeanLengthBaseline
 from router.policies.ares import (
     AresDecodePolicy,
     MigrationConfig,
     MigrationCost,
     MigrationPlanner,
+    RecomputeCost,
     ResidentRequest,
 )
-from router.policy import POLICIES, RequestInfo
+from router.policies.latency_model import PrefillLatencyModel
+from router.policy import POLICIES
 
 
 class LookupPredictor:
@@ -156,3 +159,30 @@ def test_gain_formula_on_a_small_case():
     gain = p.gain_seconds(r, "s", "d", w_src=3000, n_src=3, w_dst=0, n_dst=0)
     # per step: 2 requests save 1e-5*1000 each; r goes from 0.04 to 0.02 s; nobody on d
     assert gain == pytest.approx(100 * (2 * 0.01 + (0.04 - 0.02)))
+
+
+def test_recompute_cost_prices_the_prefill_and_the_targets_stall():
+    cost = RecomputeCost(PrefillLatencyModel(a=0.0, b=1e-4, c=0.01), fixed_s=0.05)
+    # T(2000) = 0.21 s; the moved request and both residents of the target wait that long
+    assert cost.seconds(2000) == pytest.approx(0.26)
+    assert cost.seconds(2000, target_residents=2) == pytest.approx(0.05 + 3 * 0.21)
+    assert MigrationCost(0.05, 1e-4).seconds(2000, target_residents=2) == pytest.approx(0.25)
+
+
+def test_planner_prices_a_recompute_by_default_and_counts_target_residents():
+    residents = {
+        "hot": [ResidentRequest("a", 6000, 80), ResidentRequest("b", 6000, 80)],
+        "cool": [ResidentRequest("c", 100, 80)],
+    }
+    # the KV-pull price of test_cost_decides_between_moving_and_staying moves "a" ...
+    assert planner().decide(residents) is not None
+    # ... the recompute it really is (T(6000) = 2.41 s at 2500 prompt tokens/s, paid by the
+    # moved request and the target's resident: 4.87 s > the 4.72 s gain) does not
+    recompute = MigrationPlanner(linear_step, RecomputeCost(
+        PrefillLatencyModel(a=0.0, b=4e-4, c=0.01)), MigrationConfig())
+    assert recompute.decide(residents) is None
+    assert isinstance(MigrationPlanner(linear_step).cost, RecomputeCost)
+    cheap = MigrationPlanner(linear_step, RecomputeCost(
+        PrefillLatencyModel(a=0.0, b=1e-6, c=0.0), fixed_s=0.0), MigrationConfig())
+    decision = cheap.decide(residents)
+    assert decision is not None and decision.cost_s == pytest.approx(2 * 6000 * 1e-6)

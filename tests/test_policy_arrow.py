@@ -1,9 +1,14 @@
 """Arrow dispatch on constructed cluster snapshots."""
 
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
-from router.policies.arrow import ArrowPolicy, ArrowTargets
+from dataclasses import replace
+
+import pytest
+
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
+from router.policies.arrow import ArrowRouting, ArrowTargets
 from router.policies.latency_model import LatencyPriors
-from router.policy import POLICIES, RequestInfo, RoutingPolicy, make_policy
+from router.policy import POLICIES, RoutingPolicy, make_policy
 
 FLAT = LatencyPriors(prefill_a=0.0, prefill_b=1e-3, prefill_c=0.0, decode_m=1e-5, decode_c0=0.01)
 
@@ -17,12 +22,12 @@ def snap(*workers):
 
 
 def test_registered_and_satisfies_protocol():
-    assert POLICIES["arrow"] is ArrowPolicy
+    assert POLICIES["arrow"] is ArrowRouting
     assert isinstance(make_policy("arrow"), RoutingPolicy)
 
 
 def test_prefill_goes_to_lowest_predicted_ttft_queue_included():
-    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=10.0), FLAT)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=2, prefill_tokens_in_flight=2000),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=500),
@@ -34,7 +39,7 @@ def test_prefill_goes_to_lowest_predicted_ttft_queue_included():
 
 def test_fitted_models_change_the_choice():
     """Same queues, but p2 is measured to be much slower: Arrow moves to p1."""
-    policy = ArrowPolicy(ArrowTargets(ttft_s=100.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=100.0), FLAT)
     for n in (100, 200, 400, 800):
         policy.observe_prefill("p2", n, 0.02 * n)  # 20x slower than the prior
     cluster = snap(
@@ -45,7 +50,7 @@ def test_fitted_models_change_the_choice():
 
 
 def test_prefill_prefers_worker_without_decode_work_among_feasible():
-    policy = ArrowPolicy(ArrowTargets(ttft_s=10.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(ttft_s=10.0), FLAT)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, decode_tokens_in_flight=300),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=200),
@@ -55,7 +60,7 @@ def test_prefill_prefers_worker_without_decode_work_among_feasible():
 
 def test_no_feasible_prefill_reports_pressure_and_falls_back_to_cheapest():
     seen = []
-    policy = ArrowPolicy(ArrowTargets(ttft_s=0.5), FLAT, pressure_sink=seen.append)
+    policy = ArrowRouting(ArrowTargets(ttft_s=0.5), FLAT, pressure_sink=seen.append)
     cluster = snap(
         WorkerView("p1", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=900),
         WorkerView("p2", "u", Role.PREFILL, in_flight_prefill=1, prefill_tokens_in_flight=700),
@@ -68,7 +73,7 @@ def test_no_feasible_prefill_reports_pressure_and_falls_back_to_cheapest():
 
 
 def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)  # MT = (0.05-0.01)/1e-5 = 4000
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.05), FLAT)  # MT = (0.05-0.01)/1e-5 = 4000
     cluster = snap(
         WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
         WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=1000),
@@ -80,7 +85,7 @@ def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
 
 
 def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=1.0), FLAT)
+    policy = ArrowRouting(ArrowTargets(tpot_s=1.0), FLAT)
     cluster = snap(
         WorkerView("d1", "u", Role.DECODE, decode_tokens_in_flight=3000),
         WorkerView("d2", "u", Role.DECODE, decode_tokens_in_flight=2000),
@@ -92,7 +97,7 @@ def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
 
 
 def test_decode_measured_slowness_excludes_a_worker():
-    policy = ArrowPolicy(ArrowTargets(tpot_s=0.05), FLAT)
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.05), FLAT)
     for b in (100, 500, 1000):
         policy.observe_decode("d2", b, 0.2)  # d2 is measured far above target
     cluster = snap(
@@ -103,10 +108,40 @@ def test_decode_measured_slowness_excludes_a_worker():
 
 
 def test_empty_pools_and_unroutable_workers():
-    policy = ArrowPolicy(priors=FLAT)
+    policy = ArrowRouting(priors=FLAT)
     assert policy.pick_prefill(req(), snap()) is None
     assert policy.pick_decode(req(), snap()) is None
     cluster = snap(WorkerView("a", "u", Role.DECODE),
                    WorkerView("b", "u", Role.PREFILL, state=WorkerState.DRAINING))
     assert policy.pick_prefill(req(), cluster) == "a"  # no prefill pool: any routable worker
     assert policy.pick_decode(req(), cluster, exclude=frozenset({"a"})) is None
+
+
+def test_full_decode_batch_queues_and_misses_although_its_step_meets_tpot():
+    # one step at 1000 resident tokens is 0.01 + 0.01 = 20 ms < 40 ms, but every slot is
+    # taken: the request waits ~(queued + 1) x step x E[OSL] / slots for one to free up
+    seen = []
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.04, decode_slots=4, expected_output_tokens=100),
+                          FLAT, pressure_sink=seen.append)
+    full = WorkerView("d1", "u", Role.DECODE, in_flight_decode=5, decode_tokens_in_flight=900)
+    free = WorkerView("d2", "u", Role.DECODE, in_flight_decode=3, decode_tokens_in_flight=900)
+    # two requests ahead of it beyond the 4 slots: the third slot to free is its own
+    assert policy.predicted_tpot(full, 100, 64) == pytest.approx(0.02 + 3 * 0.02 * 64 / 4)
+    assert policy.predicted_tpot(free, 100, 64) == pytest.approx(0.02)
+    assert policy.pick_decode(req(100), snap(full, free)) == "d2"
+    assert policy.pick_decode(req(100, rid="r2"), snap(full)) == "d1"
+    assert [s.leg for s in seen] == [Role.DECODE]
+    unlimited = ArrowRouting(ArrowTargets(tpot_s=0.04, decode_slots=0), FLAT)
+    assert unlimited.predicted_tpot(full, 100) == pytest.approx(0.02)
+
+
+def test_decode_without_kv_room_queues():
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.04, kv_tokens=1000,
+                                       expected_output_tokens=100), FLAT)
+    roomy = WorkerView("d1", "u", Role.DECODE, in_flight_decode=1, decode_tokens_in_flight=500)
+    assert policy.predicted_tpot(roomy, 100, 64) == pytest.approx(0.016)
+    tight = WorkerView("d1", "u", Role.DECODE, in_flight_decode=1, decode_tokens_in_flight=900)
+    assert policy.predicted_tpot(tight, 100, 64) > 0.04
+    reported_full = WorkerView("d1", "u", Role.DECODE, kv_cache_usage=0.99)
+    assert policy.predicted_tpot(reported_full, 100, 64) > policy.predicted_tpot(
+        replace(reported_full, kv_cache_usage=0.5), 100, 64)

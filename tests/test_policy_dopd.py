@@ -1,9 +1,10 @@
 """DOPD length-aware matching on constructed snapshots."""
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.request import RequestInfo
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.dopd_match import DOPDMatchConfig, DOPDMatchPolicy
 from router.policies.latency_model import PrefillLatencyModel
-from router.policy import POLICIES, RequestInfo
+from router.policy import POLICIES
 
 
 def req(prompt, max_tokens=64, rid="r"):
@@ -77,3 +78,34 @@ def test_decode_balances_footprint_not_request_count():
     assert policy.pick_decode(req(500), cluster) == "d2"
     assert policy.pick_decode(req(500), cluster, exclude=frozenset({"d2"})) == "d1"
     assert policy.pick_decode(req(500), ClusterSnapshot(())) is None
+
+
+def test_small_prefill_pool_is_one_shared_pool():
+    policy = warmed([100] * 80 + [2000] * 20, long_quantile=0.8)
+    short, long_, _ = policy.split(prefill_pool(3).workers)
+    assert len(short) == 3 and long_ == ()
+    short, long_, _ = policy.split(prefill_pool(4).workers)
+    assert long_ != ()
+    round1 = warmed([100] * 80 + [2000] * 20, long_quantile=0.8, min_split_workers=2)
+    assert round1.split(prefill_pool(3).workers)[1] != ()
+
+
+def test_spills_into_the_other_sub_pool_on_queue_imbalance():
+    policy = warmed([100] * 80 + [2000] * 20, long_quantile=0.8)
+    short, long_, _ = policy.split(prefill_pool(4).workers)
+    # every short-pool worker has a deep queue, the long pool a light one: a short prompt
+    # finishes sooner there by more than the spill ratio
+    loads = {w.name: {"in_flight_prefill": 5, "prefill_tokens_in_flight": 5000} for w in short}
+    loads.update({w.name: {"in_flight_prefill": 1, "prefill_tokens_in_flight": 100}
+                  for w in long_})
+    assert policy.pick_prefill(req(100), prefill_pool(4, **loads)) in {w.name for w in long_}
+    # a mild imbalance keeps the request in its own sub-pool
+    loads.update({w.name: {"in_flight_prefill": 1, "prefill_tokens_in_flight": 150}
+                  for w in short})
+    assert policy.pick_prefill(req(100), prefill_pool(4, **loads)) in {w.name for w in short}
+    # round 1 spilled only into an idle sub-pool
+    idle_only = warmed([100] * 80 + [2000] * 20, long_quantile=0.8, spill_on_idle_only=True)
+    loads.update({w.name: {"in_flight_prefill": 5, "prefill_tokens_in_flight": 5000}
+                  for w in short})
+    assert idle_only.pick_prefill(req(100), prefill_pool(4, **loads)) in {
+        w.name for w in short}

@@ -10,7 +10,7 @@ from benchmarks.sim.cli import main
 from benchmarks.sim.perf import roofline
 from benchmarks.sim.policies import make_control, make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
-from router.cluster import Role
+from core.workers import Role
 
 
 def test_sim_cli_single_run_and_sweep(tmp_path):

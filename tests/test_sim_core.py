@@ -10,8 +10,8 @@ from benchmarks.dataset import BenchRequest, synthetic_requests
 from benchmarks.sim.engine import EngineConfig
 from benchmarks.sim.perf import FittedModel, roofline
 from benchmarks.sim.simulator import SimConfig, Simulator
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
-from router.cluster import Role
 from router.policy import LeastLoadedPolicy
 
 

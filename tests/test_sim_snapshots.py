@@ -9,7 +9,7 @@ import pytest
 from benchmarks.sim.engine import Engine, EngineConfig
 from benchmarks.sim.perf import roofline
 from benchmarks.sim.snapshots import SimSnapshot, SnapshotCache, make_view
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 
 
 def _engines(roles: list[Role]) -> list[Engine]:

@@ -108,6 +108,49 @@ def test_pd_output_equals_single_instance_and_kv_moved(cluster: LiveCluster,
                           source="local_compute") == local
 
 
+def _stream(url: str, prompt: str, max_tokens: int) -> tuple[list[int], str, dict, set]:
+    """Token ids, text, usage and chunk ids of a greedy streamed completion."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    ids: list[int] = []
+    text, usage, chunk_ids = "", {}, set()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            chunk_ids.add(chunk["id"])
+            for choice in chunk["choices"]:
+                ids.extend(choice.get("token_ids") or [])
+                text += choice["text"]
+            usage = chunk.get("usage") or usage
+    return ids, text, usage, chunk_ids
+
+
+def test_streamed_pd_hands_off_the_first_token_and_equals_single_instance(
+        cluster: LiveCluster) -> None:
+    """With Fulcrum's connector the prefill leg's token is streamed first and the decode
+    leg continues after it (its prompt is one token longer); with NIXL the decode leg
+    recomputes it. Either way the stream equals one instance's."""
+    decode = cluster.by_role("decode")
+    prompt = unique_prompt(60, 31)
+    reference = _stream(cluster.worker_url(decode), prompt, 10)
+    prompt_sum = cluster.metric(decode, "vllm:request_prompt_tokens_sum")
+    via_pd = _stream(cluster.url, prompt, 10)
+    prompt_len = reference[2]["prompt_tokens"]
+    assert via_pd[0] == reference[0] and len(via_pd[0]) == 10
+    assert via_pd[1] == reference[1]
+    assert via_pd[2]["prompt_tokens"] == prompt_len
+    assert via_pd[2]["completion_tokens"] == 10
+    assert len(via_pd[3]) == 1  # one stream id, as from one worker
+    handed_off = cluster.metric(decode, "vllm:fulcrum_kv_pulls_total") > 0  # our connector
+    assert cluster.metric(decode, "vllm:request_prompt_tokens_sum") - prompt_sum == \
+        prompt_len + (1 if handed_off else 0)
+
+
 def _post(cluster: LiveCluster, route: str, payload: bytes | dict) -> httpx.Response:
     content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return httpx.post(cluster.url + route, content=content,

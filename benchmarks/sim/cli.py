@@ -24,6 +24,7 @@ from benchmarks.sim.policies import make_control, make_routing, parse_knobs
 from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
 from benchmarks.sweep import sweep_rates
 from benchmarks.workload import WorkloadSpec, add_workload_args, build_requests, build_trace
+from instance_manager.controller.calibrate import dopd_knobs
 from instance_manager.engine_plugins.slai_policy import SLAIConfig
 
 
@@ -91,7 +92,17 @@ def simulate(args: argparse.Namespace, trace, perf: PerfModel, slo: SLO) -> SimR
                     control_interval_s=args.control_interval, window_s=args.window,
                     flip_mode=args.flip_mode, flip_rewarm_s=args.flip_rewarm)
     return Simulator(cfg, perf, make_routing(args.routing),
-                     make_control(args.control, parse_knobs(args.knob))).run(trace)
+                     make_control(args.control, control_knobs(args, perf, slo))).run(trace)
+
+
+def control_knobs(args: argparse.Namespace, perf: PerfModel, slo: SLO) -> dict:
+    """The user's --knob values; for DOPD on top of constants derived from the performance
+    model (so its throughputs describe the simulated hardware, not a default)."""
+    knobs: dict = {}
+    if args.control == "dopd":
+        knobs.update(dopd_knobs(perf, (slo.tpot_ms or 100.0) / 1000, args.max_num_seqs))
+    knobs.update(parse_knobs(args.knob))
+    return knobs
 
 
 def run_sim(args: argparse.Namespace) -> dict:

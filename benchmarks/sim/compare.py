@@ -15,14 +15,12 @@ Flips are priced: a flipped worker takes no new work for `--flip-rewarm` seconds
 
 Knobs (written into the JSON under "knobs"):
 * DOPD's throughput constants are calibrated from the performance model itself
-  (`dopd_knobs`): the prefill cost curve is a quadratic fit of one-prompt iterations,
-  and decode throughput is B*/tau(B*) at the largest batch B* whose step meets the TPOT
-  target at a `--decode-context` tokens-per-sequence context (capped by KV room and
-  max_num_seqs). The shipped defaults describe a small model on one CPU core and make
-  DOPD starve the prefill pool on an H100.
-* Arrow's and DOPD's cooldowns are shortened to 10 s (defaults 20 s and 30 s) so that
-  each can react inside one 40 s phase of the phase-shift trace; Arrow's metrics window
-  is the simulator's (10 s).
+  (`instance_manager.controller.calibrate.dopd_knobs`): the prefill cost curve is a
+  quadratic fit of one-prompt iterations, and decode throughput is B*/tau(B*) at the
+  largest batch B* whose step meets the TPOT target at a `--decode-context`
+  tokens-per-sequence context (capped by max_num_seqs; KV room is applied by the policy
+  at the context it sees).
+* Arrow's cooldown is 10 s; Arrow's metrics window is the simulator's (10 s).
 
     python -m benchmarks.sim.compare --out benchmarks/results
 """
@@ -38,8 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.arrivals import Phase, Trace, pair, phase_mix, poisson_times, synthetic_pool
 from benchmarks.dataset import approx_token_count, load_sharegpt, sample_requests
 from benchmarks.metrics import SLO
@@ -48,6 +44,7 @@ from benchmarks.sim.perf import PerfModel, roofline
 from benchmarks.sim.policies import make_control, make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
 from benchmarks.sweep import sweep_rates
+from instance_manager.controller.calibrate import dopd_knobs as calibrated_dopd_knobs
 from instance_manager.engine_plugins.slai_policy import SLAIConfig
 
 DEFAULT_RATES = "2,4,8,16,24,32,48,64,96,128,192,256,384,512,768,1024"
@@ -67,21 +64,8 @@ class System:
 def dopd_knobs(perf: PerfModel, slo: SLO, engine: EngineConfig,
                decode_context: float) -> dict[str, float]:
     """DOPD's cost constants measured on the performance model (see module doc)."""
-    lengths = np.array([128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192], dtype=float)
-    secs = [perf.iteration_time(int(n), n * n / 2, 0, 0.0) for n in lengths]
-    a, b, c = np.polyfit(lengths, secs, 2)
-    tpot = (slo.tpot_ms or 100.0) / 1000
-    best = 1
-    kv_room = perf.kv_capacity_tokens
-    for batch in range(1, engine.max_num_seqs + 1):
-        if batch * decode_context > kv_room:
-            break
-        if perf.iteration_time(0, 0.0, batch, batch * decode_context) <= tpot:
-            best = batch
-    step = perf.iteration_time(0, 0.0, best, best * decode_context)
-    return {"prefill_quadratic_s": max(0.0, float(a)), "prefill_tokens_per_s": 1.0 / float(b),
-            "prefill_overhead_s": max(0.0, float(c)), "decode_tokens_per_s": best / step,
-            "adjustment_interval_s": 10.0, "forecast_horizon_s": 10.0}
+    return calibrated_dopd_knobs(perf, (slo.tpot_ms or 100.0) / 1000, engine.max_num_seqs,
+                                 decode_context)
 
 
 ARROW_KNOBS = {"cooldown_s": 10.0}

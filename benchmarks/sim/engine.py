@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from benchmarks.sim.perf import PerfModel
+from core.workers import Role, WorkerState
 from instance_manager.engine_plugins.slai_policy import SLAIConfig, waiting_key
-from router.cluster import Role, WorkerState
 
 NAN = math.nan
 _heappush, _heappop = heapq.heappush, heapq.heappop

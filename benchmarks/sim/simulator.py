@@ -30,14 +30,11 @@ from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
 from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
-from instance_manager.controller.base import (
-    ControlPolicy,
-    ControlSnapshot,
-    SLOTargets,
-    WorkerMetrics,
-)
-from router.cluster import ClusterSnapshot, Role, WorkerState
-from router.policy import RequestInfo, RoutingPolicy
+from core.request import RequestInfo
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role, WorkerState
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
+from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
 _make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
@@ -140,6 +137,10 @@ class Simulator:
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
+        # outputs are known when a request finishes (as the gateway's RequestMix sees them)
+        self._recent_outputs: deque[tuple[float, int]] = deque()
+        pressure = getattr(routing, "pressure", None)
+        self._drain_pressure = getattr(pressure, "drain", None)
         self._last_counters: dict[str, tuple[int, int, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
@@ -292,6 +293,8 @@ class Simulator:
         e.requests_finished += 1
         if self.control is not None and req.output > 1:
             e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
+        if self.control is not None:
+            self._recent_outputs.append((now, req.output))
         if self._obs_finished is not None:
             self._obs_finished(req.info.request_id)
 
@@ -346,6 +349,10 @@ class Simulator:
         recent = self._recent_prompts
         while recent and recent[0][0] < horizon:
             recent.popleft()
+        outputs = self._recent_outputs
+        while outputs and outputs[0][0] < horizon:
+            outputs.popleft()
+        span = min(self.config.window_s, now)
         slo = self.config.slo
         snap = ControlSnapshot(
             time=now, cluster=self.snapshot(now),
@@ -354,7 +361,9 @@ class Simulator:
             slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
                            tpot_s=(slo.tpot_ms or 100.0) / 1000),
             mean_prompt_tokens=float(np.mean([r[1] for r in recent])) if recent else None,
-            mean_output_tokens=float(np.mean([r[2] for r in recent])) if recent else None)
+            mean_output_tokens=float(np.mean([r[1] for r in outputs])) if outputs else None,
+            arrival_rate_per_s=len(recent) / span if span > 0 else None,
+            pressure=tuple(self._drain_pressure()) if self._drain_pressure else ())
         for action in self.control.decide(snap):
             self.apply_flip(action.worker, action.to, action.reason, now)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from router.cluster import ClusterSnapshot, Role, WorkerState, WorkerView
+from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 
 _new = object.__new__
 _ROLES = (Role.PREFILL, Role.DECODE)

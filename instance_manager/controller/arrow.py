@@ -8,28 +8,44 @@ Loads follow Arrow §5.5 (as reconstructed in notes/papers.md §1.3):
 * decode load of a worker = windowed inter-token latency p90 / TPOT target;
 * a pool's load is the mean over its READY workers.
 
-A worker moves from pool S to pool T when T's load has stayed above `expand` for
-`sustain_ticks` ticks and S would stay below `expand` after giving up one worker
-(`L_S · n_S / (n_S − 1)`), so a flip never just moves the problem. The least-loaded
-worker of S flips, S is never emptied, and nothing moves during `cooldown_s` after a
+A decode worker's load also counts its batch slots (`in-flight decodes / decode_slots`):
+a full batch can meet TPOT while new requests queue for a slot.
+
+Two paths move workers from pool S to pool T:
+
+* inline (Algorithm 1 step 3): the routing policy reports an `SLOPressure` when a request's
+  predicted TTFT (or TPOT, slot and KV queueing included) misses on every candidate. With
+  at least `pressure_signals` of them for one leg since the last tick, the policy flips
+  toward that leg at once, `pressure_guard_s` after the last flip at the earliest; a D->P
+  flip needs the decode side to be free of pressure (the paper flips D->P only when decode
+  load is low);
+* reactive (Algorithm 2): T's load has stayed above `expand` for `sustain_ticks` ticks,
+  and `cooldown_s` has passed since the last flip.
+
+Either way S must stay below `expand` after giving up workers (`L_S · n_S / (n_S − k)`),
+so a flip never just moves the problem, and S is never emptied. Far past target several
+workers move at once: enough for T's load to fall to `expand` (`n_T · (L_T − 1)` more),
+capped by what S can spare and `max_flips_per_decision`. The least-loaded workers of S
 flip. When both pools are over target no flip helps: the note says to add workers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from core.pressure import SLOPressure
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction, WorkerMetrics
 from instance_manager.controller.common import (
     PolicyNote,
     describe_load,
     held,
     hold_reason_while_draining,
-    least_loaded,
     metrics_of,
     pool,
+    role_load_key,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)
@@ -40,12 +56,33 @@ class ArrowConfig:
     """A pool whose load (latency / SLO target) stays above this wants another worker."""
     sustain_ticks: int = 2
     """Consecutive ticks of pressure before a flip (filters one-tick spikes)."""
-    cooldown_s: float = 20.0
+    cooldown_s: float = 10.0
     """No flip for this long after one; keep it near the metrics window so the next
     decision sees the effect of the last one."""
     min_samples: int = 3
     """A worker's latency percentile counts only with this many samples in the window
     (a producer that reports no sample count, i.e. 0 with a percentile, is trusted)."""
+    decode_slots: int = 256
+    """Batch slots per decode worker (vLLM's max_num_seqs): in-flight decodes beyond it
+    queue for admission."""
+    inline_flips: bool = True
+    """Act on the routing policy's SLO-pressure signals (Algorithm 1 step 3)."""
+    pressure_signals: int = 3
+    """Signals for one leg since the last tick that make an inline flip..."""
+    pressure_fraction: float = 0.1
+    """...when they are also at least this fraction of the arrivals since the last tick."""
+    max_prefill_utilization: float = 0.95
+    """The prefill pool gives up workers only while its busy fraction stays below this."""
+    prefill_tokens_per_s: float = 0.0
+    """One worker's prefill throughput for that busy fraction (0 = estimate it from TTFT);
+    `calibrate.arrow_knobs` derives it from a performance model or profile."""
+    inline_max_flips: int = 1
+    """Workers one inline flip moves (the measured loads that bound a multi-worker move
+    lag a shift; the reactive path moves several)."""
+    pressure_guard_s: float = 2.0
+    """No inline flip sooner than this after any flip."""
+    max_flips_per_decision: int = 0
+    """Cap on workers moved at once (0 = as many as the load asks for)."""
 
 
 def _too_few(value: float | None, samples: int, min_samples: int) -> bool:
@@ -64,8 +101,10 @@ def decode_latency_s(m: WorkerMetrics, min_samples: int) -> float:
     return 0.0 if _too_few(m.itl_p90_s, m.itl_samples, min_samples) else m.itl_p90_s
 
 
-def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int) -> tuple[float, float]:
-    """(mean latency in seconds, mean load = latency / target) over a role's READY pool."""
+def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int,
+              decode_slots: int = 0) -> tuple[float, float]:
+    """(mean latency in seconds, mean load = latency / target) over a role's READY pool;
+    a decode worker's load counts slot occupancy when `decode_slots` is set."""
     members = pool(snapshot, role)
     if not members:
         return 0.0, 0.0
@@ -82,14 +121,53 @@ def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int) -> tuple[
             # that wait counts against TTFT, so it is decode pressure too.
             wait = m.num_waiting / m.requests_finished_per_s \
                 if m.requests_finished_per_s > 0 else 0.0
-            loads.append(max(itl / snapshot.slo.tpot_s, wait / snapshot.slo.ttft_s))
+            slots = w.in_flight_decode / decode_slots if decode_slots > 0 else 0.0
+            loads.append(max(itl / snapshot.slo.tpot_s, wait / snapshot.slo.ttft_s, slots))
         return sum(lat) / len(lat), sum(loads) / len(loads)
     mean = sum(lat) / len(lat)
     return mean, mean / target
 
 
-class ArrowPolicy:
-    """Flips on SLO pressure: TTFT on the prefill side, inter-token latency on decode."""
+def prefill_utilization(snapshot: ControlSnapshot, min_samples: int,
+                        tokens_per_s: float = 0.0) -> float | None:
+    """Mean busy fraction of the prefill pool: prompt tokens/s over one worker's prefill
+    throughput (`tokens_per_s`, e.g. calibrated from a profile), else times the median
+    TTFT per prompt token (that includes queueing and KV hand-off, so it errs high).
+    TTFT is far from linear in load, so this, not TTFT, says how many workers can go."""
+    isl = snapshot.mean_prompt_tokens
+    members = pool(snapshot, Role.PREFILL)
+    if not members or (not isl and tokens_per_s <= 0):
+        return None
+    busy = []
+    for w in members:
+        m = metrics_of(snapshot, w.name)
+        if tokens_per_s > 0:
+            busy.append(min(1.0, m.prompt_tokens_per_s / tokens_per_s))
+        elif not _too_few(m.ttft_p50_s, m.ttft_samples, min_samples):
+            busy.append(min(1.0, m.prompt_tokens_per_s * m.ttft_p50_s / isl))
+    return sum(busy) / len(busy) if busy else None
+
+
+ROUND1_KNOBS = {"inline_flips": False, "max_flips_per_decision": 1, "decode_slots": 0,
+                "cooldown_s": 10.0, "max_prefill_utilization": 0.0}
+"""Knobs that reproduce the round-1 policy (measured misses only, one flip per cooldown)."""
+
+
+def spare_workers(load: float, n: int, expand: float) -> int:
+    """Workers a pool of n at `load` can give up and stay below `expand` (never all)."""
+    k = 0
+    while k + 1 < n and load * n / (n - k - 1) < expand:
+        k += 1
+    return k
+
+
+def wanted_workers(load: float, n: int, expand: float) -> int:
+    """Workers a pool of n at `load` needs added to fall to `expand` (at least one)."""
+    return max(1, math.ceil(n * load / expand - n - 1e-9)) if n > 0 else 1
+
+
+class ArrowController:
+    """Flips on SLO pressure: predicted misses inline, measured misses on sustained load."""
 
     name = "arrow"
 
@@ -98,26 +176,31 @@ class ArrowPolicy:
         self.last_note = PolicyNote("no tick yet")
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
         self._last_flip_at: float | None = None
+        self._last_target: Role | None = None
+        self._last_tick_at: float | None = None
 
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
         cfg = self.config
         n = {r: len(pool(snapshot, r)) for r in Role}
         lat_p, load_p = pool_load(snapshot, Role.PREFILL, cfg.min_samples)
-        lat_d, load_d = pool_load(snapshot, Role.DECODE, cfg.min_samples)
+        lat_d, load_d = pool_load(snapshot, Role.DECODE, cfg.min_samples, cfg.decode_slots)
         load = {Role.PREFILL: load_p, Role.DECODE: load_d}
         for role in Role:
             self._streak[role] = self._streak[role] + 1 if load[role] > cfg.expand else 0
+        signals = {r: [s for s in snapshot.pressure if s.leg == r] for r in Role}
         numbers = {
             "prefill_workers": n[Role.PREFILL], "decode_workers": n[Role.DECODE],
             "ttft_queue_incl_s": round(lat_p, 4), "ttft_target_s": snapshot.slo.ttft_s,
             "prefill_load": round(load_p, 3), "itl_p90_s": round(lat_d, 4),
             "tpot_target_s": snapshot.slo.tpot_s, "decode_load": round(load_d, 3),
-            "expand": cfg.expand,
+            "expand": cfg.expand, "prefill_pressure": len(signals[Role.PREFILL]),
+            "decode_pressure": len(signals[Role.DECODE]),
         }
         facts = (f"prefill: TTFT incl. queue {lat_p:.3f}s vs target {snapshot.slo.ttft_s:.3f}s "
                  f"(load {load_p:.2f}, {n[Role.PREFILL]} workers); decode: ITL p90 "
                  f"{lat_d:.3f}s vs TPOT target {snapshot.slo.tpot_s:.3f}s "
-                 f"(load {load_d:.2f}, {n[Role.DECODE]} workers)")
+                 f"(load {load_d:.2f}, {n[Role.DECODE]} workers); predicted misses: "
+                 f"{len(signals[Role.PREFILL])} prefill, {len(signals[Role.DECODE])} decode")
 
         def hold(why: str) -> list[FlipAction]:
             self.last_note = held(why, facts, numbers)
@@ -125,34 +208,82 @@ class ArrowPolicy:
 
         if draining := hold_reason_while_draining(snapshot):
             return hold(draining)
-        if self._last_flip_at is not None:
-            left = cfg.cooldown_s - (snapshot.time - self._last_flip_at)
-            if left > 0:
-                return hold(f"cooldown, {left:.0f}s left")
-        hot = [r for r in Role if load[r] > cfg.expand]
-        if not hot:
-            return hold("both pools within target")
-        if len(hot) == 2:
-            return hold("both pools over target, a flip cannot help (add workers)")
-        target = hot[0]
+        since = None if self._last_flip_at is None else snapshot.time - self._last_flip_at
+        arrivals = None
+        if snapshot.arrival_rate_per_s is not None and self._last_tick_at is not None:
+            arrivals = snapshot.arrival_rate_per_s * (snapshot.time - self._last_tick_at)
+        self._last_tick_at = snapshot.time
+        inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
+        if inline is not None:
+            target, ratio, why = inline
+            want = cfg.inline_max_flips
+            if since is not None and since < cfg.pressure_guard_s:
+                return hold(f"{why}, guard {cfg.pressure_guard_s - since:.1f}s left")
+            if since is not None and target != self._last_target and since < cfg.cooldown_s:
+                return hold(f"{why}, but the last flip went the other way {since:.1f}s ago")
+        else:
+            if since is not None and since < cfg.cooldown_s:
+                return hold(f"cooldown, {cfg.cooldown_s - since:.0f}s left")
+            hot = [r for r in Role if load[r] > cfg.expand]
+            if not hot:
+                return hold("both pools within target")
+            if len(hot) == 2:
+                return hold("both pools over target, a flip cannot help (add workers)")
+            target = hot[0]
+            if self._streak[target] < cfg.sustain_ticks:
+                return hold(f"{target.value} pressure for {self._streak[target]} of "
+                            f"{cfg.sustain_ticks} ticks")
+            want = wanted_workers(load[target], n[target], cfg.expand)
+            why = f"{target.value} pressure for {self._streak[target]} ticks"
         source = Role.DECODE if target == Role.PREFILL else Role.PREFILL
-        if self._streak[target] < cfg.sustain_ticks:
-            return hold(f"{target.value} pressure for {self._streak[target]} of "
-                        f"{cfg.sustain_ticks} ticks")
         if n[source] < 2:
             return hold(f"the {source.value} pool has one worker and is never emptied")
+        spare = spare_workers(load[source], n[source], cfg.expand)
+        if source == Role.PREFILL and cfg.max_prefill_utilization > 0:
+            busy = prefill_utilization(snapshot, cfg.min_samples, cfg.prefill_tokens_per_s)
+            if busy is not None:
+                numbers["prefill_utilization"] = round(busy, 3)
+                # TTFT samples carry the KV hand-off and decode admission, so under decode
+                # shortage they overstate prefill load: the busy fraction decides instead
+                spare = spare_workers(busy, n[source], cfg.max_prefill_utilization)
         after = load[source] * n[source] / (n[source] - 1)
         numbers["source_load_after"] = round(after, 3)
-        if after >= cfg.expand:
+        if spare == 0:
             return hold(f"the {source.value} pool would reach load {after:.2f} without one "
                         f"worker (>= {cfg.expand:.2f})")
-        worker = least_loaded(snapshot, source)
-        if worker is None:
-            return hold(f"no READY {source.value} worker can be spared")
-        reason = (f"{target.value} pressure for {self._streak[target]} ticks; {source.value} "
-                  f"load {load[source]:.2f} -> {after:.2f} after the flip; {worker.name} is "
-                  f"least loaded ({describe_load(worker)}); {facts}")
+        k = min(want, spare)
+        if cfg.max_flips_per_decision > 0:
+            k = min(k, cfg.max_flips_per_decision)
+        members = sorted(pool(snapshot, source), key=lambda w: role_load_key(snapshot, w))[:k]
+        after = load[source] * n[source] / (n[source] - k)
+        numbers["workers_moved"] = k
+        reason = (f"{why}; {source.value} load {load[source]:.2f} -> {after:.2f} after moving "
+                  f"{', '.join(w.name for w in members)} ({describe_load(members[0])}); {facts}")
         self._last_flip_at = snapshot.time
+        self._last_target = target
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
-        self.last_note = PolicyNote(f"flip {worker.name} to {target.value}: {reason}", numbers)
-        return [FlipAction(worker.name, target, reason)]
+        self.last_note = PolicyNote(f"flip {k} to {target.value}: {reason}", numbers)
+        return [FlipAction(w.name, target, reason) for w in members]
+
+    def _inline_target(self, signals: dict[Role, list[SLOPressure]], arrivals: float | None
+                       ) -> tuple[Role, float, str] | None:
+        """(pool to grow, median predicted/target, why) from predicted misses, or None.
+        A leg qualifies with enough signals (a count, and a fraction of `arrivals` where
+        known) while the other leg has none: then a flip cannot just move the misses."""
+        cfg = self.config
+
+        def enough(misses: list[SLOPressure]) -> bool:
+            return len(misses) >= cfg.pressure_signals and (
+                arrivals is None or len(misses) >= cfg.pressure_fraction * arrivals)
+
+        decode, prefill = signals[Role.DECODE], signals[Role.PREFILL]
+        if enough(decode) and not prefill:
+            leg, misses = Role.DECODE, decode
+        elif enough(prefill) and not decode:
+            leg, misses = Role.PREFILL, prefill
+        else:
+            return None
+        ratios = sorted(s.predicted_s / s.target_s for s in misses if s.target_s > 0)
+        ratio = ratios[len(ratios) // 2] if ratios else 1.0
+        return leg, ratio, (f"{len(misses)} requests predicted to miss on every "
+                           f"{leg.value} worker (median {ratio:.2f}x target)")

@@ -11,15 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from router.cluster import ClusterSnapshot, Role
-
-
-@dataclass(frozen=True)
-class SLOTargets:
-    """Latency targets the controller defends (seconds)."""
-
-    ttft_s: float = 1.0
-    tpot_s: float = 0.1
+from core.pressure import SLOPressure
+from core.slo import SLOTargets
+from core.workers import ClusterSnapshot, Role
 
 
 @dataclass(frozen=True)
@@ -52,6 +46,10 @@ class ControlSnapshot:
     slo: SLOTargets = field(default_factory=SLOTargets)
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
+    arrival_rate_per_s: float | None = None
+    """Requests per second over the window (None where the producer does not count them)."""
+    pressure: tuple[SLOPressure, ...] = ()
+    """Predicted SLO misses the routing policy reported since the previous tick."""
 
 
 @dataclass(frozen=True)

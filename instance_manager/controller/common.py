@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from core.workers import Role, WorkerState, WorkerView
 from instance_manager.controller.base import ControlSnapshot, WorkerMetrics
-from router.cluster import Role, WorkerState, WorkerView
 
 
 @dataclass(frozen=True)

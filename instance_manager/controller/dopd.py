@@ -1,37 +1,54 @@
-"""DOPD-style policy: size the pools from the throughput balance of the length mix.
+"""DOPD-style policy: size the pools from what the traffic needs (arXiv 2511.20982).
 
-Producer (prefill) and consumer (decode) must keep pace (notes/papers.md §3.3). One
-request costs a prefill worker `t_p(ISL) = a·ISL² + ISL / prefill_tokens_per_s + c`
-seconds and a decode worker `OSL / decode_tokens_per_s` seconds, so the share of
-workers prefill needs is `t_p / (t_p + t_d)`; the arrival rate cancels out. The share is
-smoothed and extrapolated with Holt's linear method `forecast_horizon_s` ahead, so a
-shift that is under way is acted on before it completes. The ideal (fractional) prefill
-count is `N · share`; a worker moves only when the ideal is more than `0.5 + hysteresis`
-away from the current count, at most one per `adjustment_interval_s`, never emptying a
-pool. The quadratic term is evaluated at the window's mean ISL, which under-states the
-cost of a high-variance mix (Jensen); raise `prefill_quadratic_s` to compensate.
+One request costs a prefill worker `t_p(ISL) = a·ISL² + ISL / prefill_tokens_per_s + c`
+seconds and keeps a decode slot for OSL steps. At arrival rate λ the pools need
+
+* prefill: `λ · t_p / ρ_P` workers, and at least `W / TTFT target`, W being the prefill
+  seconds queued now (the window's mean prompt lags a shift; the queue does not);
+* decode: `λ · OSL / (cap_D · ρ_D)` workers (when decodes queue for a slot, at least as
+  many as the decodes in flight need slots for), where one decode worker's capacity `cap_D`
+  (tokens/s) is the smallest of its TPOT-bound throughput (`decode_tokens_per_s`, B*/τ(B*))
+  and what its batch slots and KV room allow: `slots / decode_step_s`, slots being
+  `max_num_seqs`, and the sequences its KV cache holds at the window's mean context. The KV
+  room is measured where decode workers report it (running sequences / KV usage) and taken
+  from `kv_tokens_per_worker` otherwise.
+
+When both pools have what they need, the policy holds. When one is short, it jumps to the
+split that covers the short pool's need (several flips in one decision) as long as the
+other pool keeps its own; when both cannot be covered (overload), it splits in proportion
+to the two needs. Against flapping: a shortage must exceed `hysteresis` workers, a move
+against the direction of the last one waits `reverse_hold_s`, and decisions are at least
+`adjustment_interval_s` apart.
+
+The needs are forecast `forecast_horizon_s` ahead (`forecast`: "last" value, or "holt"'s
+linear smoothing); `benchmarks/dopd_forecast.py` reports the error of each on the phase
+and ShareGPT traces. `target="share"` keeps the round-1 behaviour (a work-share target,
+λ cancelled out, one flip per interval) for comparison.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
     PolicyNote,
     describe_load,
     held,
     hold_reason_while_draining,
-    least_loaded,
+    metrics_of,
     pool,
+    role_load_key,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)
 class DOPDConfig:
-    """Knobs of the DOPD policy. Only the ratio of the two throughputs matters; the
-    defaults are roughly a small model on one CPU core (measure yours with the bench)."""
+    """Knobs of the DOPD policy. The throughput constants default to a small model on one
+    CPU core; `instance_manager.controller.calibrate.dopd_knobs` derives them from a
+    performance model or a `fulcrum profile` file."""
 
     prefill_tokens_per_s: float = 4000.0
     """Prompt tokens per second one worker prefills (the linear cost term)."""
@@ -41,60 +58,202 @@ class DOPDConfig:
     """Fixed seconds per prefill leg, `c` above."""
     decode_tokens_per_s: float = 400.0
     """Output tokens per second one worker sustains at the TPOT target (B*/tau(B*))."""
+    decode_step_s: float = 0.0
+    """Step time at that batch, tau(B*); 0 = unknown (slot and KV limits not applied)."""
+    max_num_seqs: int = 256
+    """Batch slots per decode worker (vLLM's max_num_seqs)."""
+    kv_tokens_per_worker: int = 0
+    """KV cache room per worker in tokens when workers do not report usage (0 = unknown)."""
+    target: str = "need"
+    """"need" (sizes from arrival rate and capacity) or "share" (round 1: work share)."""
+    prefill_utilization: float = 0.85
+    """rho_P: the busy fraction a prefill pool is sized for (queueing headroom)."""
+    decode_utilization: float = 0.9
+    """rho_D: the same for the decode pool."""
+    forecast: str = "last"
+    """"last" (the window's value) or "holt" (Holt's linear trend, extrapolated)."""
     level_smoothing: float = 0.5
-    """Holt's alpha: weight of the newest share in the level."""
+    """Holt's alpha: weight of the newest value in the level."""
     trend_smoothing: float = 0.3
     """Holt's beta: weight of the newest slope in the trend."""
-    forecast_horizon_s: float = 30.0
-    """How far ahead the share is extrapolated (0 disables the forecast)."""
+    forecast_horizon_s: float = 5.0
+    """How far ahead Holt extrapolates (0 disables the extrapolation)."""
     hysteresis: float = 0.3
-    """Extra workers of dead band beyond rounding before a move (0 = plain rounding)."""
-    adjustment_interval_s: float = 30.0
-    """At most one flip per this many seconds."""
+    """Workers of dead band: a shortage smaller than this is not acted on."""
+    adjustment_interval_s: float = 2.0
+    """At least this many seconds between two decisions that move workers."""
+    reverse_hold_s: float = 10.0
+    """A move against the direction of the previous one waits this long after it."""
+    max_flips_per_decision: int = 0
+    """Cap on workers moved at once (0 = jump straight to the target)."""
     max_extrapolation_s: float = 5.0
     """The trend extrapolates at most this far between two updates: after a gap (ticks
     that saw no finished request) a steep old trend must not fling the level past the
     data."""
 
+    def __post_init__(self) -> None:
+        if self.target not in ("need", "share"):
+            raise ValueError("target must be 'need' or 'share'")
+        if self.forecast not in ("last", "holt"):
+            raise ValueError("forecast must be 'last' or 'holt'")
 
-class DOPDPolicy:
-    """Targets the P:D split that balances prefill and decode work for the recent mix."""
+
+class HoltForecast:
+    """Holt's linear smoothing of one series, extrapolated `horizon` seconds ahead."""
+
+    def __init__(self, alpha: float, beta: float, max_extrapolation_s: float,
+                 lower: float = 0.0, upper: float = math.inf) -> None:
+        self.alpha, self.beta, self.max_gap = alpha, beta, max_extrapolation_s
+        self.lower, self.upper = lower, upper
+        self.level: float | None = None
+        self.trend = 0.0
+        self.seen_at: float | None = None
+
+    def _clamp(self, x: float) -> float:
+        return min(self.upper, max(self.lower, x))
+
+    def update(self, value: float, now: float, horizon_s: float) -> float:
+        if self.level is None or self.seen_at is None or now <= self.seen_at:
+            self.level, self.trend = value, 0.0
+        else:
+            dt = now - self.seen_at
+            predicted = self._clamp(self.level + self.trend * min(dt, self.max_gap))
+            level = self.alpha * value + (1 - self.alpha) * predicted
+            slope = (level - self.level) / dt
+            self.trend = self.beta * slope + (1 - self.beta) * self.trend
+            self.level = level
+        self.seen_at = now
+        return self._clamp(self.level + self.trend * horizon_s)
+
+
+class LastValueForecast:
+    """The naive forecast: the next value equals the last one."""
+
+    def update(self, value: float, now: float, horizon_s: float) -> float:
+        return value
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Workers each pool needs for the window's traffic, and the numbers behind them."""
+
+    prefill: float
+    decode: float
+    prefill_s_per_request: float
+    decode_capacity_tokens_per_s: float
+    decode_slots: float
+    prefill_backlog: float = 0.0
+    """Workers that clear the prompts queued now within one TTFT target."""
+    decode_queued: bool = False
+    """Decodes are waiting for a batch slot (more in flight than the pool holds)."""
+
+
+def choose_target(n_p: int, n_d: int, need_p: float, need_d: float,
+                  hysteresis: float, prompts_backlogged: bool = False,
+                  decodes_queued: bool = False) -> tuple[int, str]:
+    """(target prefill workers, why) for pools of n_p + n_d workers and the two needs.
+
+    `prompts_backlogged` (the queued prompts alone need more prefill workers) with no decode
+    queued for a slot means the decode need is only the lagging flow estimate (output
+    lengths are learnt when requests finish) while the prefill shortage is measured: the
+    prefill pool then gets what it needs, the running decodes finishing where they are."""
+    total = n_p + n_d
+    if total < 2:
+        return n_p, "one worker: nothing to split"
+    short_p = need_p > n_p + hysteresis
+    short_d = need_d > n_d + hysteresis
+    if not short_p and not short_d:
+        return n_p, "both pools have headroom"
+    if need_p + need_d <= total:
+        if short_d:
+            target = total - min(total - 1, math.ceil(need_d))
+            if target >= need_p:
+                return max(1, target), "decode is short, prefill can spare workers"
+        else:
+            target = min(total - 1, math.ceil(need_p))
+            if total - target >= need_d:
+                return target, "prefill is short, decode can spare workers"
+    if short_p and prompts_backlogged and not decodes_queued:
+        return min(total - 1, math.ceil(need_p)), "prompts are queueing, no decode waits"
+    ideal = total * need_p / (need_p + need_d)
+    if abs(ideal - n_p) <= 0.5 + hysteresis:
+        return n_p, f"overloaded, split {ideal:.2f} prefill is within the hysteresis band"
+    return min(total - 1, max(1, round(ideal))), "overloaded: split in proportion to the needs"
+
+
+class DOPDController:
+    """Sizes the pools for the recent (forecast) traffic and jumps to that split."""
 
     name = "dopd"
 
     def __init__(self, config: DOPDConfig | None = None) -> None:
         self.config = config or DOPDConfig()
         self.last_note = PolicyNote("no tick yet")
-        self._level: float | None = None
-        self._trend = 0.0
-        self._seen_at: float | None = None
+        cfg = self.config
+        self._forecasts = {
+            key: (HoltForecast(cfg.level_smoothing, cfg.trend_smoothing, cfg.max_extrapolation_s,
+                               upper=1.0 if key == "share" else math.inf)
+                  if cfg.forecast == "holt" else LastValueForecast())
+            for key in ("share", "prefill", "decode")}
         self._last_change_at: float | None = None
+        self._last_direction: Role | None = None  # the pool that grew last time
+
+    # -- the cost model ---------------------------------------------------------------
+    def prefill_seconds(self, prompt_tokens: float) -> float:
+        cfg = self.config
+        return (cfg.prefill_quadratic_s * prompt_tokens ** 2
+                + prompt_tokens / cfg.prefill_tokens_per_s + cfg.prefill_overhead_s)
 
     def prefill_share(self, mean_prompt: float, mean_output: float) -> tuple[float, float, float]:
         """(prefill seconds, decode seconds, prefill share) of one average request."""
-        cfg = self.config
-        t_p = (cfg.prefill_quadratic_s * mean_prompt ** 2
-               + mean_prompt / cfg.prefill_tokens_per_s + cfg.prefill_overhead_s)
-        t_d = mean_output / cfg.decode_tokens_per_s
+        t_p = self.prefill_seconds(mean_prompt)
+        t_d = mean_output / self.config.decode_tokens_per_s
         total = t_p + t_d
         return t_p, t_d, (t_p / total if total > 0 else 0.5)
 
-    def _update_forecast(self, share: float, now: float) -> float:
-        """Holt's linear smoothing of the share; returns the share `horizon` ahead."""
+    def decode_slots(self, snapshot: ControlSnapshot, context_tokens: float) -> float:
+        """Sequences one decode worker can run: batch slots, then KV room (measured where
+        decode workers report usage, else from the knob), then the TPOT-bound batch."""
         cfg = self.config
-        if self._level is None or self._seen_at is None or now <= self._seen_at:
-            self._level, self._trend = share, 0.0
-        else:
-            dt = now - self._seen_at
-            predicted = min(1.0, max(0.0, self._level + self._trend * min(
-                dt, cfg.max_extrapolation_s)))
-            level = cfg.level_smoothing * share + (1 - cfg.level_smoothing) * predicted
-            slope = (level - self._level) / dt
-            self._trend = cfg.trend_smoothing * slope + (1 - cfg.trend_smoothing) * self._trend
-            self._level = level
-        self._seen_at = now
-        return min(1.0, max(0.0, self._level + self._trend * cfg.forecast_horizon_s))
+        slots = float(cfg.max_num_seqs)
+        measured = []
+        for w in pool(snapshot, Role.DECODE):
+            m = metrics_of(snapshot, w.name)
+            if m.num_running > 0 and m.kv_cache_usage > 0.05:
+                measured.append(m.num_running / m.kv_cache_usage)
+        if measured:
+            slots = min(slots, sum(measured) / len(measured))
+        elif cfg.kv_tokens_per_worker > 0 and context_tokens > 0:
+            slots = min(slots, cfg.kv_tokens_per_worker / context_tokens)
+        if cfg.decode_step_s > 0:
+            slots = min(slots, cfg.decode_tokens_per_s * cfg.decode_step_s)
+        return max(1.0, slots)
 
+    def needs(self, snapshot: ControlSnapshot, rate: float, isl: float, osl: float) -> Needs:
+        """Workers each pool needs at `rate` requests/s of the given mean lengths."""
+        cfg = self.config
+        t_p = self.prefill_seconds(isl)
+        slots = self.decode_slots(snapshot, isl + osl / 2)
+        capacity = cfg.decode_tokens_per_s
+        if cfg.decode_step_s > 0:
+            capacity = min(capacity, slots / cfg.decode_step_s)
+        flow = rate * osl / (capacity * cfg.decode_utilization)
+        # Output lengths are known only when requests finish, so after a shift to long
+        # outputs the flow estimate lags by a whole output's duration; decodes queued for a
+        # slot (more in flight than the pool holds) show the shortage at once. Running
+        # decodes alone do not: a flipped worker finishes those in place.
+        held = sum(w.in_flight_decode for w in snapshot.cluster.workers) / slots
+        queued = held if held > len(pool(snapshot, Role.DECODE)) else 0.0
+        # Likewise the window's mean prompt lags a shift to long prompts; the prompts queued
+        # now show it at once: clearing them within one TTFT target takes W / TTFT workers.
+        backlog_s = sum(w.in_flight_prefill * self.prefill_seconds(
+            w.prefill_tokens_in_flight / w.in_flight_prefill)
+            for w in pool(snapshot, Role.PREFILL) if w.in_flight_prefill > 0)
+        backlog = backlog_s / snapshot.slo.ttft_s
+        need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
+        return Needs(need_p, max(flow, queued), t_p, capacity, slots, backlog, queued > 0)
+
+    # -- deciding ---------------------------------------------------------------------
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
         cfg = self.config
         n_p, n_d = len(pool(snapshot, Role.PREFILL)), len(pool(snapshot, Role.DECODE))
@@ -104,41 +263,94 @@ class DOPDPolicy:
         if isl is None or osl is None:
             self.last_note = PolicyNote("hold: no finished requests in the window", numbers)
             return []
-        t_p, t_d, share = self.prefill_share(isl, osl)
-        forecast = self._update_forecast(share, snapshot.time)
-        ideal = total * forecast
-        target = min(total - 1, max(1, round(ideal))) if total >= 2 else n_p
-        numbers.update({
-            "mean_prompt_tokens": round(isl, 1), "mean_output_tokens": round(osl, 1),
-            "prefill_s_per_request": round(t_p, 5), "decode_s_per_request": round(t_d, 5),
-            "prefill_share_now": round(share, 3), "prefill_share_forecast": round(forecast, 3),
-            "ideal_prefill_workers": round(ideal, 2), "target_prefill_workers": target,
-        })
-        facts = (f"mix ISL {isl:.0f} / OSL {osl:.0f} tokens -> prefill {t_p * 1000:.1f} ms vs "
-                 f"decode {t_d * 1000:.1f} ms per request, prefill share {share:.2f} now, "
-                 f"{forecast:.2f} forecast in {cfg.forecast_horizon_s:.0f}s -> ideal "
-                 f"{ideal:.2f} of {total} prefill, have {n_p}")
+        numbers.update(mean_prompt_tokens=round(isl, 1), mean_output_tokens=round(osl, 1))
+        rate = snapshot.arrival_rate_per_s
+        if cfg.target == "need" and rate is not None:
+            target, why, facts = self._need_target(snapshot, rate, isl, osl, n_p, n_d, numbers)
+        else:
+            target, why, facts = self._share_target(snapshot, isl, osl, n_p, total, numbers)
+        numbers["target_prefill_workers"] = target
 
-        def hold(why: str) -> list[FlipAction]:
-            self.last_note = held(why, facts, numbers)
+        def hold(reason: str) -> list[FlipAction]:
+            self.last_note = held(reason, facts, numbers)
             return []
 
         if draining := hold_reason_while_draining(snapshot):
             return hold(draining)
         if target == n_p:
-            return hold("the split matches")
-        if abs(ideal - n_p) <= 0.5 + cfg.hysteresis:
-            return hold(f"within the hysteresis band ({cfg.hysteresis:.2f})")
+            return hold(why)
+        grow = Role.PREFILL if target > n_p else Role.DECODE
         if self._last_change_at is not None:
-            left = cfg.adjustment_interval_s - (snapshot.time - self._last_change_at)
-            if left > 0:
-                return hold(f"one change per {cfg.adjustment_interval_s:.0f}s, {left:.0f}s left")
-        source = Role.PREFILL if target < n_p else Role.DECODE
-        dest = Role.DECODE if source == Role.PREFILL else Role.PREFILL
-        worker = least_loaded(snapshot, source)
-        if worker is None:
+            since = snapshot.time - self._last_change_at
+            if since < cfg.adjustment_interval_s:
+                return hold(f"one decision per {cfg.adjustment_interval_s:g}s, "
+                            f"{cfg.adjustment_interval_s - since:.1f}s left")
+            if grow != self._last_direction and since < cfg.reverse_hold_s:
+                return hold(f"{why}, but the last move went the other way "
+                            f"{since:.1f}s ago (reverse hold {cfg.reverse_hold_s:g}s)")
+        source = Role.DECODE if grow == Role.PREFILL else Role.PREFILL
+        moves = abs(target - n_p)
+        if cfg.max_flips_per_decision > 0:
+            moves = min(moves, cfg.max_flips_per_decision)
+        members = sorted(pool(snapshot, source), key=lambda w: role_load_key(snapshot, w))
+        moves = min(moves, len(members) - 1)
+        if moves <= 0:
             return hold(f"the {source.value} pool cannot spare a worker")
-        reason = f"{facts}; {worker.name} is least loaded ({describe_load(worker)})"
+        chosen = members[:moves]
+        reason = (f"{why}: {facts}; moving {', '.join(w.name for w in chosen)} "
+                  f"(least loaded: {describe_load(chosen[0])})")
         self._last_change_at = snapshot.time
-        self.last_note = PolicyNote(f"flip {worker.name} to {dest.value}: {reason}", numbers)
-        return [FlipAction(worker.name, dest, reason)]
+        self._last_direction = grow
+        self.last_note = PolicyNote(f"flip {len(chosen)} to {grow.value}: {reason}", numbers)
+        return [FlipAction(w.name, grow, reason) for w in chosen]
+
+    def _need_target(self, snapshot: ControlSnapshot, rate: float, isl: float, osl: float,
+                     n_p: int, n_d: int, numbers: dict) -> tuple[int, str, str]:
+        cfg = self.config
+        now = self.needs(snapshot, rate, isl, osl)
+        need_p = self._forecasts["prefill"].update(now.prefill, snapshot.time,
+                                                   cfg.forecast_horizon_s)
+        need_d = self._forecasts["decode"].update(now.decode, snapshot.time,
+                                                  cfg.forecast_horizon_s)
+        target, why = choose_target(n_p, n_d, need_p, need_d, cfg.hysteresis,
+                                    now.prefill_backlog > n_p + cfg.hysteresis,
+                                    now.decode_queued)
+        numbers.update({
+            "arrival_rate_per_s": round(rate, 2),
+            "prefill_s_per_request": round(now.prefill_s_per_request, 5),
+            "decode_capacity_tokens_per_s": round(now.decode_capacity_tokens_per_s, 1),
+            "decode_slots": round(now.decode_slots, 1),
+            "prefill_need_now": round(now.prefill, 2), "decode_need_now": round(now.decode, 2),
+            "prefill_need": round(need_p, 2), "decode_need": round(need_d, 2),
+            "prefill_backlog_workers": round(now.prefill_backlog, 2),
+            "decodes_queued": int(now.decode_queued)})
+        facts = (f"{rate:.1f} req/s of ISL {isl:.0f} / OSL {osl:.0f}: prefill needs "
+                 f"{need_p:.2f} workers ({now.prefill_s_per_request * 1000:.1f} ms each), "
+                 f"decode {need_d:.2f} ({now.decode_capacity_tokens_per_s:.0f} tok/s, "
+                 f"{now.decode_slots:.0f} slots per worker); have {n_p}P{n_d}D")
+        return target, why, facts
+
+    def _share_target(self, snapshot: ControlSnapshot, isl: float, osl: float, n_p: int,
+                      total: int, numbers: dict) -> tuple[int, str, str]:
+        """Round 1: the prefill share of one request's work, one flip per interval."""
+        cfg = self.config
+        t_p, t_d, share = self.prefill_share(isl, osl)
+        forecast = self._forecasts["share"].update(share, snapshot.time, cfg.forecast_horizon_s)
+        ideal = total * forecast
+        target = min(total - 1, max(1, round(ideal))) if total >= 2 else n_p
+        numbers.update({
+            "prefill_s_per_request": round(t_p, 5), "decode_s_per_request": round(t_d, 5),
+            "prefill_share_now": round(share, 3), "prefill_share_forecast": round(forecast, 3),
+            "ideal_prefill_workers": round(ideal, 2)})
+        facts = (f"mix ISL {isl:.0f} / OSL {osl:.0f} tokens -> prefill {t_p * 1000:.1f} ms vs "
+                 f"decode {t_d * 1000:.1f} ms per request, prefill share {share:.2f} now, "
+                 f"{forecast:.2f} forecast -> ideal {ideal:.2f} of {total} prefill, have {n_p}")
+        if target != n_p and abs(ideal - n_p) <= 0.5 + cfg.hysteresis:
+            return n_p, f"within the hysteresis band ({cfg.hysteresis:.2f})", facts
+        return target, "the split matches", facts
+
+
+ROUND1_KNOBS = {"target": "share", "forecast": "holt", "forecast_horizon_s": 10.0,
+                "adjustment_interval_s": 10.0, "reverse_hold_s": 0.0,
+                "max_flips_per_decision": 1}
+"""Knobs that reproduce the round-1 policy (work-share target, one flip per interval)."""

@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 
-from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction, SLOTargets
+from core.pressure import PressureLog, SLOPressure
+from core.slo import SLOTargets
+from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction
 from instance_manager.controller.common import PolicyNote
 from instance_manager.flip import FlipCoordinator, FlipRefused
 from instance_manager.metrics_collector import MetricsCollector
@@ -76,7 +78,9 @@ class Controller:
                  drain_timeout_s: float | None = None, history_size: int = 50,
                  wall_clock: Callable[[], float] = time.time,
                  request_mix: Callable[[float], tuple[float | None, float | None, int]]
-                 | None = None) -> None:
+                 | None = None,
+                 pressure: Callable[[], list[SLOPressure]] | None = None,
+                 min_interval_s: float = 0.5) -> None:
         self.collector = collector
         self.flips = flips
         self.policy = policy
@@ -85,6 +89,9 @@ class Controller:
         self.drain_timeout_s = drain_timeout_s
         self._wall = wall_clock
         self._request_mix = request_mix
+        self._pressure = pressure
+        self.min_interval_s = min_interval_s
+        self._wake = asyncio.Event()
         self._decisions: deque[Decision] = deque(maxlen=history_size)
         self._ticks = 0
         self.last_snapshot: ControlSnapshot | None = None
@@ -120,8 +127,12 @@ class Controller:
         if self._request_mix is not None:  # the gateway's own view of the length mix
             prompt, output, n = self._request_mix(self.collector.window_s)
             if n:
+                # finished requests per second: the arrival rate in steady state
                 snapshot = replace(snapshot, mean_prompt_tokens=prompt,
-                                   mean_output_tokens=output)
+                                   mean_output_tokens=output,
+                                   arrival_rate_per_s=n / self.collector.window_s)
+        if self._pressure is not None:
+            snapshot = replace(snapshot, pressure=tuple(self._pressure()))
         self.last_snapshot = snapshot
         mode = "advisory" if self.advisory else "act"
         if self.flips.active:
@@ -150,13 +161,35 @@ class Controller:
             return f"refused: {exc}"
         return f"{record.outcome.value}: {record.detail}"
 
+    def listen(self, routing_policy: object) -> None:
+        """Read the routing policy's SLO-pressure log each tick and tick early when it
+        reports (policies without a log are ignored)."""
+        log_ = getattr(routing_policy, "pressure", None)
+        if isinstance(log_, PressureLog):
+            self._pressure = log_.drain
+            log_.sink = self.wake
+
+    def wake(self, _signal: object = None) -> None:
+        """Tick now instead of at the end of the interval (the routing policy predicted an
+        SLO miss on every worker: Arrow's inline flip). Usable as a pressure sink."""
+        self._wake.set()
+
     async def run(self, client: httpx.AsyncClient) -> None:
-        """Tick forever (cancel the task to stop); a failing tick is logged, not fatal."""
+        """Tick every interval, or sooner when woken (cancel the task to stop); a failing
+        tick is logged, not fatal."""
         while True:
+            self._wake.clear()
             try:
                 await self.tick(client)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must survive one bad tick
                 log.exception("controller tick failed")
-            await asyncio.sleep(self.interval_s)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+            # a burst of pressure signals wakes the loop once per `min_interval_s`
+            pause = min(self.min_interval_s, self.interval_s)
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))

@@ -7,15 +7,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from instance_manager.controller.arrow import ArrowConfig, ArrowPolicy
+from instance_manager.controller.arrow import ArrowConfig, ArrowController
 from instance_manager.controller.base import ControlPolicy
-from instance_manager.controller.dopd import DOPDConfig, DOPDPolicy
+from instance_manager.controller.dopd import DOPDConfig, DOPDController
 from instance_manager.controller.static import StaticConfig, StaticPolicy
 
 CONTROL_POLICIES: dict[str, tuple[type, type]] = {
     StaticPolicy.name: (StaticPolicy, StaticConfig),
-    ArrowPolicy.name: (ArrowPolicy, ArrowConfig),
-    DOPDPolicy.name: (DOPDPolicy, DOPDConfig),
+    ArrowController.name: (ArrowController, ArrowConfig),
+    DOPDController.name: (DOPDController, DOPDConfig),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
     PolicyNote,
@@ -13,7 +14,6 @@ from instance_manager.controller.common import (
     other,
     pool,
 )
-from router.cluster import Role
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,16 @@ each delegates to its half. Settings come from ``kv_connector_extra_config``:
 * ``max_concurrent``: bound on simultaneous transfers per direction (default 4).
 * ``queue_nap_s``: on CPU hosts, vLLM's queue wait loops sleep this long instead of spinning
   (default 1e-4; see :mod:`kv_transfer.idle_spin`). Not applied on GPUs.
+* ``gil_switch_interval_s``: the worker process's ``sys.setswitchinterval`` (default 1 ms,
+  Python's is 5 ms; also ``$FULCRUM_KV_GIL_SWITCH_S``). The transfer threads share the GIL
+  with the forward pass's Python code; each of the few times a transfer needs the GIL it
+  otherwise waits up to 5 ms while a step runs, which made pulls under load take tens of ms.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +51,7 @@ logger = init_logger(__name__)
 
 DEFAULT_PORT = 5900
 DEFAULT_LEASE_S = 30.0
+DEFAULT_GIL_SWITCH_S = 0.001
 
 
 class FulcrumConnector(KVConnectorBase_V1):
@@ -71,6 +78,10 @@ class FulcrumConnector(KVConnectorBase_V1):
                 engine_id=str(cfg.engine_id), host=self._host, port=self._port,
                 block_size=vllm_config.cache_config.block_size)
         else:
+            switch = float(extra.get("gil_switch_interval_s") or os.environ.get(
+                "FULCRUM_KV_GIL_SWITCH_S") or DEFAULT_GIL_SWITCH_S)
+            if switch > 0:
+                sys.setswitchinterval(switch)
             self._worker = FulcrumWorker(
                 host=self._host, port=self._port, num_blocks=kv_cache_config.num_blocks,
                 lease_s=float(extra.get("lease_seconds", DEFAULT_LEASE_S)),

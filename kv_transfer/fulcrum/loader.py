@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from kv_transfer.fulcrum.blocks import KVBlockStore
 from kv_transfer.fulcrum.stats import StatsRecorder
+from kv_transfer.fulcrum.trace import TRACE
 from kv_transfer.fulcrum.transport.base import TransferError, Transport
 from kv_transfer.fulcrum.wire import Channel, ChannelError
 
@@ -57,6 +58,7 @@ class BlockLoader:
         self._failed: set[str] = set()
 
     def submit(self, job: PullJob) -> None:
+        TRACE.event("pull_submit", req=job.req_id, tid=job.transfer_id)
         self._pool.submit(self._run, job)
 
     def release(self, job: ReleaseJob) -> None:
@@ -67,14 +69,18 @@ class BlockLoader:
         with self._lock:
             done, failed = self._done, self._failed
             self._done, self._failed = set(), set()
+        for req_id in done:
+            TRACE.event("pull_reported", req=req_id)
         return done, failed
 
     def _run(self, job: PullJob) -> None:
         ok = False
         started = time.perf_counter()
+        TRACE.event("pull_start", req=job.req_id, tid=job.transfer_id)
         try:
             nbytes = self.pull(job)
             self.stats.pulled(nbytes, time.perf_counter() - started)
+            TRACE.event("pull_done", req=job.req_id, tid=job.transfer_id, nbytes=nbytes)
             ok = True
         except (TransferError, ChannelError, OSError, ValueError) as exc:
             log.warning("fulcrum: pulling %s from %s:%d failed (%s); the prompt will be "
@@ -103,6 +109,7 @@ class BlockLoader:
             reply = chan.recv_msg()
             if not reply.get("ok"):
                 raise TransferError(str(reply.get("error")))
+            TRACE.event("pull_reply", req=job.req_id, tid=job.transfer_id)
             chan.settimeout(self.io_timeout_s)
             nbytes = self.transport.receive(chan, self.store, job.local_block_ids)
             chan.send_msg({"op": "done", "ok": True})

@@ -15,6 +15,7 @@ from kv_transfer.fulcrum.params import (
     wants_remote_decode,
     wants_remote_prefill,
 )
+from kv_transfer.fulcrum.trace import TRACE
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -35,12 +36,18 @@ class FulcrumScheduler:
         self.port = port
         self.block_size = block_size
         self._meta = FulcrumMetadata()
+        self._admitted: set[str] = set()  # traced requests (FULCRUM_KV_TRACE only)
 
     # --- consumer --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
         remote = RemoteBlocks.from_params(params)
+        if TRACE.enabled and request.request_id not in self._admitted:
+            self._admitted.add(request.request_id)
+            TRACE.event("admit", req=request.request_id,
+                        tid=remote.transfer_id if remote else None,
+                        prompt_tokens=request.num_prompt_tokens)
         if remote is None or (params or {}).get(_CONSUMED):
             return 0, False
         count = min(remote.num_tokens, request.num_prompt_tokens) - num_computed_tokens
@@ -74,6 +81,9 @@ class FulcrumScheduler:
         from vllm.v1.request import RequestStatus
 
         params = request.kv_transfer_params
+        if TRACE.enabled:
+            self._admitted.discard(request.request_id)
+            TRACE.event("finished", req=request.request_id)
         if wants_remote_prefill(params) and not (params or {}).get(_CONSUMED):
             # A decode leg that ended before it was scheduled (abort): free the producer.
             remote = RemoteBlocks.from_params(params)
@@ -92,6 +102,8 @@ class FulcrumScheduler:
             return False, None
         transfer_id = new_transfer_id(params)
         self._meta.holds.append(HoldJob(request.request_id, transfer_id, held))
+        TRACE.event("prefill_done", req=request.request_id, tid=transfer_id,
+                    tokens=num_tokens)
         remote = RemoteBlocks(transfer_id=transfer_id, host=self.host, port=self.port,
                               block_ids=held, num_tokens=num_tokens,
                               engine_id=self.engine_id)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kv_transfer.fulcrum.blocks import KVBlockStore
 from kv_transfer.fulcrum.lease import LeaseTable
 from kv_transfer.fulcrum.stats import StatsRecorder
+from kv_transfer.fulcrum.trace import TRACE
 from kv_transfer.fulcrum.transport.base import Transport
 from kv_transfer.fulcrum.wire import Channel, ChannelError, tune
 
@@ -70,6 +71,7 @@ class BlockServer:
             chan.close()
 
     def _serve_read(self, chan: Channel, tid: str, msg: dict) -> None:
+        TRACE.event("serve_start", tid=tid)
         lease = self.leases.claim(tid, wait_s=CLAIM_WAIT_S)
         if lease is None:
             chan.send_msg({"ok": False, "error": f"transfer {tid} unknown, expired or busy"})
@@ -87,6 +89,7 @@ class BlockServer:
             done = chan.recv_msg()
             if done.get("op") == "done" and done.get("ok"):
                 self.stats.served(nbytes)
+                TRACE.event("serve_end", tid=tid, nbytes=nbytes)
         finally:
             # Read, failed or abandoned: the decoder either has the KV or recomputes.
             self.leases.release(tid)

@@ -13,6 +13,7 @@ from kv_transfer.fulcrum.loader import BlockLoader
 from kv_transfer.fulcrum.metadata import FulcrumMetadata
 from kv_transfer.fulcrum.server import BlockServer
 from kv_transfer.fulcrum.stats import FulcrumStats, StatsRecorder
+from kv_transfer.fulcrum.trace import TRACE
 from kv_transfer.fulcrum.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class FulcrumWorker:
         """Apply one step's metadata: register holds, start pulls and releases."""
         for hold in meta.holds:
             self.leases.hold(hold.transfer_id, hold.req_id, hold.block_ids, self.lease_s)
+            TRACE.event("hold", req=hold.req_id, tid=hold.transfer_id)
         if self.loader is None:
             if meta.pulls:
                 raise RuntimeError("fulcrum: pull requested before KV caches registered")

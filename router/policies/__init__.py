@@ -1,6 +1,6 @@
 """Scheduling policies from the seed papers, each one small class behind `RoutingPolicy`.
 
-- `arrow.ArrowPolicy`: SLO-aware dispatch from online latency models (Arrow).
+- `arrow.ArrowRouting`: SLO-aware dispatch from online latency models (Arrow).
 - `dopd_match.DOPDMatchPolicy`: length-aware matching of mixed-length requests (DOPD).
 - `ares.AresDecodePolicy`: decode placement by current + predicted remaining tokens (ARES);
   `ares.MigrationPlanner` decides (never performs) decode migrations.

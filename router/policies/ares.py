@@ -8,25 +8,28 @@ output. The gateway (or simulator) feeds progress with `observe_progress` and co
 
 `MigrationPlanner` is the decision half of rebalancing, a pure function of per-worker
 resident requests: which request to move, from where, to where, and only when the predicted
-decode time saved beats the migration cost. Nothing here performs a migration.
+decode time saved beats the migration cost. Nothing here performs a migration. The cost is
+priced as what the gateway's migration does, a recompute of the context on the target
+(`RecomputeCost`); `MigrationCost` prices a KV pull instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from router.cluster import ClusterSnapshot, Role
+from core.workers import ClusterSnapshot, Role
 from router.length_predictor import (
     LengthTracker,
     PromptFeatures,
     RemainingLengthPredictor,
     load_default_predictor,
 )
+from router.policies.latency_model import PrefillLatencyModel
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass
@@ -138,14 +141,34 @@ class ResidentRequest:
 
 @dataclass(frozen=True)
 class MigrationCost:
-    """Seconds the moved request stalls: a fixed part plus a per-context-token part
-    (KV pull at a measured bandwidth, or a re-prefill on the target)."""
+    """A KV pull: the moved request stalls a fixed part plus a per-context-token part (the
+    transfer at a measured bandwidth); the target computes nothing, so its residents do not
+    stall."""
 
     fixed_s: float = 0.05
     per_token_s: float = 2e-5
 
-    def seconds(self, context_tokens: int) -> float:
+    def seconds(self, context_tokens: int, target_residents: int = 0) -> float:
         return self.fixed_s + self.per_token_s * context_tokens
+
+
+@dataclass(frozen=True)
+class RecomputeCost:
+    """A migration that re-prefills the context on the target (what the gateway does
+    today: the stream is resubmitted there with prompt + generated tokens). The moved
+    request stalls for the prefill `T(ctx)`, and every request already decoding on the
+    target shares its iterations with that prefill, so each is delayed about as long:
+    `fixed + T(ctx) · (1 + target residents)` request-seconds, the units of the gain."""
+
+    prefill: PrefillLatencyModel = field(default_factory=PrefillLatencyModel)
+    fixed_s: float = 0.05
+
+    def seconds(self, context_tokens: int, target_residents: int = 0) -> float:
+        return self.fixed_s + self.prefill.predict(context_tokens) * (1 + target_residents)
+
+
+class PricesMigration(Protocol):
+    def seconds(self, context_tokens: int, target_residents: int = 0) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -177,13 +200,14 @@ class MigrationPlanner:
     the source, the coolest the target. Moving r for h = min(H, R̂_r) steps saves, per step,
     the step-time drop for the n_s − 1 requests left on the source plus r's own
     `τ_s(W_s) − τ_d(W_d + w_r)`, minus the step-time rise for the n_d requests on the target.
-    The best positive `gain − cost` that clears `gain_margin` wins.
+    The best positive `gain − cost` that clears `gain_margin` wins; the cost is in the same
+request-seconds (see `RecomputeCost`).
     """
 
-    def __init__(self, step_time: StepTime, cost: MigrationCost | None = None,
+    def __init__(self, step_time: StepTime, cost: PricesMigration | None = None,
                  config: MigrationConfig | None = None) -> None:
         self.step_time = step_time
-        self.cost = cost or MigrationCost()
+        self.cost: PricesMigration = cost or RecomputeCost()
         self.config = config or MigrationConfig()
 
     def load(self, requests: Sequence[ResidentRequest]) -> float:
@@ -220,7 +244,7 @@ class MigrationPlanner:
                 continue
             gain = self.gain_seconds(r, source, target, loads[source], len(residents[source]),
                                      loads[target], len(residents[target]))
-            cost = self.cost.seconds(r.context_tokens)
+            cost = self.cost.seconds(r.context_tokens, len(residents[target]))
             if gain <= cfg.gain_margin * cost:
                 continue
             if best is None or gain - cost > best.gain_s - best.cost_s:
@@ -234,5 +258,6 @@ __all__ = [
     "MigrationCost",
     "MigrationDecision",
     "MigrationPlanner",
+    "RecomputeCost",
     "ResidentRequest",
 ]

@@ -12,6 +12,16 @@ preferring workers with no queued prefill work. (The paper ranks by headroom
 fitted slopes it chases fit noise: in `benchmarks.sim` at 120 req/s, 2P+4D, Llama-3.1-8B/H100
 roofline, p90 TPOT was 10.97 ms by headroom vs 9.24 ms by predicted TPOT.)
 
+A decode worker whose batch slots are all taken (`decode_slots`), or whose KV cache has no
+room for the request's footprint (`kv_full` usage, or `kv_tokens` when set), cannot start it
+now: the request waits for a slot, about `(queued + 1) · τ · E[OSL] / slots` seconds (one
+slot frees every `τ · E[OSL] / slots` on average; with KV full, `slots` is the residents),
+and that wait lands in its first
+inter-token gap (Arrow §4.3: t2 absorbs the decode queueing). The predicted gap is
+`τ + wait`, so a full decode pool misses the target while a full batch's step time alone
+would still meet it. E[OSL] is `min(max_tokens, expected_output_tokens)`: the client's cap,
+not the true length.
+
 When nothing qualifies, the policy reports `SLOPressure` (the controller may flip a
 worker) and falls back to the candidate with the lowest prediction.
 
@@ -25,12 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from router.cluster import ClusterSnapshot, Role, WorkerView
+from core.pressure import PressureLog, PressureSink, SLOPressure
+from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import LatencyModelBook, LatencyPriors
-from router.policies.signals import PressureLog, PressureSink, SLOPressure
 
 if TYPE_CHECKING:
-    from router.policy import RequestInfo
+    from core.request import RequestInfo
 
 
 @dataclass(frozen=True)
@@ -39,9 +49,17 @@ class ArrowTargets:
 
     ttft_s: float = 1.0
     tpot_s: float = 0.1
+    decode_slots: int = 256
+    """Batch slots per decode worker (vLLM's max_num_seqs); 0 = unlimited."""
+    kv_tokens: int = 0
+    """KV cache room per worker in tokens (0 = judge by the reported usage alone)."""
+    kv_full: float = 0.98
+    """A worker reporting at least this KV usage has no room for a new request."""
+    expected_output_tokens: float = 256.0
+    """Output length assumed for queueing when the request's cap is larger."""
 
 
-class ArrowPolicy:
+class ArrowRouting:
     """SLO-aware dispatch over per-worker latency models fitted online."""
 
     name = "arrow"
@@ -69,9 +87,24 @@ class ArrowPolicy:
         queued = n * model.predict(worker.prefill_tokens_in_flight / n) if n > 0 else 0.0
         return queued + model.predict(prompt_tokens)
 
-    def predicted_tpot(self, worker: WorkerView, prompt_tokens: int) -> float:
-        return self.models.decode(worker.name).predict(
+    def predicted_tpot(self, worker: WorkerView, prompt_tokens: int,
+                       max_tokens: int | None = None) -> float:
+        """Predicted first inter-token gap: one step with the request resident, plus the
+        wait for a batch slot or KV room when the worker has none free."""
+        t = self.targets
+        output = min(max_tokens or t.expected_output_tokens, t.expected_output_tokens)
+        step = self.models.decode(worker.name).predict(
             worker.decode_tokens_in_flight + prompt_tokens)
+        slots = t.decode_slots or worker.in_flight_decode + 1
+        queued = worker.in_flight_decode + 1 - slots
+        no_room = worker.kv_cache_usage >= t.kv_full or (
+            t.kv_tokens > 0
+            and worker.decode_tokens_in_flight + prompt_tokens + output > t.kv_tokens)
+        if queued <= 0 and not no_room:
+            return step
+        if no_room:  # KV binds before the slots do: only the residents free room
+            slots = min(slots, max(1, worker.in_flight_decode))
+        return step + (max(queued, 0) + 1) * step * output / slots
 
     # -- RoutingPolicy ----------------------------------------------------------------
     def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
@@ -98,12 +131,13 @@ class ArrowPolicy:
         target = request.tbt_target_s or self.targets.tpot_s
         feasible = []
         for w in pool:
-            tpot = self.predicted_tpot(w, request.prompt_tokens)
+            tpot = self.predicted_tpot(w, request.prompt_tokens, request.max_tokens)
             if tpot <= target:
                 feasible.append((w.prefill_tokens_in_flight > 0, tpot, w.name))
         if feasible:
             return min(feasible)[2]
-        tpot, best = min(((self.predicted_tpot(w, request.prompt_tokens), w) for w in pool),
+        tpot, best = min(((self.predicted_tpot(w, request.prompt_tokens, request.max_tokens), w)
+                          for w in pool),
                          key=lambda s: (s[0], s[1].name))
         self.pressure.report(SLOPressure(Role.DECODE, request.request_id, best.name,
                                          tpot, target, cluster.taken_at))

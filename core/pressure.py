@@ -1,4 +1,5 @@
-"""What a routing policy tells the controller when no worker can meet an SLO.
+"""What a routing policy tells the controller when no worker can meet an SLO (a type
+both `router` and `instance_manager` use, so it lives below them).
 
 The policy never flips roles itself (Arrow Algorithm 1 step 3 hands that to the
 controller). It records an `SLOPressure` and, if given one, calls a sink; the controller
@@ -11,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.cluster import Role
+from core.workers import Role
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Hung and killed workers on real vLLM CPU workers: the breaker, and a short chaos run.
+
+Three workers (one prefill, two decode) from `fulcrum up --model tiny`, started once
+for the module. The long run (>= 10 minutes, >= 100 flips) is `python -m
+benchmarks.chaos`; this is the same driver, bounded to a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from benchmarks.chaos import Chaos
+from tests.vllm_cluster import MODEL_NAME, LiveCluster, start_cluster
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    live = start_cluster(tmp_path_factory.mktemp("chaos"), workers=3, extra_args=(
+        "--prefill-workers", "1", "--stream-idle-timeout", "30", "--request-timeout", "90"))
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def _complete(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": MODEL_NAME, "prompt": f"{time.time_ns()} hello there", "max_tokens": 4,
+        "ignore_eos": True})
+
+
+def _dispatch_count(url: str, mode: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'fulcrum_dispatch_total{{mode="{mode}"}}'):
+            return float(line.split()[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_stopped_worker_leaves_rotation_and_returns_after_sigcont(
+        cluster: LiveCluster, role: str) -> None:
+    cluster.wait_all_ready()
+    name = cluster.by_role(role)
+    pid = cluster.workers()[name]["pid"]
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        statuses = []
+        deadline = time.monotonic() + 60
+        while cluster.workers()[name]["healthy"]:
+            assert time.monotonic() < deadline, f"{name} stayed in rotation while stopped"
+            statuses.append(_complete(cluster.url).status_code)
+        for _ in range(3):  # served by the other path meanwhile
+            statuses.append(_complete(cluster.url).status_code)
+        assert set(statuses) == {200}, statuses
+        health = httpx.get(cluster.url + "/health", timeout=5).json()
+        assert health["breakers"][name]["breaker"] == "open"
+        if role == "prefill":  # the only prefill worker: served whole by decoders
+            assert health["status"] == "degraded"
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while not cluster.workers()[name]["healthy"]:
+        assert time.monotonic() < deadline, f"{name} never came back after SIGCONT"
+        time.sleep(0.2)
+    assert cluster.workers()[name]["pid"] == pid  # the same process, not a restart
+    pd_before = _dispatch_count(cluster.url, "pd")
+    for _ in range(3):
+        assert _complete(cluster.url).status_code == 200
+    assert _dispatch_count(cluster.url, "pd") > pd_before  # P/D again
+
+
+def test_short_chaos_run_loses_no_request(cluster: LiveCluster) -> None:
+    cluster.wait_all_ready()
+    chaos = Chaos(cluster.url, cluster.proc.pid, duration_s=100, concurrency=4,
+                  flip_every_s=3.0, fault_every_s=20.0, seed=7)
+    result = chaos.run()
+    kv = chaos.settle()
+    assert result["requests"] > 20
+    assert result["outcomes"].get("lost", 0) == 0, result["reasons"]
+    assert result["outcomes"].get("completed", 0) > result["requests"] // 2
+    assert result["faults"], "no fault was injected"
+    assert result["flips"]["recorded"] > 0
+    assert kv and all(u == 0 for u in kv.values()), f"KV blocks still held: {kv}"
