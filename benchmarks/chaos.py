@@ -67,7 +67,7 @@ class Tally:
 
 
 def _prompt(rng: random.Random, long: bool) -> str:
-    words = rng.randint(150, 350) if long else rng.randint(5, 40)
+    words = rng.randint(60, 150) if long else rng.randint(5, 40)
     return f"{rng.random():.6f} " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
@@ -80,8 +80,18 @@ def _error_reason(resp: httpx.Response) -> str | None:
     return str(err.get("code") or err.get("type") or err.get("message"))[:80]
 
 
+def _short(usage: dict | None, asked: int, max_model_len: int) -> str | None:
+    """Why an answer with `usage` is incomplete (None: it is whole). vLLM caps
+    `max_tokens` at what the context has left, so a capped answer is whole."""
+    usage = usage or {}
+    got, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens") or 0
+    if got == asked or (isinstance(got, int) and prompt + got >= max_model_len):
+        return None
+    return f"{got} of {asked} tokens (prompt {prompt})"
+
+
 def one_request(client: httpx.Client, url: str, rng: random.Random,
-                headers: dict[str, str]) -> Outcome:
+                headers: dict[str, str], max_model_len: int = 1024) -> Outcome:
     """Send one random request and classify how it ended."""
     chat, stream, long = rng.random() < 0.4, rng.random() < 0.6, rng.random() < 0.3
     max_tokens = rng.randint(8, 48)
@@ -107,9 +117,9 @@ def one_request(client: httpx.Client, url: str, rng: random.Random,
                 reason = _error_reason(resp)
                 return done("clean_error" if reason else "lost", resp.status_code,
                             reason or f"non-OpenAI error body: {resp.text[:80]!r}")
-            got = (resp.json().get("usage") or {}).get("completion_tokens")
-            if got != max_tokens:
-                return done("lost", 200, f"truncated: {got} of {max_tokens} tokens")
+            short = _short(resp.json().get("usage"), max_tokens, max_model_len)
+            if short:
+                return done("lost", 200, f"truncated: {short}")
             return done("completed", 200)
         with client.stream("POST", url + path, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -131,9 +141,9 @@ def one_request(client: httpx.Client, url: str, rng: random.Random,
                         f"stream error: {error[:60]}" + ("" if saw_done else ", no [DONE]"))
         if not saw_done:
             return done("lost", 200, "stream cut without an error event")
-        got = (usage or {}).get("completion_tokens")
-        if got != max_tokens:
-            return done("lost", 200, f"truncated stream: {got} of {max_tokens} tokens")
+        short = _short(usage, max_tokens, max_model_len)
+        if short:
+            return done("lost", 200, f"truncated stream: {short}")
         return done("completed", 200)
     except httpx.TimeoutException:
         return done("lost", 0, f"no answer within {DEADLINE_S:.0f}s")
@@ -146,7 +156,7 @@ class Chaos:
 
     def __init__(self, url: str, gateway_pid: int | None, *, duration_s: float,
                  concurrency: int, flip_every_s: float, fault_every_s: float, seed: int,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, max_model_len: int = 1024) -> None:
         self.url, self.gateway_pid, self.duration_s = url, gateway_pid, duration_s
         self.concurrency, self.flip_every_s, self.fault_every_s = (concurrency, flip_every_s,
                                                                    fault_every_s)
@@ -154,6 +164,7 @@ class Chaos:
         self.seed = seed
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tally = Tally()
+        self.max_model_len = max_model_len
         self.stop = threading.Event()
         self.t0 = time.time()
         self.faults: list[dict] = []
@@ -174,12 +185,15 @@ class Chaos:
         rng = random.Random(self.seed * 1000 + index)
         with httpx.Client(timeout=httpx.Timeout(DEADLINE_S, connect=10)) as client:
             while not self.stop.is_set():
-                self.tally.add(one_request(client, self.url, rng, self.headers))
+                self.tally.add(one_request(client, self.url, rng, self.headers,
+                                           self.max_model_len))
 
     def _flip_loop(self) -> None:
         while not self.stop.wait(self.flip_every_s * self.rng.uniform(0.5, 1.5)):
             try:
                 ready = [w for w in self.workers() if w["state"] == "ready"]
+                pools = Counter(w["role"] for w in ready)
+                ready = [w for w in ready if pools[w["role"]] >= 2]  # never empty a pool
                 if not ready:
                     continue
                 w = self.rng.choice(ready)
@@ -330,9 +344,24 @@ class Chaos:
                           f"{'manual' if f['reason'] == 'manual' else 'controller'}/"
                           f"{f['outcome']}" for f in flips))},
             "gateway_rss": rss_summary,
+            "gateway_counters": self._gateway_counters(),
             "samples": self.samples,
             "requests_detail": [asdict(o) for o in outcomes],
         }
+
+
+    _COUNTERS = ("fulcrum_requests_total", "fulcrum_breaker_trips_total",
+                 "fulcrum_pd_leg_failures_total", "fulcrum_rejected_total",
+                 "fulcrum_role_flips_total", "fulcrum_dispatch_total")
+
+    def _gateway_counters(self) -> dict[str, float]:
+        """The gateway's own counters at the end (breaker trips, leg failures, flips...)."""
+        try:
+            text = httpx.get(self.url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return {}
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith(self._COUNTERS)}
 
 
 def _rss_mb(pid: int) -> float:
@@ -433,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--flip-every", type=float, default=4.0)
+    parser.add_argument("--flip-every", type=float, default=3.0)
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=".fulcrum/chaos-logs")

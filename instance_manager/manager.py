@@ -89,6 +89,17 @@ class InstanceManager:
             await self._client.aclose()
         log.info("all workers stopped")
 
+    async def stop_worker(self, name: str) -> None:
+        """Stop supervising one worker and end its process (it left the registry)."""
+        self.specs.pop(name, None)
+        for task in [t for t in self._tasks if t.get_name() == name]:
+            task.cancel()
+            self._tasks.remove(task)
+            await asyncio.gather(task, return_exceptions=True)
+        proc = self._procs.pop(name, None)
+        if proc is not None and proc.returncode is None:
+            await terminate(proc)
+
     async def _supervise(self, spec: WorkerSpec) -> None:
         backoff = self.config.backoff_initial_s
         while not self._stopping:

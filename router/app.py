@@ -25,6 +25,7 @@ from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
+from router.admin_workers import install_worker_registry
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig, Dispatcher
@@ -217,6 +218,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                                             app.state.request_mix)
     app.include_router(admin.router)
     app.include_router(admin_control.router)
+    install_worker_registry(app, cluster, app.state.flips, config.served_models[0])
 
     install_error_handlers(app)
     routes = (COMPLETIONS, CHAT, "/v1/models")

@@ -69,6 +69,7 @@ class HealthMonitor:
         self.cluster = cluster
         self.config = config
         self.breakers: dict[str, Breaker] = {}
+        self.last_progress: dict[str, float] = {}  # a stream's bytes arrived from it (monotonic)
 
     def breaker(self, name: str) -> Breaker:
         b = self.breakers.get(name)
@@ -77,6 +78,14 @@ class HealthMonitor:
         return b
 
     # -- outcomes, from probes and from legs ---------------------------------------
+    def saw_progress(self, name: str) -> None:
+        """Bytes of a stream arrived from `name`: it is alive, however slow its probes."""
+        self.last_progress[name] = time.monotonic()
+
+    def _busy_not_hung(self, name: str) -> bool:
+        last = self.last_progress.get(name)
+        return last is not None and time.monotonic() - last < self.config.timeout_s
+
     def report_failure(self, name: str, why: str) -> None:
         b = self.breaker(name)
         b.consecutive_successes = 0
@@ -179,6 +188,8 @@ class HealthMonitor:
         try:
             resp = await client.get(url + "/health", timeout=self.config.timeout_s)
         except (httpx.HTTPError, OSError) as exc:
+            if isinstance(exc, httpx.TimeoutException) and self._busy_not_hung(name):
+                return False  # slow to answer a probe, but streaming: loaded, not hung
             self.report_failure(name, f"probe failed: {exc.__class__.__name__}")
             return False
         if resp.status_code != 200:

@@ -342,6 +342,7 @@ class StreamRelay:
                     yield b"".join(out)
             while True:
                 async for data in self.upstream.iter_chunks():
+                    self.d.health.saw_progress(self.worker)
                     events = self.obs.feed(data)
                     if self.obs.content_events - reported >= self.progress_every:
                         reported = self.obs.content_events

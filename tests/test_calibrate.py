@@ -55,8 +55,10 @@ def test_profile_file_and_sim_cli(tmp_path):
     derived = control_knobs(args, fitted(), SLO.parse(["tpot:45"]))
     assert derived["decode_tokens_per_s"] == pytest.approx(40 / 0.045, rel=0.01)
     assert derived["hysteresis"] == "0.5"  # the user's knob wins
-    none = argparse.Namespace(control="arrow", knob=[], max_num_seqs=256)
+    none = argparse.Namespace(control="static", knob=[], max_num_seqs=256)
     assert control_knobs(none, fitted(), SLO.parse(["tpot:45"])) == {}
+    arrow = argparse.Namespace(control="arrow", knob=[], max_num_seqs=64)
+    assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 64
 
 
 def test_fulcrum_up_derives_dopd_knobs_from_a_profile(tmp_path):

@@ -187,3 +187,26 @@ async def _until(condition) -> None:
 
     while not condition():
         await asyncio.sleep(0.001)
+
+
+async def test_several_flips_of_one_decision_are_applied_together():
+    class Jump:
+        name = "jump"
+
+        def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
+            return [FlipAction("p0", Role.DECODE, "jump"), FlipAction("p1", Role.DECODE, "jump")]
+
+    cluster = Cluster()
+    for name, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL),
+                       ("d0", Role.DECODE)):
+        cluster.add(name, f"http://{name}:8000", role, WorkerState.READY)
+    cluster.begin("p0", Role.PREFILL, 100)  # p0 is busy: its drain never ends here
+    controller = make_controller(cluster, Jump())
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeWorkers().handler)) as c:
+        decision = await controller.tick(c)
+    # p1 switched while p0's drain ran into its timeout beside it (in turn, p1 would only
+    # have started after p0 rolled back)
+    assert decision.results[1] == "done: prefill -> decode"
+    assert decision.results[0].startswith("rolled-back: drain timed out")
+    assert [r.worker for r in controller.flips.history] == ["p1", "p0"]
+    assert cluster.view("p1").role == Role.DECODE and cluster.view("p0").role == Role.PREFILL

@@ -443,3 +443,22 @@ def test_the_gateway_survives_a_burst_of_hostile_requests() -> None:
             hostile * 5))
         assert set(statuses) == {400}
         assert r.post("/v1/completions", _completion()).status_code == 200
+
+
+def test_a_slow_probe_does_not_count_while_the_worker_streams() -> None:
+    import asyncio
+
+    cluster = Cluster()
+    cluster.add("w", "http://x", Role.DECODE, WorkerState.READY)
+    monitor = HealthMonitor(cluster, HealthConfig(timeout_s=5.0, failures=1))
+
+    class SlowClient:
+        async def get(self, url: str, timeout: float) -> None:
+            raise httpx.ReadTimeout("slow")
+
+    monitor.saw_progress("w")  # a stream's bytes just arrived from it
+    assert asyncio.run(monitor.probe("w", "http://x", SlowClient())) is False
+    assert cluster.view("w").routable  # loaded, not hung
+    monitor.last_progress["w"] -= 10  # nothing for a while: now the timeout counts
+    asyncio.run(monitor.probe("w", "http://x", SlowClient()))
+    assert not cluster.view("w").routable

@@ -432,3 +432,64 @@ def test_fulcrum_worker_settings() -> None:
     assert cfg["kv_connector_extra_config"]["port"] == 5911
     assert cfg["kv_connector_extra_config"]["host"] == "10.0.0.7"
     assert worker_kv_settings("nixl", side_channel_port=5911).connector == "nixl"
+
+
+def test_direct_hold_reaches_the_worker_without_a_step_and_a_pull_reads_it() -> None:
+    from kv_transfer.fulcrum.notify import HoldNotifier
+
+    pair = Pair(CpuTransport(), CpuTransport())
+    notifier = HoldNotifier("127.0.0.1", pair.server.port, lease_s=30)
+    try:
+        sched = FulcrumScheduler(engine_id="eng-p", host="127.0.0.1", port=pair.server.port,
+                                 block_size=128, notifier=notifier)
+        for tid in ("d1", "d2"):  # two holds over the one kept-open connection
+            req = _request({"do_remote_decode": True, "transfer_id": tid}, computed=300,
+                           req_id="req-" + tid)
+            assert sched.request_finished(req, [2, 3, 4])[0] is True
+        deadline = time.monotonic() + 10
+        while len(pair.leases) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pair.leases) == 2  # no engine step carried them
+        assert sched.build_connector_meta().holds == []
+        pair.loader.pull(pair.job("d2", [2, 3, 4], [5, 6, 7]))
+        assert pair.copied([2, 3, 4], [5, 6, 7])
+        assert released(pair.leases, {"req-d2"}) == {"req-d2"}
+    finally:
+        notifier.close()
+        pair.close()
+
+
+def test_an_undeliverable_hold_falls_back_to_the_step_metadata() -> None:
+    from kv_transfer.fulcrum.notify import HoldNotifier
+
+    pair = Pair(CpuTransport(), CpuTransport())
+    port = pair.server.port
+    pair.close()  # nobody listens there any more
+    notifier = HoldNotifier("127.0.0.1", port, lease_s=30)
+    try:
+        sched = FulcrumScheduler(engine_id="eng-p", host="127.0.0.1", port=port,
+                                 block_size=128, notifier=notifier)
+        req = _request({"do_remote_decode": True, "transfer_id": "x"}, computed=300)
+        sched.request_finished(req, [7, 8, 9])
+        holds: list = []
+        deadline = time.monotonic() + 10
+        while not holds and time.monotonic() < deadline:
+            holds = sched.build_connector_meta().holds
+            time.sleep(0.01)
+        assert [(h.transfer_id, h.block_ids) for h in holds] == [("x", (7, 8, 9))]
+    finally:
+        notifier.close()
+
+
+def test_holds_are_refused_from_other_hosts() -> None:
+    from kv_transfer.fulcrum.server import msg_peer_is_local
+
+    class Sock:
+        def __init__(self, peer: str) -> None:
+            self.peer = peer
+
+        def getpeername(self) -> tuple[str, int]:
+            return (self.peer, 1234)
+
+    assert msg_peer_is_local(Sock("127.0.0.1")) and msg_peer_is_local(Sock("::1"))
+    assert not msg_peer_is_local(Sock("10.0.0.7"))

@@ -16,15 +16,19 @@ import httpx
 import pytest
 
 from benchmarks.chaos import Chaos
-from tests.vllm_cluster import MODEL_NAME, LiveCluster, start_cluster
+from tests.vllm_cluster import MAX_MODEL_LEN, MODEL_NAME, LiveCluster, start_cluster
 
 pytestmark = pytest.mark.vllm
+
+CLIENT_KEY, WORKER_KEY = "client-key", "worker-key"  # workers run with vLLM's --api-key
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     live = start_cluster(tmp_path_factory.mktemp("chaos"), workers=3, extra_args=(
-        "--prefill-workers", "1", "--stream-idle-timeout", "30", "--request-timeout", "90"))
+        "--prefill-workers", "1", "--stream-idle-timeout", "30", "--request-timeout", "90",
+        "--api-key", CLIENT_KEY, "--worker-api-key", WORKER_KEY))
     try:
         yield live
     finally:
@@ -32,7 +36,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
 
 
 def _complete(url: str) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", timeout=60, json={
+    return httpx.post(url + "/v1/completions", timeout=60, headers=AUTH, json={
         "model": MODEL_NAME, "prompt": f"{time.time_ns()} hello there", "max_tokens": 4,
         "ignore_eos": True})
 
@@ -42,6 +46,18 @@ def _dispatch_count(url: str, mode: str) -> float:
         if line.startswith(f'fulcrum_dispatch_total{{mode="{mode}"}}'):
             return float(line.split()[1])
     return 0.0
+
+
+def test_keys_for_clients_and_for_workers(cluster: LiveCluster) -> None:
+    cluster.wait_all_ready()
+    body = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 2}
+    worker = cluster.worker_url(cluster.by_role("decode"))
+    assert httpx.post(worker + "/v1/completions", json=body, timeout=60).status_code == 401
+    assert httpx.post(cluster.url + "/v1/completions", json=body, timeout=60
+                      ).status_code == 401
+    pd_before = _dispatch_count(cluster.url, "pd")
+    assert _complete(cluster.url).status_code == 200  # both legs carried the worker key
+    assert _dispatch_count(cluster.url, "pd") == pd_before + 1
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
@@ -80,12 +96,13 @@ def test_a_stopped_worker_leaves_rotation_and_returns_after_sigcont(
 def test_short_chaos_run_loses_no_request(cluster: LiveCluster) -> None:
     cluster.wait_all_ready()
     chaos = Chaos(cluster.url, cluster.proc.pid, duration_s=100, concurrency=4,
-                  flip_every_s=3.0, fault_every_s=20.0, seed=7)
+                  flip_every_s=3.0, fault_every_s=20.0, seed=7, max_model_len=MAX_MODEL_LEN,
+                  api_key=CLIENT_KEY)
     result = chaos.run()
     kv = chaos.settle()
     assert result["requests"] > 20
     assert result["outcomes"].get("lost", 0) == 0, result["reasons"]
-    assert result["outcomes"].get("completed", 0) > result["requests"] // 2
+    assert result["outcomes"].get("completed", 0) > result["requests"] // 2, result["reasons"]
     assert result["faults"], "no fault was injected"
     assert result["flips"]["recorded"] > 0
     assert kv and all(u == 0 for u in kv.values()), f"KV blocks still held: {kv}"

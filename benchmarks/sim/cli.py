@@ -24,7 +24,7 @@ from benchmarks.sim.policies import make_control, make_routing, parse_knobs
 from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
 from benchmarks.sweep import sweep_rates
 from benchmarks.workload import WorkloadSpec, add_workload_args, build_requests, build_trace
-from instance_manager.controller.calibrate import dopd_knobs
+from instance_manager.controller.calibrate import derived_knobs
 from instance_manager.engine_plugins.slai_policy import SLAIConfig
 
 
@@ -96,11 +96,10 @@ def simulate(args: argparse.Namespace, trace, perf: PerfModel, slo: SLO) -> SimR
 
 
 def control_knobs(args: argparse.Namespace, perf: PerfModel, slo: SLO) -> dict:
-    """The user's --knob values; for DOPD on top of constants derived from the performance
-    model (so its throughputs describe the simulated hardware, not a default)."""
-    knobs: dict = {}
-    if args.control == "dopd":
-        knobs.update(dopd_knobs(perf, (slo.tpot_ms or 100.0) / 1000, args.max_num_seqs))
+    """The user's --knob values on top of the constants DOPD and Arrow derive from the
+    performance model (so their throughputs describe the simulated hardware, not a default)."""
+    knobs: dict = derived_knobs(args.control, perf, (slo.tpot_ms or 100.0) / 1000,
+                                args.max_num_seqs)
     knobs.update(parse_knobs(args.knob))
     return knobs
 

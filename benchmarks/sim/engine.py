@@ -100,6 +100,7 @@ class Engine:
         self.slai_waiting: list[tuple[tuple, int, SimRequest]] = []  # heap by waiting_key
         self.decode_wait: deque[SimRequest] = deque()   # waiting for KV room to pull
         self.transferring = 0
+        self.retiring = False  # draining to be switched off (a scale-down)
         self.ready: list[SimRequest] = []                # KV here, join at next boundary
         self.running: list[tuple[int, int, SimRequest]] = []  # heap (finish_step, rid, req)
         self.step = 0

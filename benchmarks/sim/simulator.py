@@ -33,7 +33,13 @@ from benchmarks.sim.snapshots import SnapshotCache
 from core.request import RequestInfo
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
-from instance_manager.controller.base import ControlPolicy, ControlSnapshot, WorkerMetrics
+from instance_manager.controller.base import (
+    ControlPolicy,
+    ControlSnapshot,
+    FlipAction,
+    WorkerMetrics,
+)
+from instance_manager.controller.scaling import ScaleAction
 from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
@@ -55,6 +61,8 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    spare: int = 0  # workers provisioned switched off, for scale actions to start
+    start_time_s: float = 60.0  # from a scale-up to the new worker's first request
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
@@ -80,6 +88,8 @@ class SimResult:
     wall_s: float
     cpu_s: float
     busy_s: dict[str, float]
+    worker_seconds: float = 0.0  # time workers were on (starting included): the cost
+    scales: list[tuple[float, str, str, str]] = field(default_factory=list)
 
     @property
     def ttft(self) -> np.ndarray:
@@ -106,6 +116,8 @@ class SimResult:
             slo=slo, percentiles=percentiles)
         result["num_prompts"] = int(self.arrival.size)
         result["flips"] = len(self.flips)
+        result["scale_actions"] = len(self.scales)
+        result["worker_seconds"] = self.worker_seconds
         result["sim_events"] = self.events
         result["sim_wall_s"] = self.wall_s
         result["sim_cpu_s"] = self.cpu_s
@@ -119,8 +131,14 @@ class Simulator:
     def __init__(self, config: SimConfig, perf: PerfModel, routing: RoutingPolicy,
                  control: ControlPolicy | None = None) -> None:
         self.config, self.perf, self.routing, self.control = config, perf, routing, control
-        roles = [Role.PREFILL] * config.prefill + [Role.DECODE] * config.decode
+        roles = [Role.PREFILL] * config.prefill + [Role.DECODE] * (config.decode + config.spare)
         self.engines = [Engine(i, f"w{i}", r, perf, config.engine) for i, r in enumerate(roles)]
+        self._on_since: dict[int, float] = {}
+        for e in self.engines[config.prefill + config.decode:]:
+            e.state = WorkerState.DEAD  # off until a scale action starts it
+        self.worker_seconds = 0.0
+        self.scales: list[tuple[float, str, str, str]] = []
+        self.start_time_s = config.start_time_s
         self.by_name = {e.name: e for e in self.engines}
         self._heap: list[tuple] = []
         self._seq = 0
@@ -173,8 +191,9 @@ class Simulator:
                 self._push(end, ITER_END, e, e.version)
 
     def _record_roles(self, now: float) -> None:
-        n_p = sum(1 for e in self.engines if e.role == Role.PREFILL)
-        self.roles.append((now, n_p, len(self.engines) - n_p))
+        on = [e for e in self.engines if e.state != WorkerState.DEAD]
+        n_p = sum(1 for e in on if e.role == Role.PREFILL)
+        self.roles.append((now, n_p, len(on) - n_p))
 
     # ---- request life cycle ------------------------------------------------------------
     def _arrive(self, req: SimRequest, now: float) -> None:
@@ -365,7 +384,30 @@ class Simulator:
             arrival_rate_per_s=len(recent) / span if span > 0 else None,
             pressure=tuple(self._drain_pressure()) if self._drain_pressure else ())
         for action in self.control.decide(snap):
-            self.apply_flip(action.worker, action.to, action.reason, now)
+            if isinstance(action, FlipAction):
+                self.apply_flip(action.worker, action.to, action.reason, now)
+            else:
+                self.apply_scale(action, now)
+
+    def apply_scale(self, action: ScaleAction, now: float) -> None:
+        """Start a switched-off worker (ready after `start_time_s`) or retire one (drained
+        first); worker-seconds count from the start request to the retirement."""
+        if action.direction == "up":
+            e = next((e for e in self.engines if e.state == WorkerState.DEAD), None)
+            if e is None or action.role is None:
+                return
+            e.role, e.state = action.role, WorkerState.STARTING
+            self._on_since[e.idx] = now
+            self._push(now + self.start_time_s, FLIP_DONE, e, None)
+        else:
+            e = self.by_name.get(action.worker or "")
+            if e is None or e.state != WorkerState.READY or e.pending_role is not None:
+                return
+            e.state, e.pending_role, e.retiring = WorkerState.DRAINING, e.role, True
+        self.scales.append((now, action.direction, e.name, action.reason))
+        self._changed_role_or_state(e)
+        self._record_roles(now)
+        self._check_drained(e, now)
 
     def apply_flip(self, worker: str, to: Role, reason: str, now: float) -> None:
         e = self.by_name.get(worker)
@@ -384,6 +426,14 @@ class Simulator:
 
     def _check_drained(self, e: Engine, now: float) -> None:
         if e.pending_role is None or e.state != WorkerState.DRAINING:
+            return
+        if getattr(e, "retiring", False):
+            if e.has_role_work(Role.PREFILL) or e.has_role_work(Role.DECODE):
+                return
+            e.state, e.pending_role, e.retiring = WorkerState.DEAD, None, False
+            self.worker_seconds += now - self._on_since.pop(e.idx, now)
+            self._changed_role_or_state(e)
+            self._record_roles(now)
             return
         if e.has_role_work(e.role):
             return
@@ -453,12 +503,15 @@ class Simulator:
                 for i, (t, r) in enumerate(trace)]
         self._finish_count = [0] * n
         self._finished = 0
+        self._on_since = {e.idx: 0.0 for e in self.engines if e.state != WorkerState.DEAD}
         self._record_roles(0.0)
         self._seq += 1  # the first arrival's place in the event order
         first_seq = self._seq
         if self.control is not None:
             self._push(self.config.control_interval_s, CONTROL)
         events = self._loop(reqs, first_seq)
+        end = max((r.finish for r in reqs if r.finish == r.finish), default=0.0)
+        self.worker_seconds += sum(max(0.0, end - t) for t in self._on_since.values())
         unfinished = [r.rid for r in reqs if not r.failed and r.finish != r.finish]
         if unfinished:
             raise RuntimeError(f"{len(unfinished)} requests never finished (simulator bug)")
@@ -473,4 +526,5 @@ class Simulator:
             flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
-            busy_s={e.name: e.busy_s for e in self.engines})
+            busy_s={e.name: e.busy_s for e in self.engines},
+            worker_seconds=self.worker_seconds, scales=self.scales)

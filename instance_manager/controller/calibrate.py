@@ -51,6 +51,28 @@ def dopd_knobs(perf: StepTimeModel, tpot_s: float, max_num_seqs: int = 256,
             "kv_tokens_per_worker": int(perf.kv_capacity_tokens)}
 
 
+def derived_knobs(policy: str, perf: StepTimeModel, tpot_s: float,
+                  max_num_seqs: int = 256) -> dict[str, float]:
+    """The knobs `policy` takes from a performance model (empty for other policies)."""
+    if policy == "dopd":
+        return dopd_knobs(perf, tpot_s, max_num_seqs)
+    if policy == "arrow":
+        return arrow_knobs(perf, tpot_s, max_num_seqs)
+    return {}
+
+
+def knobs_from_profile(policy: str, path: Path | str, tpot_s: float,
+                       max_num_seqs: int = 256) -> dict[str, float]:
+    """`derived_knobs` of a `fulcrum profile` JSON file."""
+    if policy == "dopd":
+        return dopd_knobs_from_profile(path, tpot_s, max_num_seqs)
+    if policy == "arrow":
+        from benchmarks.sim.perf import FittedModel
+
+        return arrow_knobs(FittedModel.load(Path(path)), tpot_s, max_num_seqs, 512)
+    return {}
+
+
 def dopd_knobs_from_profile(path: Path | str, tpot_s: float, max_num_seqs: int = 256,
                             decode_context: float | None = None) -> dict[str, float]:
     """`dopd_knobs` of a `fulcrum profile` JSON file. The decode context defaults to the

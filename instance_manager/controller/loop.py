@@ -46,6 +46,10 @@ class Decision:
             "tick": self.tick, "at": self.at, "policy": self.policy, "mode": self.mode,
             "note": self.note, "numbers": dict(self.numbers),
             "actions": [{"worker": a.worker, "to": a.to.value, "reason": a.reason}
+                        if isinstance(a, FlipAction) else
+                        {"scale": a.direction, "worker": a.worker or "(new worker)",
+                         "reason": a.reason,
+                         "to": a.role.value if a.role else "(given back)"}
                         for a in self.actions],
             "results": list(self.results), "workers": [dict(w) for w in self.workers],
         }
@@ -142,7 +146,8 @@ class Controller:
             actions = self.policy.decide(snapshot)
             note = getattr(self.policy, "last_note", None) or PolicyNote(
                 "; ".join(a.reason for a in actions) or "hold")
-        results = [await self._apply(a) for a in actions]
+        # several flips of one decision drain side by side, not one after another
+        results = list(await asyncio.gather(*(self._apply(a) for a in actions)))
         decision = Decision(self._ticks, self._wall(), self.policy.name, mode, note.summary,
                             dict(note.numbers), tuple(actions), tuple(results),
                             worker_rows(snapshot))
@@ -154,6 +159,9 @@ class Controller:
     async def _apply(self, action: FlipAction) -> str:
         if self.advisory:
             return "advisory: not applied"
+        if not isinstance(action, FlipAction):  # a scale action (controller/scaling.py)
+            scaler = getattr(self, "scaler", None)
+            return await scaler.apply(action) if scaler else "refused: no back end can scale"
         try:
             record = await self.flips.flip(action.worker, action.to, reason=action.reason,
                                            drain_timeout_s=self.drain_timeout_s)

@@ -10,9 +10,11 @@ from typing import Any
 from instance_manager.controller.arrow import ArrowConfig, ArrowController
 from instance_manager.controller.base import ControlPolicy
 from instance_manager.controller.dopd import DOPDConfig, DOPDController
+from instance_manager.controller.scaling import FlipOrScale, FlipOrScaleConfig
 from instance_manager.controller.static import StaticConfig, StaticPolicy
 
 CONTROL_POLICIES: dict[str, tuple[type, type]] = {
+    FlipOrScale.name: (FlipOrScale, FlipOrScaleConfig),
     StaticPolicy.name: (StaticPolicy, StaticConfig),
     ArrowController.name: (ArrowController, ArrowConfig),
     DOPDController.name: (DOPDController, DOPDConfig),

@@ -6,7 +6,12 @@ each delegates to its half. Settings come from ``kv_connector_extra_config``:
 
 * ``host`` / ``port``: where decoders reach this worker's block server (port per worker).
 * ``transport``: ``auto`` (NCCL for CUDA KV caches, else CPU), ``cpu`` or ``nccl``.
+* ``node_id``: the cluster node this worker runs on (Ray's); on CPU, workers on different
+  nodes move KV over TCP even when the nodes share a machine.
 * ``lease_seconds``: how long held prefill blocks wait for their decoder (default 30).
+* ``direct_holds``: the scheduler registers a finished prefill's lease with its worker over
+  loopback at once (default true; see :mod:`kv_transfer.fulcrum.notify`), instead of in
+  the next engine step's metadata.
 * ``max_concurrent``: bound on simultaneous transfers per direction (default 4).
 * ``queue_nap_s``: on CPU hosts, vLLM's queue wait loops sleep this long instead of spinning
   (default 1e-4; see :mod:`kv_transfer.idle_spin`). Not applied on GPUs.
@@ -32,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kv_transfer.fulcrum.metadata import FulcrumMetadata
+from kv_transfer.fulcrum.notify import HoldNotifier
 from kv_transfer.fulcrum.scheduler_side import FulcrumScheduler
 from kv_transfer.fulcrum.stats import FulcrumPromMetrics, FulcrumStats
 from kv_transfer.fulcrum.transport import make_transport
@@ -66,6 +72,7 @@ class FulcrumConnector(KVConnectorBase_V1):
         self._host = str(extra.get("host", "127.0.0.1"))
         self._port = int(extra.get("port", DEFAULT_PORT)) + dp_index
         self._transport_kind = str(extra.get("transport", "auto"))
+        self._node_id = str(extra.get("node_id", ""))
         if on_cpu(vllm_config):
             nap_instead_of_spin(float(extra.get("queue_nap_s", DEFAULT_NAP_S)))
         if len(kv_cache_config.kv_cache_groups) > 1:
@@ -73,10 +80,14 @@ class FulcrumConnector(KVConnectorBase_V1):
                              "--disable-hybrid-kv-cache-manager or a full-attention model")
         self._scheduler: FulcrumScheduler | None = None
         self._worker: FulcrumWorker | None = None
+        lease_s = float(extra.get("lease_seconds", DEFAULT_LEASE_S))
         if role == KVConnectorRole.SCHEDULER:
+            direct = str(extra.get("direct_holds", os.environ.get(
+                "FULCRUM_KV_DIRECT_HOLDS", "1"))).lower() not in ("0", "false", "no")
             self._scheduler = FulcrumScheduler(
                 engine_id=str(cfg.engine_id), host=self._host, port=self._port,
-                block_size=vllm_config.cache_config.block_size)
+                block_size=vllm_config.cache_config.block_size,
+                notifier=HoldNotifier("127.0.0.1", self._port, lease_s) if direct else None)
         else:
             switch = float(extra.get("gil_switch_interval_s") or os.environ.get(
                 "FULCRUM_KV_GIL_SWITCH_S") or DEFAULT_GIL_SWITCH_S)
@@ -84,7 +95,7 @@ class FulcrumConnector(KVConnectorBase_V1):
                 sys.setswitchinterval(switch)
             self._worker = FulcrumWorker(
                 host=self._host, port=self._port, num_blocks=kv_cache_config.num_blocks,
-                lease_s=float(extra.get("lease_seconds", DEFAULT_LEASE_S)),
+                lease_s=lease_s,
                 max_concurrent=int(extra.get("max_concurrent", 4)))
 
     # --- scheduler side --------------------------------------------------------------
@@ -118,7 +129,8 @@ class FulcrumConnector(KVConnectorBase_V1):
             first = next(iter(kv_caches.values()))
             kind = "nccl" if first.device.type == "cuda" else "cpu"
         options: dict[str, Any] = {"device": next(iter(kv_caches.values())).device,
-                                   "host": self._host} if kind == "nccl" else {}
+                                   "host": self._host} if kind == "nccl" else {
+                                       "node_id": self._node_id}
         self._worker.register_kv_caches(kv_caches, make_transport(kind, **options))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -154,6 +166,8 @@ class FulcrumConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.notifier is not None:
+            self._scheduler.notifier.close()
 
     # --- metrics ---------------------------------------------------------------------
     @classmethod

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kv_transfer.fulcrum.loader import PullJob, ReleaseJob
 from kv_transfer.fulcrum.metadata import FulcrumMetadata, HoldJob
+from kv_transfer.fulcrum.notify import HoldNotifier
 from kv_transfer.fulcrum.params import (
     RemoteBlocks,
     new_transfer_id,
@@ -30,11 +31,13 @@ class FulcrumScheduler:
     """Producer: delay-free the prompt's blocks and return the decode leg's params.
     Consumer: report the prompt as external tokens loaded asynchronously."""
 
-    def __init__(self, *, engine_id: str, host: str, port: int, block_size: int) -> None:
+    def __init__(self, *, engine_id: str, host: str, port: int, block_size: int,
+                 notifier: HoldNotifier | None = None) -> None:
         self.engine_id = engine_id
         self.host = host
         self.port = port
         self.block_size = block_size
+        self.notifier = notifier  # holds go straight to our worker (else: step metadata)
         self._meta = FulcrumMetadata()
         self._admitted: set[str] = set()  # traced requests (FULCRUM_KV_TRACE only)
 
@@ -101,7 +104,11 @@ class FulcrumScheduler:
         if not held:
             return False, None
         transfer_id = new_transfer_id(params)
-        self._meta.holds.append(HoldJob(request.request_id, transfer_id, held))
+        hold = HoldJob(request.request_id, transfer_id, held)
+        if self.notifier is not None:
+            self.notifier.send(hold)
+        else:
+            self._meta.holds.append(hold)
         TRACE.event("prefill_done", req=request.request_id, tid=transfer_id,
                     tokens=num_tokens)
         remote = RemoteBlocks(transfer_id=transfer_id, host=self.host, port=self.port,
@@ -110,5 +117,7 @@ class FulcrumScheduler:
         return True, remote.to_params()
 
     def build_connector_meta(self) -> FulcrumMetadata:
+        if self.notifier is not None:
+            self._meta.holds.extend(self.notifier.take_undelivered())
         meta, self._meta = self._meta, FulcrumMetadata()
         return meta

@@ -26,12 +26,23 @@ the producer's next engine step)."""
 IO_TIMEOUT_S = 30.0
 
 
+def msg_peer_is_local(sock: socket.socket) -> bool:
+    """Loopback peers may register leases; remote ones may only read and release."""
+    try:
+        host = sock.getpeername()[0]
+    except OSError:
+        return False
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
 class BlockServer:
     """Serves ``read`` and ``release`` requests for leased transfers."""
 
     def __init__(self, host: str, port: int, store: KVBlockStore, leases: LeaseTable,
-                 transport: Transport, stats: StatsRecorder, max_concurrent: int = 4) -> None:
+                 transport: Transport, stats: StatsRecorder, max_concurrent: int = 4,
+                 lease_s: float = 30.0) -> None:
         self.store = store
+        self.lease_s = lease_s
         self.leases = leases
         self.transport = transport
         self.stats = stats
@@ -53,22 +64,57 @@ class BlockServer:
             sock.settimeout(IO_TIMEOUT_S)
             self._pool.submit(self._serve, Channel(sock))
 
+    def _serve_holds(self, chan: Channel, msg: dict) -> None:
+        """Our scheduler's lease feed (see ``notify``): ``hold`` messages on one long-lived
+        loopback connection until it closes."""
+        try:
+            while not self._closed:
+                if msg.get("op") != "hold":
+                    chan.send_msg({"ok": False, "error": "only holds on this connection"})
+                    return
+                tid = str(msg.get("transfer_id"))
+                self.leases.hold(tid, str(msg.get("req_id")),
+                                 [int(b) for b in msg.get("block_ids", ())],
+                                 float(msg.get("ttl_s", self.lease_s)))
+                TRACE.event("hold", req=str(msg.get("req_id")), tid=tid)
+                chan.send_msg({"ok": True})
+                chan.settimeout(None)
+                msg = chan.recv_msg()
+        except (ChannelError, OSError, ValueError, TypeError) as exc:
+            if not self._closed:
+                log.debug("fulcrum: local peer went away: %s", exc)
+        finally:
+            chan.close()
+
     def _serve(self, chan: Channel) -> None:
         try:
             msg = chan.recv_msg()
-            op, tid = msg.get("op"), str(msg.get("transfer_id"))
-            if op == "release":
-                chan.send_msg({"ok": self.leases.release(tid)})
-            elif op == "read":
-                self._serve_read(chan, tid, msg)
-            else:
-                chan.send_msg({"ok": False, "error": f"unknown op {op!r}"})
+            if msg.get("op") == "hold":
+                if not msg_peer_is_local(chan.sock):
+                    chan.send_msg({"ok": False, "error": "holds are taken from this host only"})
+                    return
+                # Its own thread, so a pool thread is not tied up for the connection's life.
+                threading.Thread(target=self._serve_holds, args=(chan, msg),
+                                 name="fulcrum-holds", daemon=True).start()
+                chan = None  # type: ignore[assignment]  # the hold thread closes it
+                return
+            self._dispatch(chan, msg)
         except (ChannelError, OSError, ValueError) as exc:
             log.warning("fulcrum: serving a peer failed: %s", exc)
         except Exception:  # noqa: BLE001 - a server thread must not die silently
             log.exception("fulcrum: serving a peer failed")
         finally:
-            chan.close()
+            if chan is not None:
+                chan.close()
+
+    def _dispatch(self, chan: Channel, msg: dict) -> None:
+        op, tid = msg.get("op"), str(msg.get("transfer_id"))
+        if op == "release":
+            chan.send_msg({"ok": self.leases.release(tid)})
+        elif op == "read":
+            self._serve_read(chan, tid, msg)
+        else:
+            chan.send_msg({"ok": False, "error": f"unknown op {op!r}"})
 
     def _serve_read(self, chan: Channel, tid: str, msg: dict) -> None:
         TRACE.event("serve_start", tid=tid)

@@ -2,7 +2,8 @@
 
 Exports ``vllm:fulcrum_kv_bytes_pulled_total`` / ``..._bytes_served_total``,
 ``vllm:fulcrum_kv_pulls_total`` / ``..._serves_total``, ``vllm:fulcrum_kv_transfer_seconds``
-(histogram, consumer side), ``vllm:fulcrum_kv_failed_transfers_total`` and
+(histogram, consumer side), ``vllm:fulcrum_kv_tcp_pulls_total`` (pulls that crossed hosts
+or nodes), ``vllm:fulcrum_kv_failed_transfers_total`` and
 ``vllm:fulcrum_kv_expired_leases_total``.
 """
 
@@ -18,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 _KEYS_LIST = ("recv_seconds", "recv_bytes")
-_KEYS_COUNT = ("sent_bytes", "sent_transfers", "failed", "expired")
+_KEYS_COUNT = ("sent_bytes", "sent_transfers", "failed", "expired", "tcp_pulls")
 
 
 def _empty() -> dict[str, Any]:
@@ -78,6 +79,10 @@ class StatsRecorder:
             self._data["sent_bytes"] += nbytes
             self._data["sent_transfers"] += 1
 
+    def pulled_over_tcp(self) -> None:
+        with self._lock:
+            self._data["tcp_pulls"] += 1
+
     def failed(self) -> None:
         with self._lock:
             self._data["failed"] += 1
@@ -93,6 +98,8 @@ class StatsRecorder:
         stats = FulcrumStats(data=data)
         return None if stats.is_empty() else stats
 
+
+_DEFAULT_PORT = 5900  # the connector's default block-server port
 
 _SECONDS_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                     5.0, 10.0]
@@ -127,12 +134,31 @@ class FulcrumPromMetrics(KVConnectorPromMetrics):
             name="vllm:fulcrum_kv_transfer_seconds", labelnames=labelnames,
             buckets=_SECONDS_BUCKETS,
             documentation="Time to pull one request's KV (consumer side)."))
+        self.tcp_pulls = per_engine(self._counter_cls(
+            name="vllm:fulcrum_kv_tcp_pulls", labelnames=labelnames,
+            documentation="KV pulls that streamed over TCP (peer on another host or node)."))
         self.failed = per_engine(self._counter_cls(
             name="vllm:fulcrum_kv_failed_transfers", labelnames=labelnames,
             documentation="KV pulls that failed (the request recomputed its prompt)."))
         self.expired = per_engine(self._counter_cls(
             name="vllm:fulcrum_kv_expired_leases", labelnames=labelnames,
             documentation="Held prefill blocks freed because no decoder came in time."))
+        self._report_endpoint(vllm_config, labelnames, per_engine_labelvalues)
+
+    def _report_endpoint(self, vllm_config: Any, labelnames: list[str],
+                         per_engine_labelvalues: dict[int, list[object]]) -> None:
+        """``vllm:fulcrum_kv_endpoint_info{host,port} 1``: where decoders reach this
+        worker's block server, so a gateway learns it from the worker instead of assuming."""
+        extra = getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config",
+                        None) or {}
+        host = str(extra.get("host", "127.0.0.1"))
+        base = int(extra.get("port", _DEFAULT_PORT))
+        info = self._gauge_cls(name="vllm:fulcrum_kv_endpoint_info",
+                               documentation="Address of this worker's KV block server.",
+                               labelnames=[*labelnames, "host", "port"],
+                               multiprocess_mode="mostrecent")
+        for idx, values in per_engine_labelvalues.items():
+            info.labels(*values, host, str(base + idx)).set(1)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = transfer_stats_data
@@ -149,5 +175,7 @@ class FulcrumPromMetrics(KVConnectorPromMetrics):
             self.serves[engine_idx].inc(data["sent_transfers"])
         if data.get("failed"):
             self.failed[engine_idx].inc(data["failed"])
+        if data.get("tcp_pulls"):
+            self.tcp_pulls[engine_idx].inc(data["tcp_pulls"])
         if data.get("expired"):
             self.expired[engine_idx].inc(data["expired"])

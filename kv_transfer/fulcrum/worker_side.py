@@ -39,9 +39,12 @@ class FulcrumWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor],
                            transport: Transport) -> None:
         self.transport = transport
+        if hasattr(transport, "on_tcp_receive"):
+            transport.on_tcp_receive = self.stats.pulled_over_tcp
         self.store = KVBlockStore(kv_caches, self.num_blocks)
         self.server = BlockServer("0.0.0.0", self.port, self.store, self.leases,
-                                  self.transport, self.stats, self.max_concurrent)
+                                  self.transport, self.stats, self.max_concurrent,
+                                  lease_s=self.lease_s)
         self.loader = BlockLoader(self.store, self.transport, self.stats, self.max_concurrent)
         log.info("fulcrum: serving KV on %s:%d via %s (%d layers, %d B/block)", self.host,
                  self.server.port, self.transport.name, len(self.store.layers),

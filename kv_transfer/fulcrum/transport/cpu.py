@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kv_transfer.fulcrum.blocks import KVBlockStore
@@ -27,18 +27,27 @@ class CpuTransport(Transport):
 
     name = "cpu"
 
-    def __init__(self, allow_cma: bool = True) -> None:
+    def __init__(self, allow_cma: bool = True, node_id: str = "") -> None:
         self.allow_cma = allow_cma
+        # Two workers share memory only if they share a kernel, a PID namespace and a node
+        # id: nodes of one cluster manager (Ray) that happen to share a machine still talk
+        # over TCP, as nodes on different machines would.
+        self.node_id = node_id
+        self.on_tcp_receive: Callable[[], None] | None = None  # counts cross-host pulls
+
+    def _host_key(self) -> str:
+        key = cma.host_key()
+        return f"{key}/{self.node_id}" if key and self.node_id else key
 
     def hello(self) -> dict[str, Any]:
-        return {"kind": self.name, "host_key": cma.host_key() if self.allow_cma else ""}
+        return {"kind": self.name, "host_key": self._host_key() if self.allow_cma else ""}
 
     def send(self, chan: Channel, store: KVBlockStore, block_ids: Sequence[int],
              peer_hello: dict[str, Any]) -> int:
         runs = store.segments(block_ids)
         total = sum(n for _, n in runs)
         same_host = self.allow_cma and bool(peer_hello.get("host_key")) and \
-            peer_hello.get("host_key") == cma.host_key()
+            peer_hello.get("host_key") == self._host_key()
         if same_host:
             chan.send_msg({"mode": "cma", "pid": os.getpid(), "runs": runs, "nbytes": total})
             reply = chan.recv_msg()
@@ -69,6 +78,8 @@ class CpuTransport(Transport):
                 head = chan.recv_msg()
         if head.get("mode") != "tcp":
             raise TransferError(f"unexpected transfer mode {head.get('mode')!r}")
+        if self.on_tcp_receive is not None:
+            self.on_tcp_receive()
         for addr, size in runs:
             chan.recv_into(raw_view(addr, size))
         return total

@@ -1,0 +1,1 @@
+"""Where worker processes come from beyond this host: Kubernetes pods, Ray actors."""
