@@ -23,10 +23,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-import orjson
-
 from core.request import RequestInfo
 from core.workers import Role
+from router import jsonfast
 from router.admission import Admission, AdmissionConfig
 from router.cluster import Cluster
 from router.errors import GatewayError, clip
@@ -72,14 +71,14 @@ class UpstreamReply(Exception):
 
     def reply(self, headers: dict[str, str]) -> JsonReply:
         try:
-            body = orjson.loads(self.content)
+            body = jsonfast.loads(self.content)
         except ValueError:
             return GatewayError(self.status, self.content.decode(errors="replace")
                                 ).reply(headers)
         if not isinstance(body, dict) or "error" not in body \
                 or len(self.content) > 4096:  # FastAPI-style {"detail": ...}, or an echo
             return GatewayError(self.status, clip(json.dumps(body), 400)).reply(headers)
-        return JsonReply(self.status, orjson.dumps(body), headers)
+        return JsonReply(self.status, jsonfast.dumps(body), headers)
 
 
 def _prefill_body(body: dict, extra: dict | None = None) -> dict:
@@ -130,7 +129,7 @@ class Dispatcher:
     async def post(self, url: str, body: dict, headers: dict[str, str],
                    timeouts: Timeouts) -> UpstreamResponse:
         """POST `body` as JSON to a worker; the caller reads and releases the response."""
-        return await self.client.post(url, orjson.dumps(body), headers, timeouts)
+        return await self.client.post(url, jsonfast.dumps(body), headers, timeouts)
 
     async def _post_and_read(self, url: str, body: dict, headers: dict[str, str],
                              timeouts: Timeouts) -> tuple[int, bytes]:
@@ -255,7 +254,7 @@ class Dispatcher:
         if status != 200:
             return self._prefill_failed(worker, request_id, f"HTTP {status}"), None
         try:
-            reply = orjson.loads(content)
+            reply = jsonfast.loads(content)
             params = reply.get("kv_transfer_params")
         except (ValueError, AttributeError):
             reply, params = {}, None
@@ -366,14 +365,14 @@ class Dispatcher:
             self.cluster.end(worker, Role.DECODE, tokens)
             self.feedback("observe_finished", request_id)
         try:
-            body = orjson.loads(content)
+            body = jsonfast.loads(content)
             body.pop("kv_transfer_params", None)
         except (ValueError, AttributeError):
             raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
         self._record_usage(body.get("usage"))
         self.metrics.for_route(req.route).e2e.observe(time.monotonic() - started)
-        return JsonReply(200, orjson.dumps(body), headers)
+        return JsonReply(200, jsonfast.dumps(body), headers)
 
     def _record_usage(self, usage: dict | None) -> None:
         if not isinstance(usage, dict):

@@ -28,9 +28,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import orjson
-
 from core.workers import Role
+from router import jsonfast
 from router.errors import GatewayError
 from router.sse import StreamObserver, is_usage_only
 from router.upstream import UpstreamError, UpstreamResponse
@@ -241,7 +240,7 @@ class StreamRelay:
             changed = True
         if not changed:
             return raw
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return b"data: " + jsonfast.dumps(chunk) + b"\n\n"
 
     @property
     def _continued(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import orjson
+from router import jsonfast
 
 
 def _has_content(chunk: dict) -> bool:
@@ -63,7 +63,7 @@ class StreamObserver:
             self.saw_done = True
             return None
         try:
-            chunk = orjson.loads(payload)
+            chunk = jsonfast.loads(payload)
         except ValueError:
             return None
         if not isinstance(chunk, dict):
