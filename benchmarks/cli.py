@@ -16,7 +16,9 @@ from benchmarks.sim.cli import add_sim_args, run_sim
 
 
 def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0]
+    """The summary line of a module doc, without its "`fulcrum x`: " prefix."""
+    line = (doc or "").strip().splitlines()[0]
+    return line.split(": ", 1)[1] if line.startswith("`") and ": " in line else line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

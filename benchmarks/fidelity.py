@@ -135,8 +135,9 @@ def one_round(args: argparse.Namespace, base_url: str) -> dict:
                    "--prompt-lengths", args.prompt_lengths, "--batch-sizes", args.batch_sizes,
                    "--out", str(profile_path)])
     print("benchmarking the worker ...", file=sys.stderr)
-    bench.main(["--base-url", base_url, *workload_argv(args), "--save-result",
-                "--result-dir", str(work), "--result-filename", "real.json", "--no-progress"])
+    bench.main(["--base-url", base_url, *workload_argv(args), "--ignore-eos",
+                "--save-result", "--result-dir", str(work), "--result-filename", "real.json",
+                "--no-progress"])
     real = json.loads((work / "real.json").read_text())
     print("simulating the same trace ...", file=sys.stderr)
     parser = argparse.ArgumentParser()

@@ -62,6 +62,7 @@ class RequestTimeline:
     end_s: float | None = None
     error: str = ""
     scheduled_s: float | None = None  # when the trace wanted it sent
+    generated_text: str = ""
 
     @property
     def ttft_s(self) -> float:

@@ -467,29 +467,36 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(7.5 * len(runs), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(10 * len(runs), 6.5), squeeze=False)
     for ax, (label, by_conn) in zip(axes[0], runs.items(), strict=True):
         bars: list[tuple[str, dict]] = []
+        ttfts: list[float] = []
         for conn, summary in by_conn.items():
             for target in TARGETS:
                 if "segments_ms" in (summary.get(target) or {}):
                     bars.append((f"{conn}\n{target}", summary[target]["segments_ms"]))
+                    ttfts.append(summary[target]["ttft_ms"]["median"])
         names = list(dict.fromkeys(n for _, segs in bars for n in segs))
         cmap = plt.get_cmap("tab20")
+        color = {n: cmap(j % 20) for j, n in enumerate(names)}
+        color["rest of the stream"] = "#bbbbbb"
+        labelled: set[str] = set()
         for i, (_, segs) in enumerate(bars):
             bottom = 0.0
-            for j, name in enumerate(names):
-                val = segs.get(name, {}).get("median", 0.0)
+            for name, q in segs.items():  # each bar in its own time order
+                val = q.get("median", 0.0)
                 if val <= 0:
                     continue
-                ax.bar(i, val, bottom=bottom, color=cmap(j % 20),
-                       label=name if i == next(k for k, (_, s) in enumerate(bars)
-                                               if name in s) else None)
+                ax.bar(i, val, bottom=bottom, color=color[name],
+                       label=None if name in labelled else name)
+                labelled.add(name)
                 bottom += val
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+            ax.plot([i - 0.4, i + 0.4], [ttfts[i]] * 2, color="black", linewidth=2,
+                    label=None if i else "median TTFT")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=30)
         ax.set_ylabel("median ms per request (segments stacked)")
         ax.set_title(label)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"P/D breakdown: {result['config']['model']}, "
                  f"{result['config']['prompt_tokens']} prompt tokens, "
                  f"{result['config']['max_tokens']} out")

@@ -119,25 +119,32 @@ async def kv_capacity_from_metrics(base_url: str) -> int | None:
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", required=True, help="one worker (not the gateway)")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--prompt-lengths", default="16,64,128,256,512,1024")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--decode-prompt-tokens", type=int, default=128)
-    parser.add_argument("--decode-output-tokens", type=int, default=64)
+    parser.add_argument("--model", default=None,
+                        help="model name (default: first of /v1/models)")
+    parser.add_argument("--prompt-lengths", default="16,64,128,256,512,1024",
+                        help="prompt lengths (tokens) timed for the prefill curve")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per point")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16",
+                        help="concurrent streams timed for the decode curve")
+    parser.add_argument("--decode-prompt-tokens", type=int, default=128,
+                        help="prompt length of the decode measurements")
+    parser.add_argument("--decode-output-tokens", type=int, default=64,
+                        help="tokens generated per decode measurement")
     parser.add_argument("--kv-capacity-tokens", type=int, default=None,
                         help="default: from /metrics, else 100000")
     parser.add_argument("--kv-bytes-per-token", type=float, default=0.0,
                         help="for KV transfer time (2*layers*kv_heads*head_dim*dtype bytes)")
     parser.add_argument("--link-bytes-per-s", type=float, default=1e9,
                         help="KV transfer bandwidth between workers")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile.json"),
+                        help="where the profile JSON goes")
 
 
 def run_profile(args: argparse.Namespace) -> dict:
     async def go() -> dict:
         model = args.model or await discover_model(args.base_url)
-        endpoint = Endpoint(args.base_url, model)
+        endpoint = Endpoint(args.base_url, model, ignore_eos=True)  # exact lengths to time
         prefill = await measure_prefill(endpoint, [int(x) for x in args.prompt_lengths.split(",")],
                                         args.repeats)
         decode = await measure_decode(endpoint, [int(x) for x in args.batch_sizes.split(",")],

@@ -7,6 +7,7 @@ bisection narrows it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,9 +33,27 @@ def attains(result: dict, target: float) -> bool:
 
 
 def sweep_rates(evaluate: Callable[[float], dict], rates: Sequence[float], target: float = 0.9,
-                refine_steps: int = 0, stop_after_fail: bool = True) -> SweepResult:
+                refine_steps: int = 0, stop_after_fail: bool = True,
+                progress: str | None = None) -> SweepResult:
     """Try `rates` in increasing order, then bisect between the last pass and first fail
-    `refine_steps` times."""
+    `refine_steps` times. `progress` names a progress bar on stderr (one tick per rate)."""
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rates) + refine_steps, desc=progress, unit="rate", file=sys.stderr)
+        inner = evaluate
+
+        def evaluate(rate: float) -> dict:
+            bar.set_postfix_str(f"{rate:g} req/s")
+            try:
+                return inner(rate)
+            finally:
+                bar.update(1)
+
+        try:
+            return sweep_rates(evaluate, rates, target, refine_steps, stop_after_fail)
+        finally:
+            bar.close()
     result = SweepResult(target=target, max_rate=None)
     passed: float | None = None
     failed: float | None = None

@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks.dataset import approx_token_count, is_valid_pair, load_sharegpt
 from router.length_predictor import (
+    DEFAULT_MODEL_PATH,
     DecodeState,
     HistogramLengthPredictor,
     MeanLengthBaseline,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--holdout", type=float, default=0.2)
     parser.add_argument("--out-model", type=Path,
-                        default=RESULTS_DIR / "length_predictor_model.json")
+                        default=DEFAULT_MODEL_PATH)
     parser.add_argument("--out-results", type=Path,
                         default=RESULTS_DIR / "length_predictor.json")
     args = parser.parse_args(argv)

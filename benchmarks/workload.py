@@ -77,8 +77,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", type=Path, default=None,
                    help="HF model folder whose tokenizer counts tokens; without it a "
                         "chars/4 approximation is used")
-    g.add_argument("--num-prompts", type=int, default=1000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-prompts", type=int, default=1000, help="requests in the trace")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of sampling and arrival times")
     g.add_argument("--input-len", type=int, default=1024, help="random: mean prompt tokens")
     g.add_argument("--output-len", type=int, default=128, help="random: mean output tokens")
     g.add_argument("--range-ratio", type=float, default=0.0,
@@ -94,9 +95,12 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                    help="requests/s (inf: all at t=0, vLLM's default)")
     a.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape; 1 = Poisson, <1 burstier, inf = constant gaps")
-    a.add_argument("--ramp-start-rps", type=float, default=1.0)
-    a.add_argument("--ramp-end-rps", type=float, default=10.0)
-    a.add_argument("--ramp-strategy", choices=("linear", "exponential"), default="linear")
+    a.add_argument("--ramp-start-rps", type=float, default=1.0,
+                   help="ramp: starting request rate")
+    a.add_argument("--ramp-end-rps", type=float, default=10.0,
+                   help="ramp: final request rate")
+    a.add_argument("--ramp-strategy", choices=("linear", "exponential"), default="linear",
+                   help="ramp: how the rate grows (vLLM's --ramp-up-strategy)")
     a.add_argument("--phase-seconds", type=float, default=60.0, help="phases: length of each")
     a.add_argument("--phase-cycles", type=int, default=2, help="phases: prompt+output cycles")
     a.add_argument("--trace-speedup", type=float, default=1.0,

@@ -7,6 +7,7 @@ through `register(subparsers)` functions listed in `_EXTENSIONS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -14,11 +15,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
+from deploy import options
+from deploy.options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, HelpFormatter
 from instance_manager.models import cache_root
+from router.build_info import version_line
 
 log = logging.getLogger("fulcrum")
 
@@ -29,17 +34,12 @@ _DEFAULT_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-I
 
 def _add_control_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("role controller (automatic P/D flips)")
-    group.add_argument("--control-policy", default="none",
-                       choices=("none", "static", "arrow", "dopd"),
-                       help="policy that flips workers between pools ('none': manual only)")
-    group.add_argument("--control-knob", action="append", metavar="K=V", default=[],
-                       help="a policy knob, e.g. cooldown_s=30 (repeatable; see `fulcrum "
-                            "policy show`)")
+    options.add_control_policy(group)
+    options.add_slo_ms(group, ttft_ms=1000.0, tpot_ms=100.0,
+                       old_seconds=("--slo-ttft", "--slo-tpot"))
     group.add_argument("--control-profile", type=Path, default=None, metavar="FILE",
                        help="a `fulcrum profile` JSON: DOPD's and Arrow's throughput "
                             "constants are derived from it (explicit --control-knob values win)")
-    group.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
-    group.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
     group.add_argument("--control-interval", type=float, default=5.0,
                        help="seconds between controller ticks")
     group.add_argument("--control-window", type=float, default=20.0,
@@ -68,11 +68,13 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         from instance_manager.controller.calibrate import knobs_from_profile
 
         given = {k for k, _ in knobs}
-        derived = knobs_from_profile(args.control_policy, args.control_profile, args.slo_tpot)
+        derived = knobs_from_profile(args.control_policy, args.control_profile,
+                                     args.slo_tpot_ms / 1000)
         knobs = [(k, v) for k, v in derived.items() if k not in given] + knobs
     return ControlConfig(
         policy=None if args.control_policy == "none" else args.control_policy,
-        knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
+        knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft_ms / 1000,
+                                           tpot_s=args.slo_tpot_ms / 1000),
         interval_s=args.control_interval, window_s=args.control_window,
         advisory=args.advisory)
 
@@ -166,7 +168,13 @@ def _state_file(port: int) -> Path:
 
 
 def _served_name(model_spec: str, resolved: str) -> str:
-    return _DEFAULT_NAMES.get(model_spec) or Path(resolved.rstrip("/")).name
+    from instance_manager.models import is_hf_id
+
+    if model_spec in _DEFAULT_NAMES:
+        return _DEFAULT_NAMES[model_spec]
+    if is_hf_id(model_spec):  # as vLLM names it: the id, not the cache folder
+        return model_spec
+    return Path(resolved.rstrip("/")).name
 
 
 def _gateway_sockets(args: argparse.Namespace):  # noqa: ANN202 - lazy imports
@@ -210,28 +218,34 @@ def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path |
     several = args.gateway_workers > 1 or bool(getattr(args, "follow", None))
     sockets = [gp.listen_socket(args.host, args.port, reuse_port=several), *sockets]
     if run_dir is None:
-        gp.serve(app, sockets)
+        gp.serve(app, sockets, _uvicorn_level(args))
         return
     secret_args, env = _follower_secrets(args, run_dir)
     extra = [*follower_args, *secret_args, "--host", args.host, "--port", str(args.port)]
     with gp.followers(args.gateway_workers - 1, run_dir, extra, env):
-        gp.serve(app, sockets)
+        gp.serve(app, sockets, _uvicorn_level(args))
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.local_cluster import ClusterOptions, PortsBusy, build_local_cluster
-    from instance_manager.models import resolve_model
+    from instance_manager.models import ModelNotAvailable, fetch_model, resolve_model
 
     print(f"fulcrum: preparing model {args.model!r} ...", flush=True)
-    model = resolve_model(args.model)
+    try:
+        model = fetch_model(resolve_model(args.model), download=args.download)
+        gpus = (tuple(int(g) for g in args.gpus.split(",") if g.strip())
+                if args.gpus else None)
+    except (ModelNotAvailable, ValueError) as exc:
+        print(f"fulcrum: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     sockets, peers, run_dir = _gateway_sockets(args)
     opts = ClusterOptions(
         model=model, served_model_name=args.served_model_name or _served_name(args.model, model),
         workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
         port=args.port, worker_base_port=args.worker_base_port,
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
-        device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
+        device=args.device, tensor_parallel_size=args.tensor_parallel_size, gpus=gpus,
+        dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
         peers=peers, **_hardening_config(args))
@@ -257,8 +271,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
                   f"{opts.log_dir}/", flush=True)
 
     app.state.on_workers_started = announce_when_ready
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"pid": os.getpid(), "url": url, "log_dir": str(opts.log_dir)}))
     print(f"fulcrum: gateway on {url} ({args.gateway_workers} process(es)), starting "
           f"{opts.workers} worker(s) on {opts.served_model_name} (logs in {opts.log_dir}/) ...",
           flush=True)
@@ -266,11 +278,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
                      *_hardening_argv(args)]
     if args.kv_connector == "none":
         follower_args.append("--no-pd")
-    try:
+    with _recorded(state, url, opts.log_dir):
         _serve(app, args, sockets, run_dir, follower_args)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _recorded(state: Path, url: str, log_dir: Path | None) -> Iterator[None]:
+    """Record this gateway for `fulcrum down` and `fulcrum logs` while it runs."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "url": url,
+                                 "log_dir": str(log_dir) if log_dir else None}))
+    try:
+        yield
     finally:
         state.unlink(missing_ok=True)
-    return 0
+
+
+def _uvicorn_level(args: argparse.Namespace) -> str:
+    """uvicorn's own access/error logs stay one notch quieter than Fulcrum's."""
+    return "debug" if getattr(args, "log_level", "info") == "debug" else "warning"
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -301,36 +328,40 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     app = None
     supervisor = None if args.follow else discovery_supervisor(args, lambda: app.state.registry)
     app = create_app(config, cluster, supervisor=supervisor)
-    if not args.follow:
-        print(f"fulcrum: gateway on http://{args.host}:{args.port} over "
-              f"{len(args.worker)} external worker(s), {args.gateway_workers} process(es)"
-              + (f", discovering {args.k8s_selector!r} pods" if supervisor else ""), flush=True)
     follower_args = [a for m in args.model for a in ("--model", m)]
     follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
-    _serve(app, args, sockets, run_dir, follower_args + _hardening_argv(args))
-    return 0
-
-
-def _admin_get(url: str, path: str, token: str | None) -> dict:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    resp = httpx.get(url.rstrip("/") + path, headers=headers, timeout=5)
-    if resp.status_code != 200:
-        raise SystemExit(f"fulcrum: {path} answered {resp.status_code}: {resp.text[:300]}")
-    return resp.json()
+    follower_args += _hardening_argv(args)
+    if args.follow:  # a follower: the leader records the gateway and says where it is
+        _serve(app, args, sockets, None, follower_args)
+        return EXIT_OK
+    url = f"http://{args.host}:{args.port}"
+    print(f"fulcrum: gateway on {url} over {len(args.worker)} external worker(s), "
+          f"{args.gateway_workers} process(es)"
+          + (f", discovering {args.k8s_selector!r} pods" if supervisor else ""), flush=True)
+    with _recorded(_state_file(args.port), url, None):
+        _serve(app, args, sockets, run_dir, follower_args)
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        data = _admin_get(args.url, "/admin/workers", args.token)
+        resp = httpx.get(args.url.rstrip("/") + "/admin/workers", headers=headers, timeout=5)
     except httpx.HTTPError as exc:
-        print(f"fulcrum: no gateway at {args.url} ({exc.__class__.__name__}); is it up?")
-        return 1
+        print(f"fulcrum: no gateway at {args.url} ({exc.__class__.__name__}); is it up?",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if resp.status_code != 200:
+        print(f"fulcrum: /admin/workers answered {resp.status_code}: {resp.text[:300]}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    data = resp.json()
     if args.json:
         print(json.dumps(data, indent=2))
-        return 0
+        return EXIT_OK
     table = Table(title=f"Fulcrum at {args.url} (policy {data.get('policy')})")
     for col in ("worker", "role", "state", "breaker", "in-flight P", "in-flight D", "running",
                 "waiting", "KV cache %", "pid", "restarts", "url"):
@@ -342,40 +373,106 @@ def _cmd_status(args: argparse.Namespace) -> int:
                       str(w["num_waiting"]), f"{100 * w['kv_cache_usage']:.1f}",
                       str(w["pid"]), str(w["restarts"]), w["url"])
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    return 0
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; an exited process its parent has not reaped yet is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
     state = _state_file(args.port)
     if not state.exists():
-        print(f"fulcrum: no running gateway recorded for port {args.port}")
-        return 1
+        print(f"fulcrum: no running gateway recorded for port {args.port}", file=sys.stderr)
+        return EXIT_FAILED
     pid = json.loads(state.read_text())["pid"]
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         state.unlink(missing_ok=True)
         print(f"fulcrum: gateway pid {pid} was already gone; cleaned up")
-        return 0
+        return EXIT_OK
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            print(f"fulcrum: stopped gateway pid {pid} and its workers")
-            return 0
-        time.sleep(0.5)
-    print(f"fulcrum: gateway pid {pid} still running after {args.timeout}s")
-    return 1
+        if not _alive(pid):
+            state.unlink(missing_ok=True)  # gone before its own clean-up could run
+            print(f"fulcrum: stopped gateway pid {pid} (and any workers it ran)")
+            return EXIT_OK
+        time.sleep(0.2)
+    print(f"fulcrum: gateway pid {pid} still running after {args.timeout}s", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 256 * lines))  # enough bytes for `lines` lines of vLLM logs
+        text = f.read().decode(errors="replace")
+    return text.splitlines()[-lines:] if lines > 0 else []
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is None:
+        state = _state_file(args.port)
+        recorded = json.loads(state.read_text()).get("log_dir") if state.exists() else None
+        log_dir = Path(recorded) if recorded else Path(".fulcrum/logs")
+    files = sorted(log_dir.glob("*.log"))
+    if args.worker:
+        files = [f for f in files if f.stem == args.worker]
+    if not files:
+        what = f"worker {args.worker!r}" if args.worker else "any worker"
+        print(f"fulcrum: no log of {what} in {log_dir}/", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"log_dir": str(log_dir), "logs": {
+            f.stem: _tail(f, args.lines) for f in files}}, indent=2))
+        return EXIT_OK
+    for f in files:
+        for line in _tail(f, args.lines):
+            print(f"{f.stem} | {line}" if len(files) > 1 else line)
+    if not args.follow:
+        return EXIT_OK
+    offsets = {f: f.stat().st_size for f in files}
+    try:
+        while True:
+            for f, offset in offsets.items():
+                size = f.stat().st_size
+                if size < offset:  # truncated or replaced
+                    offset = 0
+                if size > offset:
+                    with open(f, "rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read().decode(errors="replace")
+                    for line in chunk.splitlines():
+                        print(f"{f.stem} | {line}" if len(files) > 1 else line, flush=True)
+                offsets[f] = size
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fulcrum", description="Adaptive prefill/decode router for vLLM.")
+        prog="fulcrum", description="Adaptive prefill/decode router for vLLM.",
+        epilog=f"Exit codes: {EXIT_OK} ok, {EXIT_FAILED} refused or failed, "
+               f"{options.EXIT_USAGE} bad command line, {EXIT_UNREACHABLE} gateway (or "
+               "OpenAI server) unreachable.", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
+    options.add_log_level(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run a gateway and local vLLM workers until Ctrl-C",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     up.add_argument("--model", default="default",
                     help="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random test "
                          "Llama), a model folder, or a Hugging Face id")
@@ -393,14 +490,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-connector", default="fulcrum", choices=("fulcrum", "nixl", "none"),
                     help="KV transport between workers: 'fulcrum' (ours), 'nixl' (vLLM's, "
                          "with CPU fixes), 'none' (aggregated serving)")
-    up.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    up.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                    help="where workers run: one CPU core each, or GPUs")
+    up.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="GPUs per worker (--device gpu): worker i gets the i-th range of "
+                         "that many GPUs in CUDA_VISIBLE_DEVICES")
+    up.add_argument("--gpus", default=None, metavar="IDS",
+                    help="comma-separated GPU ids to hand out (default: 0, 1, ...)")
     up.add_argument("--dtype", default="auto",
                     help="vLLM --dtype for the workers; 'auto': float32 on a CPU without "
                          "native bf16 (avx512_bf16/amx_bf16), else the model's own")
-    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--download", action="store_true",
+                    help="fetch a Hugging Face model that is not in the local cache (needs "
+                         "network; off by default: workers never go online)")
+    up.add_argument("--max-model-len", type=int, default=None,
+                    help="context length per worker (default: the model's)")
     up.add_argument("--kv-cache-gib", type=int, default=2,
                     help="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)")
-    up.add_argument("--policy", default="least-loaded", help="routing policy")
+    options.add_policy(up)
     up.add_argument("--log-dir", default=".fulcrum/logs", help="one log file per worker")
     up.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
                     help="bearer token for /admin (required to use it off loopback)")
@@ -412,17 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
 
     gw = sub.add_parser("gateway", help="run only the gateway, over workers you started",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     gw.add_argument("--worker", action="append", default=[], metavar="ROLE=URL",
                     help="a vLLM server and its starting role, e.g. "
                          "prefill=http://10.0.0.5:8000 (repeatable; more can join later "
                          "with `fulcrum worker add`)")
     gw.add_argument("--model", action="append", required=True,
                     help="served model name clients may ask for (repeatable)")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--policy", default="least-loaded")
-    gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
+    gw.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    gw.add_argument("--port", type=int, default=8000, help="gateway port")
+    options.add_policy(gw)
+    gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
+                    help="bearer token for /admin (required to use it off loopback)")
     _add_gateway_workers_arg(gw)
     gw.add_argument("--no-pd", action="store_true", help="never split a request into P/D legs")
     gw.add_argument("--follow", default=None, help=argparse.SUPPRESS)  # a follower's run dir
@@ -431,16 +539,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardening_args(gw)
     gw.set_defaults(func=_cmd_gateway)
 
-    status = sub.add_parser("status", help="table of workers: role, state, load, KV cache")
-    status.add_argument("--url", default="http://127.0.0.1:8000")
-    status.add_argument("--token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"))
-    status.add_argument("--json", action="store_true", help="print raw JSON")
+    status = sub.add_parser("status", help="table of workers: role, state, load, KV cache",
+                            formatter_class=HelpFormatter)
+    options.add_gateway_url(status)
+    options.add_json(status)
     status.set_defaults(func=_cmd_status)
 
-    down = sub.add_parser("down", help="stop a gateway started by `fulcrum up`")
-    down.add_argument("--port", type=int, default=8000)
-    down.add_argument("--timeout", type=float, default=60.0)
+    down = sub.add_parser("down", help="stop a gateway started by `fulcrum up` or "
+                                       "`fulcrum gateway`", formatter_class=HelpFormatter)
+    down.add_argument("--port", type=int, default=8000, help="port of the gateway to stop")
+    down.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for it (and its workers) to exit")
     down.set_defaults(func=_cmd_down)
+
+    logs = sub.add_parser("logs", help="the workers' log files (tail, or follow)",
+                          formatter_class=HelpFormatter)
+    logs.add_argument("worker", nargs="?", default=None, help="one worker, e.g. w0 (default: all)")
+    logs.add_argument("--port", type=int, default=8000,
+                      help="gateway whose log folder to read (as recorded by `fulcrum up`)")
+    logs.add_argument("--log-dir", default=None, help="read this folder instead")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines per worker")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    options.add_json(logs)
+    logs.set_defaults(func=_cmd_logs)
 
     for module_name in _EXTENSIONS:
         try:
@@ -450,15 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for p in options.all_parsers(parser)[1:]:
+        p.formatter_class = HelpFormatter
+        if not any("--log-level" in a.option_strings for a in p._actions):
+            options.add_log_level(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    return args.func(args) or EXIT_OK
 
 
 if __name__ == "__main__":

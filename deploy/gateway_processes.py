@@ -23,8 +23,7 @@ from pathlib import Path
 import uvicorn
 
 # uvloop and httptools: the event loop and HTTP parser in C; no per-request access log.
-FAST_SERVER = {"loop": "uvloop", "http": "httptools", "access_log": False,
-               "log_level": "warning"}
+FAST_SERVER = {"loop": "uvloop", "http": "httptools", "access_log": False}
 
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -38,9 +37,9 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def serve(app: object, sockets: list[socket.socket]) -> None:
+def serve(app: object, sockets: list[socket.socket], log_level: str = "warning") -> None:
     """Run `app` on already-bound sockets until SIGINT/SIGTERM."""
-    uvicorn.Server(uvicorn.Config(app, **FAST_SERVER)).run(sockets=sockets)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, **FAST_SERVER)).run(sockets=sockets)
 
 
 def run_dir_for(port: int) -> Path:

@@ -42,6 +42,8 @@ class ClusterOptions:
     kv_connector: str = "fulcrum"
     device: str = "cpu"
     dtype: str = "auto"
+    tensor_parallel_size: int = 1  # GPUs per worker
+    gpus: tuple[int, ...] | None = None  # GPU ids to hand out (default 0, 1, ...)
     max_model_len: int | None = None
     kv_cache_gib: int = 2
     policy: str = "least-loaded"
@@ -71,6 +73,20 @@ def initial_roles(names: list[str], prefill_workers: int | None,
     return {n: (Role.PREFILL if i < count else Role.DECODE) for i, n in enumerate(names)}
 
 
+def gpu_ranges(workers: int, tensor_parallel_size: int,
+               gpus: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """Consecutive GPU ranges, `tensor_parallel_size` per worker, from `gpus` (0, 1, ...)."""
+    if tensor_parallel_size < 1:
+        raise ValueError("--tensor-parallel-size must be at least 1")
+    need = workers * tensor_parallel_size
+    pool = tuple(gpus) if gpus is not None else tuple(range(need))
+    if len(pool) < need:
+        raise ValueError(f"{workers} worker(s) x {tensor_parallel_size} GPU(s) need {need} "
+                         f"GPUs, only {len(pool)} given ({','.join(map(str, pool))})")
+    return [pool[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]
+            for i in range(workers)]
+
+
 def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
     """One spec per worker: ports, core or GPU, KV settings and log file."""
     cores = os.cpu_count() or 1
@@ -80,6 +96,8 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
         log.info("this CPU has no native bf16 (avx512_bf16/amx_bf16): workers run in %s "
                  "(--dtype overrides)", dtype)
     specs = []
+    gpus = (gpu_ranges(opts.workers, opts.tensor_parallel_size, opts.gpus)
+            if opts.device == "gpu" else [()] * opts.workers)
     for i in range(opts.workers):
         name = f"w{i}"
         specs.append(WorkerSpec(
@@ -90,7 +108,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
                                   host=opts.worker_host),
             device=opts.device,
             cpu_core=(i % cores) if opts.device == "cpu" else None,
-            gpu_index=i if opts.device == "gpu" else None,
+            gpu_ids=gpus[i], tensor_parallel_size=opts.tensor_parallel_size,
             max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, dtype=dtype,
             extra_args=opts.extra_worker_args, api_key=opts.auth.worker_api_key))
     return specs

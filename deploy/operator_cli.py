@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -15,11 +14,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from deploy import options
+from deploy.options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 
 
 class AdminError(Exception):
     """The gateway refused or could not be reached; the message is for the operator."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class AdminClient:
@@ -36,14 +40,22 @@ class AdminClient:
                                      headers=self.headers)
         except httpx.HTTPError as exc:
             raise AdminError(f"no answer from the gateway at {self.http.base_url} "
-                             f"({exc.__class__.__name__}); is it up?") from None
+                             f"({exc.__class__.__name__}); is it up?",
+                             EXIT_UNREACHABLE) from None
+        if resp.status_code == 404 and "error" not in resp.text:
+            raise AdminError(f"{self.http.base_url} has no {path}: is it a Fulcrum gateway?",
+                             EXIT_UNREACHABLE)
         if resp.status_code >= 400:
             try:
                 message = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = resp.text[:300]
             raise AdminError(f"{method} {path} answered {resp.status_code}: {message}")
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise AdminError(f"{method} {path} did not answer JSON: is {self.http.base_url} "
+                             "a Fulcrum gateway?", EXIT_UNREACHABLE) from None
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -100,6 +112,9 @@ def watch_table(data: dict, url: str) -> Table:
 def _cmd_watch(args: argparse.Namespace) -> int:
     client = _client(args)
     console = _console()
+    if args.json:
+        print(json.dumps(client.call("GET", "/admin/control"), indent=2))
+        return EXIT_OK
     if args.once:
         console.print(watch_table(client.call("GET", "/admin/control"), args.url))
         return 0
@@ -168,7 +183,7 @@ def parse_knobs(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise AdminError(f"--knob wants KEY=VALUE, got {pair!r}")
+            raise AdminError(f"--control-knob wants KEY=VALUE, got {pair!r}", EXIT_USAGE)
         knobs[key.strip()] = value.strip()
     return knobs
 
@@ -178,11 +193,15 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     if args.action == "show":
         state = client.call("GET", "/admin/policy")
     else:
-        body: dict[str, Any] = {"knobs": parse_knobs(args.knob)}
-        for key in ("name", "ttft_s", "tpot_s", "interval_s", "advisory"):
+        body: dict[str, Any] = {"knobs": parse_knobs(args.control_knob)}
+        for key in ("name", "interval_s", "advisory"):
             value = getattr(args, key, None)
             if value is not None:
                 body[key] = value
+        for key in ("ttft", "tpot"):
+            ms = getattr(args, f"slo_{key}_ms", None)
+            if ms is not None:
+                body[f"{key}_s"] = ms / 1000
         state = client.call("PUT", "/admin/policy", body)
     if args.json:
         print(json.dumps(state, indent=2))
@@ -225,22 +244,51 @@ def _cmd_flips(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_streams(args: argparse.Namespace) -> int:
+    data = _client(args).call("GET", "/admin/streams")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    table = Table(title=f"{len(data['streams'])} live stream(s)")
+    for col in ("request id", "client id", "worker", "tokens", "moves", "movable"):
+        table.add_column(col, overflow="fold")
+    for s in data["streams"]:
+        movable = "yes" if s["migratable"] else f"no: {s['why_not_migratable']}"
+        table.add_row(s["request_id"], s.get("client_request_id") or "-", s["worker"],
+                      str(s["generated"]), str(s["migrations"]), movable)
+    _console().print(table)
+    return EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    result = _client(args).call("POST", "/admin/migrate", {
+        "request_id": args.request_id, "to": args.to, "after_tokens": args.after_tokens,
+        "planned": args.planned})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result.get("planned"):
+        _console().print(f"{result['request_id']}: will move to {result['to']} after "
+                         f"{result['after_tokens']} tokens once it starts")
+    else:
+        _console().print(f"{result['request_id']}: moving from {result['from']} to "
+                         f"{result['to']} (after {result['generated']} tokens so far)")
+    return EXIT_OK
+
+
 def _guarded(handler):  # noqa: ANN001, ANN202 - wraps a command handler
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
         except AdminError as exc:
             print(f"fulcrum: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_code
     return run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the operator commands to `fulcrum`."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=DEFAULT_URL, help="gateway URL")
-    common.add_argument("--token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
-                        help="admin bearer token (default: $FULCRUM_ADMIN_TOKEN)")
+    options.add_gateway_url(common)
 
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:  # noqa: ANN001
         p = subparsers.add_parser(name, parents=[common], help=help_text)
@@ -250,10 +298,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("watch", _cmd_watch, "live table of roles, load and windowed TTFT/ITL")
     p.add_argument("--interval", type=float, default=2.0, help="refresh period (s)")
     p.add_argument("--once", action="store_true", help="print one table and exit")
+    options.add_json(p)
 
     p = add("flip", _cmd_flip, "move a worker to the other pool (drain, switch, ready)")
     p.add_argument("worker")
-    p.add_argument("--to", required=True, choices=("prefill", "decode"))
+    p.add_argument("--to", required=True, choices=("prefill", "decode"), help="target pool")
     p.add_argument("--dry-run", action="store_true", help="check and describe, change nothing")
     p.add_argument("--force", action="store_true", help="allow emptying a pool")
     p.add_argument("--timeout", type=float, default=None,
@@ -272,28 +321,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     show = actions.add_parser("show", parents=[common],
                               help="current policy, knobs and SLO targets")
-    show.add_argument("--json", action="store_true")
+    options.add_json(show)
     show.set_defaults(func=_guarded(_cmd_policy))
     setp = actions.add_parser("set", parents=[common],
                               help="switch policy or change knobs / SLO / mode")
     setp.set_defaults(func=_guarded(_cmd_policy))
     setp.add_argument("name", nargs="?", default=None, help="static, arrow or dopd")
-    setp.add_argument("--knob", action="append", metavar="KEY=VALUE",
-                      help="a policy knob (repeatable), e.g. cooldown_s=10")
-    setp.add_argument("--ttft", dest="ttft_s", type=float, help="TTFT target (s)")
-    setp.add_argument("--tpot", dest="tpot_s", type=float, help="TPOT target (s)")
+    options.add_control_knob(setp)
+    options.add_slo_ms(setp, ttft_ms=None, tpot_ms=None, old_seconds=("--ttft", "--tpot"))
     setp.add_argument("--interval", dest="interval_s", type=float, help="tick period (s)")
     mode = setp.add_mutually_exclusive_group()
     mode.add_argument("--advisory", dest="advisory", action="store_true", default=None,
                       help="decide and explain, but do not flip")
     mode.add_argument("--act", dest="advisory", action="store_false",
                       help="apply the policy's flips")
-    setp.add_argument("--json", action="store_true")
+    options.add_json(setp)
 
     p = add("explain", _cmd_explain, "the controller's last decisions and their numbers")
-    p.add_argument("--limit", type=int, default=10)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=10, help="how many decisions")
+    options.add_json(p)
 
     p = add("flips", _cmd_flips, "history of role flips (manual and automatic)")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20, help="how many flips")
+    options.add_json(p)
+
+    p = add("streams", _cmd_streams, "live streams: worker, tokens so far, whether they can move")
+    options.add_json(p)
+
+    p = add("migrate", _cmd_migrate, "move a live stream to another worker without a break")
+    p.add_argument("request_id", help="the gateway's id of the stream (`fulcrum streams`), or "
+                                      "with --planned the client's X-Request-Id")
+    p.add_argument("--to", required=True, metavar="WORKER", help="target worker")
+    p.add_argument("--after-tokens", type=int, default=0,
+                   help="move once the stream has generated this many tokens")
+    p.add_argument("--planned", action="store_true",
+                   help="the stream has not started yet: move it when it does")
+    options.add_json(p)

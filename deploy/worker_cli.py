@@ -110,10 +110,12 @@ def add_worker_args_options(p: argparse.ArgumentParser) -> None:
                    help="'default', 'tiny', a model folder or a Hugging Face id")
     p.add_argument("--served-model-name", default=None,
                    help="must equal the gateway's --model / served name")
-    p.add_argument("--kv-connector", default="fulcrum", choices=("fulcrum", "nixl", "none"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--kv-connector", default="fulcrum", choices=("fulcrum", "nixl", "none"),
+                   help="KV transport between workers")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="where it runs")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache GiB on a CPU worker")
     p.add_argument("--worker-arg", action="append", help="extra vLLM argument (repeatable)")
 
 
@@ -123,7 +125,8 @@ def add_discovery_args(gateway: argparse.ArgumentParser) -> None:
     group.add_argument("--discover", default="none", choices=("none", "k8s"),
                        help="k8s: every Ready pod under --k8s-selector joins, leaving pods "
                             "are drained and removed")
-    group.add_argument("--k8s-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    group.add_argument("--k8s-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                       help="namespace to watch (default: $POD_NAMESPACE, else 'default')")
     group.add_argument("--k8s-selector", default="app.kubernetes.io/component=worker",
                        help="label selector of worker pods")
     group.add_argument("--k8s-worker-port", type=int, default=8000,
@@ -155,7 +158,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = actions.add_parser("add", parents=[common],
                              help="register a running vLLM server (it joins once healthy)")
     add.add_argument("worker_url", metavar="URL", help="e.g. http://10.0.0.5:8100")
-    add.add_argument("--role", default="decode", choices=("prefill", "decode"))
+    add.add_argument("--role", default="decode", choices=("prefill", "decode"),
+                     help="pool it joins")
     add.add_argument("--name", default=None, help="default: the first free wN")
     add.add_argument("--wait", action="store_true", help="return once it serves")
     add.add_argument("--timeout", type=float, default=None, help="how long --wait waits (s)")
@@ -184,7 +188,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     args_p.add_argument("--cpu-core", type=int, default=None, help="pin to this core (CPU)")
     args_p.add_argument("--gpu-index", type=int, default=None, help="CUDA_VISIBLE_DEVICES")
     add_worker_args_options(args_p)
-    args_p.add_argument("--format", default="shell", choices=("shell", "json"))
+    args_p.add_argument("--format", default="shell", choices=("shell", "json"),
+                        help="a shell command line, or JSON")
     args_p.add_argument("--no-check-ports", dest="check_ports", action="store_false",
                         help="do not check that the ports are free here")
     args_p.set_defaults(func=_cmd_worker_args)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -223,6 +224,44 @@ def resolve_model(spec: str) -> str:
     if Path(spec).expanduser().is_dir():
         return str(Path(spec).expanduser().absolute())
     return spec
+
+
+class ModelNotAvailable(RuntimeError):
+    """A model id that is neither a folder nor (without --download) in the local HF cache."""
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def fetch_model(resolved: str, *, download: bool = False, revision: str | None = None) -> str:
+    """A local folder for what `resolve_model` returned, so workers never touch the network.
+
+    Folders pass through. A Hugging Face id is looked up in the local HF cache; with
+    `download` it is fetched first (huggingface_hub shows a progress bar per file).
+    Offline by default: without `download`, a model not cached is an error that says so.
+    """
+    if Path(resolved).is_dir():
+        return resolved
+    if not _HF_ID.match(resolved):
+        raise ModelNotAvailable(f"{resolved!r} is neither a model folder nor a Hugging Face id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(resolved, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        if not download:
+            raise ModelNotAvailable(
+                f"{resolved} is not in the local Hugging Face cache; pass --download to fetch "
+                "it (needs network), or give a model folder") from None
+    print(f"fulcrum: downloading {resolved} from the Hugging Face Hub ...", flush=True)
+    return snapshot_download(resolved, revision=revision, local_files_only=False)
+
+
+def is_hf_id(spec: str) -> bool:
+    """A Hugging Face model id rather than a Fulcrum name or a folder."""
+    return (spec not in ("default", "smollm2", "tiny") and not Path(spec).expanduser().is_dir()
+            and bool(_HF_ID.match(spec)) and "/" in spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,8 @@ class WorkerSpec:
     device: str = "cpu"
     cpu_core: int | None = None
     gpu_index: int | None = None
+    gpu_ids: tuple[int, ...] = ()  # a GPU range for one worker (tensor parallelism)
+    tensor_parallel_size: int = 1
     max_model_len: int | None = None
     kv_cache_gib: int = 1
     dtype: str | None = None  # vLLM's --dtype; None: the model's own (see `choose_dtype`)
@@ -90,6 +92,8 @@ class WorkerSpec:
             cmd.append("--enforce-eager")  # torch.compile recompiles at every CPU start
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.dtype:
             cmd += ["--dtype", self.dtype]
         return cmd + self.kv.cli_args() + list(self.extra_args)
@@ -104,6 +108,8 @@ class WorkerSpec:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             if self.cpu_core is not None:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        elif self.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         elif self.gpu_index is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
         if self.api_key:  # vLLM reads it here as --api-key; kept off the command line

@@ -21,6 +21,7 @@ from core.slo import SLOTargets
 from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot
 from instance_manager.controller.loop import Controller
+from instance_manager.controller.metrics import ControllerMetrics
 from instance_manager.controller.registry import make_control_policy
 from instance_manager.flip import FlipCoordinator, FlipMetrics
 from instance_manager.metrics_collector import MetricsCollector
@@ -216,6 +217,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.request_mix = RequestMix()
     app.state.controller = _make_controller(config.control, app.state.flips,
                                             app.state.request_mix)
+    app.state.metrics.registry.register(
+        ControllerMetrics(lambda: getattr(app.state, "controller", None)))
     app.include_router(admin.router)
     app.include_router(admin_control.router)
     install_worker_registry(app, cluster, app.state.flips, config.served_models[0])

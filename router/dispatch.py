@@ -31,7 +31,7 @@ from router.cluster import Cluster
 from router.errors import GatewayError, clip
 from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
-from router.metrics import GatewayMetrics
+from router.metrics import LOCAL, PD, GatewayMetrics
 from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.replies import JsonReply, Reply, StreamReply
@@ -340,6 +340,7 @@ class Dispatcher:
                      request_id: str, body: dict, tokens: int, started: float,
                      leg: _LegContext, first: FirstToken | None = None) -> Reply:
         headers = {"X-Fulcrum-Decode-Worker": worker}
+        mode = PD if "kv_transfer_params" in body else LOCAL
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
             if first is not None:
@@ -371,7 +372,8 @@ class Dispatcher:
             raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
         self._record_usage(body.get("usage"))
-        self.metrics.for_route(req.route).e2e.observe(time.monotonic() - started)
+        self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
+            time.monotonic() - started)
         return JsonReply(200, jsonfast.dumps(body), headers)
 
     def _record_usage(self, usage: dict | None) -> None:
@@ -383,17 +385,17 @@ class Dispatcher:
         self.mix.record(prompt, completion)
 
     def observe_stream(self, worker: str, req: ParsedRequest, request_id: str,
-                       obs: StreamObserver, started: float) -> None:
+                       obs: StreamObserver, started: float, mode: str = LOCAL) -> None:
         """Record client-side latency of a finished stream and feed the policy."""
         e2e = time.monotonic() - started
-        route = self.metrics.for_route(req.route)
-        route.e2e.observe(e2e)
+        children = self.metrics.latency(req.route, req.model, mode, worker)
+        children.e2e.observe(e2e)
         if obs.ttft is not None:
-            route.ttft.observe(obs.ttft)
+            children.ttft.observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
-                route.tpot.observe(tpot)
+                children.tpot.observe(tpot)
                 resident = self.cluster.view(worker).decode_tokens_in_flight
                 self.feedback("observe_decode", worker, resident, tpot)
         if obs.usage:

@@ -18,6 +18,7 @@ JSON document.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ QUESTION_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("short_question", ("what is", "who ", "when ", "which ", "where ", "yes or no",
                         "how many", "how much")),
 )
+
+log = logging.getLogger("fulcrum.length_predictor")
 
 
 def _keyword_regex(keyword: str) -> str:
@@ -255,15 +258,21 @@ class MeanLengthBaseline:
         return max(0.0, self.mean_tokens - state.generated)
 
 
-DEFAULT_MODEL_PATH = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-                      / "length_predictor_model.json")
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "length_predictor_model.json"
+"""Shipped as package data (pyproject `package-data`), so a wheel install has it too."""
 FALLBACK_MEAN_TOKENS = 200.0
 
 
 def load_default_predictor(path: Path | str | None = None) -> RemainingLengthPredictor:
-    """The committed ShareGPT-trained model (rebuild it with
-    `python -m benchmarks.train_length_predictor`), or a mean-length baseline without it."""
-    model_path = Path(path) if path is not None else DEFAULT_MODEL_PATH
-    if model_path.is_file():
-        return HistogramLengthPredictor.load(model_path)
+    """The ShareGPT-trained model shipped in `router/data/` (rebuild it with
+    `python -m benchmarks.train_length_predictor`), or one at `path`.
+
+    A missing file is never silent: a given `path` raises, and a missing shipped model (a
+    broken install) logs a warning before falling back to a mean-length baseline."""
+    if path is not None:
+        return HistogramLengthPredictor.load(Path(path))
+    if DEFAULT_MODEL_PATH.is_file():
+        return HistogramLengthPredictor.load(DEFAULT_MODEL_PATH)
+    log.warning("length-predictor model %s is missing (broken install?); ARES falls back to "
+                "a constant %g-token output length", DEFAULT_MODEL_PATH, FALLBACK_MEAN_TOKENS)
     return MeanLengthBaseline(FALLBACK_MEAN_TOKENS)

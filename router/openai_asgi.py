@@ -26,7 +26,7 @@ from router.admission import Admission
 from router.dispatch import Dispatcher, UpstreamReply
 from router.errors import GatewayError
 from router.limits import client_request_id, new_request_id, too_large
-from router.metrics import GatewayMetrics
+from router.metrics import ERROR, GatewayMetrics
 from router.replies import JsonReply, Reply, StreamReply
 from router.security import AuthConfig
 from router.validation import CHAT, COMPLETIONS, parse_request
@@ -136,12 +136,14 @@ class OpenAIEndpoints:
         started = time.monotonic()
         watch = None
         admitted = False
+        model = ""
         try:
             self.admission.enter()  # first: overload is answered before the body is read
             admitted = True
             self.auth.check_client(authorization)
             body = await _read_body(receive, content_length, self.max_body_bytes)
             parsed = parse_request(route, body, self.served_models)
+            model = parsed.model
             del body  # one copy of the body from here on: the parsed one
             if self.dispatcher is None:
                 raise GatewayError(503, "the gateway is starting", code="not_ready")
@@ -182,7 +184,7 @@ class OpenAIEndpoints:
         if admitted:
             self.admission.leave()
         if reply.status != 200:
-            self.metrics.for_route(route).e2e.observe(time.monotonic() - started)
+            self.metrics.latency(route, model, ERROR, "").e2e.observe(time.monotonic() - started)
         await self._send_json(reply, send)
 
     def _finish(self, route: str, status: int, admitted: bool) -> None:

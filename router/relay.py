@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from core.workers import Role
 from router import jsonfast
 from router.errors import GatewayError
+from router.metrics import LOCAL, PD
 from router.sse import StreamObserver, is_usage_only
 from router.upstream import UpstreamError, UpstreamResponse
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
@@ -125,6 +126,7 @@ class StreamRelay:
         self.upstream = upstream
         self.req = req
         self.body = body  # what the current worker was sent
+        self.mode = PD if "kv_transfer_params" in body else LOCAL  # as dispatched
         self.tokens = tokens
         self.started = started
         self.obs = StreamObserver(started=started)
@@ -381,4 +383,5 @@ class StreamRelay:
         else:
             self.upstream.close()  # the worker sees the connection go and aborts
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
-        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started)
+        self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started,
+                             self.mode)

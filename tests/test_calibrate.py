@@ -51,13 +51,14 @@ def test_profile_file_and_sim_cli(tmp_path):
     knobs = dopd_knobs_from_profile(path, tpot_s=0.045)
     assert knobs["prefill_tokens_per_s"] == pytest.approx(10_000, rel=0.01)
     assert knobs["decode_tokens_per_s"] == pytest.approx(40 / 0.045, rel=0.01)
-    args = argparse.Namespace(control="dopd", knob=["hysteresis=0.5"], max_num_seqs=256)
+    args = argparse.Namespace(control_policy="dopd", control_knob=["hysteresis=0.5"],
+                              max_num_seqs=256)
     derived = control_knobs(args, fitted(), SLO.parse(["tpot:45"]))
     assert derived["decode_tokens_per_s"] == pytest.approx(40 / 0.045, rel=0.01)
     assert derived["hysteresis"] == "0.5"  # the user's knob wins
-    none = argparse.Namespace(control="static", knob=[], max_num_seqs=256)
+    none = argparse.Namespace(control_policy="static", control_knob=[], max_num_seqs=256)
     assert control_knobs(none, fitted(), SLO.parse(["tpot:45"])) == {}
-    arrow = argparse.Namespace(control="arrow", knob=[], max_num_seqs=64)
+    arrow = argparse.Namespace(control_policy="arrow", control_knob=[], max_num_seqs=64)
     assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 64
 
 
@@ -69,7 +70,7 @@ def test_fulcrum_up_derives_dopd_knobs_from_a_profile(tmp_path):
                                 "decode": [[b, b * 100, 0.005 + 1e-3 * b] for b in (1, 4, 16)],
                                 "kv_capacity_tokens": 50_000}))
     args = argparse.Namespace(control_knob=["decode_tokens_per_s=123"], control_policy="dopd",
-                              control_profile=path, slo_ttft=1.0, slo_tpot=0.045,
+                              control_profile=path, slo_ttft_ms=1000.0, slo_tpot_ms=45.0,
                               control_interval=2.0, control_window=20.0, advisory=True)
     knobs = dict(_control_config(args).knobs)
     assert float(knobs["prefill_tokens_per_s"]) == pytest.approx(10_000, rel=0.01)

@@ -178,7 +178,7 @@ def test_cli_flip_drain_undrain_and_refusal(capsys):
     app = make_app()
     assert run_cli(app, "flip", "d0", "--to", "prefill", "--timeout", "1") == 0
     assert app.state.cluster.view("d0").role == Role.PREFILL
-    assert run_cli(app, "flip", "d1", "--to", "prefill") == 2
+    assert run_cli(app, "flip", "d1", "--to", "prefill") == 1  # refused (409)
     assert "no READY worker" in capsys.readouterr().err
     assert run_cli(app, "drain", "p1") == 0
     assert app.state.cluster.view("p1").state == WorkerState.DRAINING
@@ -220,7 +220,7 @@ def test_cli_commands_are_registered_in_fulcrum():
     args = build_parser().parse_args(["flip", "w1", "--to", "decode", "--dry-run"])
     assert (args.worker, args.to, args.dry_run) == ("w1", "decode", True)
     args = build_parser().parse_args(["policy", "set", "dopd", "--knob", "hysteresis=0.5"])
-    assert args.name == "dopd" and args.knob == ["hysteresis=0.5"]
+    assert args.name == "dopd" and args.control_knob == ["hysteresis=0.5"]
 
 
 @pytest.mark.parametrize("argv", [["flip", "x", "--to", "sideways"], ["flip", "x"]])

@@ -1,6 +1,7 @@
 """The output-length predictor: features, conditional refresh, persistence, committed model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,9 +109,20 @@ def test_committed_model_and_results_are_consistent():
     model = load_default_predictor()
     assert isinstance(model, HistogramLengthPredictor)
     assert DEFAULT_MODEL_PATH.stat().st_size < 50_000
-    report = json.loads((DEFAULT_MODEL_PATH.parent / "length_predictor.json").read_text())
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    report = json.loads((results / "length_predictor.json").read_text())
     at_prompt = report["at_prompt"]
     assert at_prompt["predictor_median"] < at_prompt["mean_baseline"]
     assert report["heldout_requests"] > 1000
-    assert load_default_predictor(DEFAULT_MODEL_PATH.parent / "missing.json").remaining(
-        DecodeState(PromptFeatures(1))) > 0
+    with pytest.raises(FileNotFoundError):  # a model asked for by path never falls back
+        load_default_predictor(DEFAULT_MODEL_PATH.parent / "missing.json")
+
+
+def test_a_missing_shipped_model_is_not_silent(monkeypatch, caplog):
+    import router.length_predictor as lp
+
+    monkeypatch.setattr(lp, "DEFAULT_MODEL_PATH", lp.DEFAULT_MODEL_PATH.parent / "gone.json")
+    with caplog.at_level("WARNING", logger="fulcrum.length_predictor"):
+        model = lp.load_default_predictor()
+    assert isinstance(model, MeanLengthBaseline)
+    assert "missing" in caplog.text

@@ -334,7 +334,7 @@ def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCl
     subprocess.run([sys.executable, "-m", "benchmarks.bench", "--base-url", cluster.url,
                     "--model", MODEL_NAME, "--dataset", "random", "--input-len", "64",
                     "--output-len", "8", "--num-prompts", "8", "--request-rate", "4",
-                    "--goodput", "ttft:30000", "tpot:10000", "--save-result",
+                    "--goodput", "ttft:30000", "tpot:10000", "--ignore-eos", "--save-result",
                     "--result-dir", str(tmp_path), "--result-filename", "run.json",
                     "--no-progress"], check=True, timeout=300, capture_output=True)
     result = json.loads((tmp_path / "run.json").read_text())
@@ -344,6 +344,39 @@ def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCl
                 "request_goodput", "slo_attainment"):
         assert isinstance(result[key], int | float), key
     assert result["mean_ttft_ms"] > 0 and result["slo_attainment"] == 1.0
+
+
+def test_metrics_on_real_workers_feed_every_dashboard_panel(cluster: LiveCluster,
+                                                            request: pytest.FixtureRequest
+                                                            ) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deploy.observability import dashboard
+    from tests.test_observability import metric_names, series_names
+
+    decode = cluster.by_role("decode")
+    body = {"model": MODEL_NAME, "prompt": unique_prompt(60, 31), "max_tokens": 6,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        list(r.iter_lines())
+    gateway = httpx.get(cluster.url + "/metrics", timeout=10).text
+    ttft = [s for f in text_string_to_metric_families(gateway) for s in f.samples
+            if s.name == "fulcrum_time_to_first_token_seconds_count"
+            and s.labels["mode"] == "pd" and s.labels["worker"] == decode]
+    assert ttft and ttft[0].value >= 1 and ttft[0].labels["model"] == MODEL_NAME
+    exported = series_names(gateway)
+    for name in cluster.workers():
+        exported |= series_names(httpx.get(cluster.worker_url(name) + "/metrics",
+                                           timeout=10).text)
+    used = {n for q in dashboard.queries(dashboard.build()) for n in metric_names(q)}
+    vllm_used = {n for n in used if n.startswith("vllm:") and "fulcrum_kv" not in n}
+    assert vllm_used and vllm_used <= exported  # vLLM's names, as real workers export them
+    kv_used = {n for n in used if "fulcrum_kv" in n}
+    if "fulcrum" in request.node.callspec.id:  # Fulcrum's connector is loaded
+        assert kv_used <= exported
+    # every gateway series but the controller's (this cluster runs without a controller)
+    assert {n for n in used if n.startswith("fulcrum_") and "controller" not in n} <= exported
 
 
 # --- faults: these kill workers; the manager must bring them back -----------------

@@ -16,6 +16,7 @@ from benchmarks.fake_worker import create_fake_worker
 from core.workers import Role, WorkerState
 from deploy import cli
 from deploy.local_cluster import ClusterOptions, PortsBusy, check_ports_free, worker_specs
+from deploy.options import EXIT_FAILED
 from deploy.ports import kv_port_for
 from router.app import GatewayConfig, create_app
 from router.cluster import Cluster
@@ -205,11 +206,11 @@ def test_cli_worker_add_list_remove(rig: Rig, capsys: pytest.CaptureFixture) -> 
         assert cli.main(["worker", "list", "--json", "--url", rig.url]) == 0
         rows = {w["name"]: w for w in json.loads(capsys.readouterr().out)["workers"]}
         assert rows["dd"]["kv_endpoint"] == "127.0.0.1:9321" and rows["dd"]["state"] == "ready"
-        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 2  # last decoder
+        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == EXIT_FAILED  # last decoder
         assert "decode pool" in capsys.readouterr().err
         assert cli.main(["worker", "remove", "dd", "--force", "--url", rig.url]) == 0
         assert "dd removed" in capsys.readouterr().out
-        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == 2
+        assert cli.main(["worker", "remove", "dd", "--url", rig.url]) == EXIT_FAILED
         assert "404" in capsys.readouterr().err
 
 

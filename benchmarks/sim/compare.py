@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from benchmarks.arrivals import Phase, Trace, pair, phase_mix, poisson_times, synthetic_pool
 from benchmarks.dataset import approx_token_count, load_sharegpt, sample_requests
 from benchmarks.metrics import SLO
@@ -118,9 +120,12 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                                "slai": SLAIConfig().__dict__,
                                "decode_context_tokens": decode_context},
                      "workloads": {}}
-    for wname, make_trace in workloads(phase_s, poisson_s, seed).items():
+    traces = workloads(phase_s, poisson_s, seed)
+    bar = tqdm(total=len(traces) * len(chosen), desc="systems", unit="sweep", file=sys.stderr)
+    for wname, make_trace in traces.items():
         per_system = {}
         for sysdef in chosen:
+            bar.set_postfix_str(f"{wname}: {sysdef.name}")
             t0 = time.process_time()
             runs: dict[float, dict] = {}
 
@@ -155,9 +160,9 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                 per_system[sysdef.name] = {"error": repr(exc),
                                            "traceback": traceback.format_exc(limit=3)}
             v = per_system[sysdef.name]
-            print(f"[{wname}] {sysdef.name:<16} max {v.get('max_rate')} "
-                  f"({v.get('sim_cpu_s')} cpu-s) {v.get('error', '')}", file=sys.stderr,
-                  flush=True)
+            bar.write(f"[{wname}] {sysdef.name:<16} max {v.get('max_rate')} "
+                      f"({v.get('sim_cpu_s')} cpu-s) {v.get('error', '')}", file=sys.stderr)
+            bar.update(1)
         statics = {k: v["max_rate"] for k, v in per_system.items()
                    if k.startswith("static") and v.get("max_rate")}
         base = max(statics.values()) if statics else None
@@ -169,6 +174,7 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
                 v["rate_vs_aggregated"] = round(v["max_rate"] / agg, 3)
         per_system["_best_static"] = max(statics, key=statics.get) if statics else None
         results["workloads"][wname] = per_system
+    bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sim_comparison.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, out_dir)
@@ -178,15 +184,22 @@ def run(out_dir: Path, workers: int, phase_s: float, poisson_s: float, rates: Se
 def plot(results: dict, out_dir: Path) -> None:
     from benchmarks.plots import plot_goodput_vs_rate, plot_roles_over_time
 
+    slo = SLO(**{f"{k}_ms": v for k, v in results["slo"].items()})
+    perf = results["perf"]
+    hw = (f"{results['workers']}x {perf['hardware'].get('name', '?').upper()}, "
+          f"{perf['model'].get('name', '?')}")
     for wname, per_system in results["workloads"].items():
         series = {name: [(p["request_rate"], p) for p in v["sweep"]]
                   for name, v in per_system.items() if isinstance(v, dict) and "sweep" in v}
-        plot_goodput_vs_rate(series, out_dir / f"sim_{wname}_attainment.png")
+        title = f"{wname} trace, {hw}, flips re-warm {results['flip_rewarm_s']:g} s"
+        plot_goodput_vs_rate(series, out_dir / f"sim_{wname}_attainment.png", title=title,
+                             slo=slo)
         roles = {name: v["roles_at_max"] for name, v in per_system.items()
                  if isinstance(v, dict) and v.get("roles_at_max")
                  and len(v["roles_at_max"]) > 1}
         if roles:
-            plot_roles_over_time(roles, out_dir / f"sim_{wname}_roles.png")
+            plot_roles_over_time(roles, out_dir / f"sim_{wname}_roles.png",
+                                 title=f"Pools at each system's max rate: {wname} trace, {hw}")
 
 
 def table(results: dict) -> str:

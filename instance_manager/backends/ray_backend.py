@@ -115,7 +115,8 @@ class WorkerActor:
 
         ip = ray.util.get_node_ip_address()
         node_id = ray.get_runtime_context().get_node_id()
-        port = self.base_port + self.slot.index
+        # numbered across the cluster: nodes that share a machine must not pick one port
+        port = self.base_port + self.slot.global_index
         while busy_ports([port, kv_port_for(port)], ip):
             port += 1
         kv = worker_kv_settings(self.template.kv_connector, side_channel_port=kv_port_for(port),

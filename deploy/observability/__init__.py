@@ -1,0 +1,1 @@
+"""Grafana dashboard, Prometheus scrape config and the names they rely on."""
