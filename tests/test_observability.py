@@ -23,6 +23,7 @@ from tests.test_gateway_fake import MODEL, _gateway
 HERE = Path(dashboard.__file__).parent
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
                                                                "_created"),
+             "summary": ("", "_sum", "_count", "_created"),  # vLLM's HTTP latency
              "gauge": ("",), "info": ("_info",), "unknown": ("",)}
 _NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                 "unless", "offset", "bool", "le", "inf", "nan"}
