@@ -1,11 +1,14 @@
 """`fulcrum bench`: measure a live OpenAI-compatible deployment like `vllm bench serve`.
 
-Streams `/v1/completions` (or `/v1/chat/completions`) with
-`stream_options.include_usage` and `max_tokens` = the trace's output length (`--ignore-eos`
-makes every request produce exactly that many, as in vLLM). Prompts are counted with the
-served model's tokenizer when it can be found locally (chars/4 otherwise, and the result
-says so). Requests leave at their trace arrival times; results are vLLM's JSON keys plus
-ours, and a sweep is also written in the folder layout `vllm bench sweep plot` reads.
+Streams `/v1/completions` (or `/v1/chat/completions`) with `stream_options.include_usage`.
+By default requests carry what a real client sends: a large `max_tokens` cap
+(`--client-max-tokens`), so only the model knows when a request ends. With `--length-oracle`,
+`max_tokens` = the trace's output length (`--ignore-eos` then makes every request produce
+exactly that many, as `vllm bench serve` does) and the router sees each true length.
+Prompts are counted with the served model's tokenizer when it can be found locally (chars/4
+otherwise, and the result says so). Requests leave at their trace arrival times; results
+are vLLM's JSON keys plus ours, and a sweep is also written in the folder layout
+`vllm bench sweep plot` reads.
 
     python -m benchmarks.bench --base-url http://127.0.0.1:8000 --request-rate 4 \
         --num-prompts 200 --goodput ttft:1000 tpot:100 --save-result
@@ -44,6 +47,8 @@ class Endpoint:
     model: str
     chat: bool = False
     ignore_eos: bool = False
+    length_oracle: bool = False  # max_tokens = the true output length
+    client_max_tokens: int | None = None  # hidden lengths: the client's cap (None: none)
     timeout_s: float = 600.0
     api_key: str | None = None
     headers: tuple[tuple[str, str], ...] = ()  # extra HTTP headers (`--header K=V`)
@@ -63,12 +68,15 @@ def request_body(endpoint: Endpoint, req: BenchRequest) -> dict:
     """The JSON body for one streamed request."""
     body: dict = {"model": endpoint.model, "stream": True,
                   "stream_options": {"include_usage": True}, "temperature": 0.0}
+    cap = req.output_tokens if endpoint.length_oracle else endpoint.client_max_tokens
     if endpoint.chat:
         body["messages"] = [{"role": "user", "content": req.prompt}]
-        body["max_completion_tokens"] = req.output_tokens
+        if cap is not None:
+            body["max_completion_tokens"] = cap
     else:
         body["prompt"] = req.prompt
-        body["max_tokens"] = req.output_tokens
+        if cap is not None:
+            body["max_tokens"] = cap
     if endpoint.ignore_eos:
         body["ignore_eos"] = True
     return body
@@ -258,6 +266,8 @@ def result_header(args: argparse.Namespace, endpoint: Endpoint, rate: float,
         "dataset": args.dataset,
         "arrival": args.arrival,
         "seed": args.seed,
+        "lengths": "oracle" if endpoint.length_oracle else "hidden",
+        "client_max_tokens": None if endpoint.length_oracle else endpoint.client_max_tokens,
     }
     if args.arrival == "ramp":  # vLLM's ramp-up keys
         header.update(ramp_up_strategy=args.ramp_strategy,
@@ -371,6 +381,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     root = next((m.get("root") for m in models if m["id"] == model), None)
     _resolve_tokenizer(args, model, root)
     endpoint = Endpoint(args.base_url, model, chat=args.chat, ignore_eos=args.ignore_eos,
+                        length_oracle=args.length_oracle, client_max_tokens=args.client_max_tokens,
                         timeout_s=args.request_timeout, api_key=api_key,
                         headers=extra_headers)
     slo = SLO.parse(options.goodput_items(args))

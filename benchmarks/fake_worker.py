@@ -62,6 +62,12 @@ def _prompt_tokens(body: dict) -> int:
     return max(1, len(text.split()))
 
 
+def _timings(queue_s: float, prefill_s: float, itl_s: float) -> dict:
+    """Per-request timings as vLLM reports them with --enable-per-request-metrics."""
+    return {"queue_time_ms": queue_s * 1000, "time_to_first_token_ms": prefill_s * 1000,
+            "mean_itl_ms": itl_s * 1000}
+
+
 def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI:
     """Build one fake worker app."""
     app = FastAPI()
@@ -113,6 +119,7 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                                     status_code=b.fail_prefill_status)
             await asyncio.sleep(b.prefill_delay_s)
             reply = {"id": rid, "object": "text_completion", "model": model,
+                     "metrics": _timings(0.0, b.prefill_delay_s, 0.0),
                      "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
                                "total_tokens": prompt_tokens + 1},
@@ -148,7 +155,8 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                 obj = "text_completion"
             return JSONResponse({"id": rid, "object": obj, "model": model,
                                  "choices": [choice], "usage": usage,
-                                 "kv_transfer_params": None})
+                                 "kv_transfer_params": None,
+                                 "metrics": _timings(0.0, 0.0, b.token_delay_s)})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
@@ -173,7 +181,7 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                 if include_usage:
                     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
                     last = {"id": rid, "object": obj, "model": model, "choices": [],
-                            "usage": usage}
+                            "usage": usage, "metrics": _timings(0.0, 0.0, b.token_delay_s)}
                     yield f"data: {json.dumps(last)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             except asyncio.CancelledError:

@@ -35,11 +35,13 @@ COMPARED = ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms",
 
 
 def workload_argv(args: argparse.Namespace) -> list[str]:
-    """The workload options shared by the bench and the sim (one trace for both)."""
+    """The workload options shared by the bench and the sim (one trace for both). Lengths
+    are the oracle's in both: the live worker must produce the trace's lengths to be
+    compared with the simulator's."""
     return ["--dataset", "random", "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
             "--request-rate", str(args.request_rate), "--seed", str(args.seed),
-            "--goodput", *args.goodput]
+            "--length-oracle", "--goodput", *args.goodput]
 
 
 def summarize_runs(runs: Sequence[dict]) -> dict:

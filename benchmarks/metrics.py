@@ -8,6 +8,11 @@ token came back (vLLM counts TPOT as 0 for goodput otherwise). Reported in ms as
 Goodput follows vLLM: a completed request is good when every given SLO holds
 (`value <= slo`); `request_goodput = good / duration`. Ours on top: `slo_attainment`
 = good / all requests (failed requests count as misses), and per-metric attainment.
+
+`tbt:MS` (ours, beside vLLM's mean `tpot`) judges each request's own p99 time between
+tokens, nearest rank: a request meets it when at most floor(1% of its gaps) gaps exceed
+MS, so under 100 gaps none may. A request with one output token has no gap and meets it.
+Mean TPOT hides a 90 ms stall among 700 fast tokens; this does not.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (90.0, 99.0)
 METRIC_NAMES = ("ttft", "tpot", "itl", "e2el")
+SLO_KEYS = ("ttft", "tpot", "tbt", "e2el")
 
 
 @dataclass(frozen=True)
@@ -28,25 +34,49 @@ class SLO:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
+    tbt_ms: float | None = None  # per-request p99 time between tokens (see module doc)
 
     @property
     def empty(self) -> bool:
-        return self.ttft_ms is None and self.tpot_ms is None and self.e2el_ms is None
+        return (self.ttft_ms is None and self.tpot_ms is None and self.e2el_ms is None
+                and self.tbt_ms is None)
 
     def as_dict(self) -> dict[str, float]:
-        out = {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2el": self.e2el_ms}
+        out = {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "tbt": self.tbt_ms,
+               "e2el": self.e2el_ms}
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
     def parse(cls, items: Iterable[str]) -> SLO:
-        """From vLLM's `--goodput` syntax: ["ttft:300", "tpot:50", "e2el:2000"] (ms)."""
+        """From vLLM's `--goodput` syntax plus `tbt`: ["ttft:300", "tpot:50", "tbt:100"]."""
         values: dict[str, float] = {}
         for item in items:
             key, _, val = item.partition(":")
-            if key not in ("ttft", "tpot", "e2el") or not val:
-                raise ValueError(f"bad SLO {item!r}; use ttft:MS, tpot:MS or e2el:MS")
+            if key not in SLO_KEYS or not val:
+                raise ValueError(f"bad SLO {item!r}; use ttft:MS, tpot:MS, tbt:MS or e2el:MS")
             values[f"{key}_ms"] = float(val)
         return cls(**values)
+
+
+def tbt_allowance(gaps: int) -> int:
+    """How many of a request's `gaps` may exceed the tbt target (nearest-rank p99)."""
+    return gaps // 100
+
+
+def meets_tbt(gaps_s: Sequence[float], target_ms: float) -> bool:
+    """Whether one request's p99 time between tokens (nearest rank) is <= target."""
+    limit = target_ms / 1000.0
+    slow = sum(1 for g in gaps_s if g > limit)
+    return slow <= tbt_allowance(len(gaps_s))
+
+
+def p99_gap_s(gaps_s: Sequence[float]) -> float:
+    """One request's nearest-rank p99 gap (0 without gaps)."""
+    if not gaps_s:
+        return 0.0
+    ordered = sorted(gaps_s)
+    rank = -(-99 * len(ordered) // 100)  # ceil(0.99 n)
+    return ordered[rank - 1]
 
 
 @dataclass
@@ -82,7 +112,10 @@ def _p_word(p: float) -> str:
     return str(int(p)) if int(p) == p else str(p)
 
 
-def _stats(name: str, values: np.ndarray, percentiles: Sequence[float]) -> dict[str, float]:
+def _stats(name: str, values: np.ndarray, percentiles: Sequence[float],
+           weights: np.ndarray | None = None) -> dict[str, float]:
+    if weights is not None and values.size and weights.sum() > 0:
+        return _weighted_stats(name, values, weights, percentiles)
     v = values if values.size else np.zeros(1)
     out = {f"mean_{name}_ms": float(np.mean(v) * 1000),
            f"median_{name}_ms": float(np.median(v) * 1000),
@@ -92,14 +125,38 @@ def _stats(name: str, values: np.ndarray, percentiles: Sequence[float]) -> dict[
     return out
 
 
+def _weighted_stats(name: str, values: np.ndarray, weights: np.ndarray,
+                    percentiles: Sequence[float]) -> dict[str, float]:
+    """Stats of `values[i]` repeated `weights[i]` times (percentiles: inverted CDF)."""
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order].astype(float)
+    cum = np.cumsum(w)
+    total = cum[-1]
+    mean = float(np.dot(v, w) / total)
+    std = float(np.sqrt(max(0.0, np.dot((v - mean) ** 2, w) / total)))
+
+    def q(p: float) -> float:
+        idx = int(np.searchsorted(cum, p / 100.0 * total, side="left"))
+        return float(v[min(idx, v.size - 1)])
+
+    out = {f"mean_{name}_ms": mean * 1000, f"median_{name}_ms": q(50) * 1000,
+           f"std_{name}_ms": std * 1000}
+    for p in percentiles:
+        out[f"p{_p_word(p)}_{name}_ms"] = q(p) * 1000
+    return out
+
+
 def summarize_arrays(*, duration_s: float, prompt_tokens: np.ndarray, output_tokens: np.ndarray,
                      success: np.ndarray, ttft_s: np.ndarray, latency_s: np.ndarray,
-                     itls_s: np.ndarray | None = None, slo: SLO | None = None,
+                     itls_s: np.ndarray | None = None, itl_weights: np.ndarray | None = None,
+                     tbt_ok: np.ndarray | None = None, slo: SLO | None = None,
                      percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
     """The metric dict from per-request arrays (one entry per request, failed included).
 
-    `itls_s` is every inter-chunk gap of every successful request, flattened; when None
-    (the simulator's compact mode) ITL is taken as each request's TPOT, one per token gap.
+    `itls_s` is every inter-chunk gap of every successful request, flattened (or, with
+    `itl_weights`, distinct gap values each standing for that many gaps); when None ITL
+    is taken as each request's TPOT, one per token gap. `tbt_ok` (per request) says
+    whether its p99 gap met `slo.tbt_ms`; needed when that SLO is set.
     """
     slo = slo or SLO()
     ok = success.astype(bool)
@@ -121,10 +178,15 @@ def summarize_arrays(*, duration_s: float, prompt_tokens: np.ndarray, output_tok
     good_mask = np.ones(completed, dtype=bool)
     per_metric: dict[str, float] = {}
     for name, values, target in (("ttft", ttft, slo.ttft_ms), ("tpot", tpot_all, slo.tpot_ms),
-                                 ("e2el", lat, slo.e2el_ms)):
+                                 ("tbt", None, slo.tbt_ms), ("e2el", lat, slo.e2el_ms)):
         if target is None:
             continue
-        met = values <= target / 1000.0
+        if values is None:
+            if tbt_ok is None:
+                raise ValueError("a tbt SLO needs per-request tbt_ok")
+            met = np.asarray(tbt_ok, dtype=bool)[ok]
+        else:
+            met = values <= target / 1000.0
         good_mask &= met
         per_metric[f"{name}_slo_attainment"] = float(met.sum() / n_total) if n_total else 0.0
     good = int(good_mask.sum())
@@ -145,7 +207,9 @@ def summarize_arrays(*, duration_s: float, prompt_tokens: np.ndarray, output_tok
     }
     result.update(_stats("ttft", ttft, percentiles))
     result.update(_stats("tpot", tpots, percentiles))
-    result.update(_stats("itl", itls, percentiles))
+    result.update(_stats("itl", itls, percentiles,
+                         None if itls_s is None or itl_weights is None
+                         else np.asarray(itl_weights)))
     result.update(_stats("e2el", lat, percentiles))
     result["slo"] = slo.as_dict()
     result["good_completed"] = good
@@ -159,6 +223,9 @@ def summarize(timelines: Sequence[RequestTimeline], duration_s: float, slo: SLO 
     """vLLM-compatible metrics (plus ours) from per-request timelines."""
     ok = np.array([t.success for t in timelines], dtype=bool)
     itls = [g for t in timelines if t.success for g in t.itls_s]
+    tbt_ok = None
+    if slo is not None and slo.tbt_ms is not None:
+        tbt_ok = np.array([meets_tbt(t.itls_s, slo.tbt_ms) for t in timelines], dtype=bool)
     result = summarize_arrays(
         duration_s=duration_s,
         prompt_tokens=np.array([t.prompt_tokens for t in timelines], dtype=float),
@@ -166,7 +233,9 @@ def summarize(timelines: Sequence[RequestTimeline], duration_s: float, slo: SLO 
         success=ok,
         ttft_s=np.array([t.ttft_s for t in timelines], dtype=float),
         latency_s=np.array([t.latency_s for t in timelines], dtype=float),
-        itls_s=np.array(itls, dtype=float), slo=slo, percentiles=percentiles)
+        itls_s=np.array(itls, dtype=float), tbt_ok=tbt_ok, slo=slo, percentiles=percentiles)
+    p99_gaps = np.array([p99_gap_s(t.itls_s) for t in timelines if t.success and t.itls_s])
+    result.update(_stats("request_p99_tbt", p99_gaps, percentiles))
     result.update(peak_rates(timelines))
     return result
 

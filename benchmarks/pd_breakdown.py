@@ -19,8 +19,8 @@ byte, finished the copy and when the engine noticed. vLLM's own per-request hist
 p10/p90 over rounds go to JSON, the stacked median breakdown to a PNG.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.pd_breakdown            # tiny, 500 in, 64 out
-    ... -m benchmarks.pd_breakdown --model default --dtype float32 --prompt-tokens 2000 \\
-        --connectors fulcrum --out benchmarks/results/pd_breakdown_smollm2_2000.json
+    ... -m benchmarks.pd_breakdown --model default --worker-arg=--dtype=float32 \\
+        --prompt-tokens 2000 --out benchmarks/results/pd_breakdown_smollm2_2000.json
 """
 
 from __future__ import annotations
@@ -138,8 +138,7 @@ class Cluster:
                "--side-channel-base-port", str(side), "--kv-connector", connector,
                "--max-model-len", str(args.max_model_len), "--kv-cache-gib", "1",
                "--log-dir", str(self.log_dir)]
-        for extra in args.worker_arg:
-            cmd += ["--worker-arg", extra]
+        cmd += [f"--worker-arg={extra}" for extra in args.worker_arg]  # values start with --
         env = dict(os.environ)
         env.update(kv.split("=", 1) for kv in args.env)
         env[TRACE_ENV] = str(self.trace)
@@ -505,7 +504,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def print_table(label: str, summary: dict) -> None:
-    print(f"\n== {label}")
+    print(f"\n== {label}", flush=True)
     for target in TARGETS:
         e = summary.get(target, {})
         if not isinstance(e, dict) or "ttft_ms" not in e:
@@ -548,6 +547,10 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
         cluster.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -570,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true",
                         help="keep the other connectors' runs already in --out (same config)")
     args = parser.parse_args(argv)
+    # A bounded run (`timeout`) must still stop its cluster: SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.max_model_len is None:
         need = args.prompt_tokens + args.max_tokens + 16
         args.max_model_len = 1 << (need - 1).bit_length()
@@ -601,12 +606,16 @@ def main(argv: list[str] | None = None) -> int:
                 conc = label[1:]
                 name = args.label or connector
                 result["runs"].setdefault(f"{conc} concurrent", {})[name] = summary
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if result["runs"]:
-        plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+            write(result, args.out)  # after each connector: a later one may not finish
     return 0
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["runs"]:
+        plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

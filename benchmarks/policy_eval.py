@@ -2,6 +2,8 @@
 
     python -m benchmarks.policy_eval --seeds 0,1,2 --out benchmarks/results/policy_eval.json
 
+(or one process per seed, `--seeds N --out part_N.json`, then `--merge part_*.json`)
+
 Simulator (`benchmarks.sim`), 8 workers, every P/D system starting at 4P4D. Traces: the
 phase trace with minute-long phases (long prompts 3000 in / 60 out, then long outputs
 150 in / 700 out, two cycles) and ShareGPT with Poisson arrivals. For each system, seed and
@@ -13,6 +15,7 @@ and mean TPOT). "best static" is, per seed, the best of the static splits run he
   slot/KV queueing in the decode prediction, several flips) and with the round-1 knobs;
 * `dopd` / `dopd-r1`: DOPD-match routing + the DOPD controller, now (need-based target,
   jump, 1-2 s decisions) and round 1 (work share, one flip per 10 s, old sub-pool rule);
+* `dopd-no-warmup`: `dopd` deciding on the first finished requests (`warmup_s=0`);
 * `static-kPnD`, `aggregated` (token budget 8192 and 512).
 
 DOPD's throughput constants and Arrow's prefill throughput come from the performance model
@@ -79,6 +82,8 @@ def systems(dopd: dict, arrow: dict, slo: SLO, statics: Sequence[int]) -> list[S
                lambda: DOPDController(DOPDConfig(**{**dopd, **DOPD_R1}))),
         System("dopd", half, half, lambda: DOPDMatchPolicy(DOPDMatchConfig()),
                lambda: DOPDController(DOPDConfig(**dopd))),
+        System("dopd-no-warmup", half, half, lambda: DOPDMatchPolicy(DOPDMatchConfig()),
+               lambda: DOPDController(DOPDConfig(**{**dopd, "warmup_s": 0.0}))),
     ]
     return out
 
@@ -152,9 +157,12 @@ def summarize(per: dict, seeds: Sequence[int]) -> None:
                  if k.startswith("static") and s in v["seeds"]}
         if rates:
             best_static[s] = max(rates.values())
-    per["_best_static"] = {"seeds": {s: {"max_rate": r} for s, r in best_static.items()}}
+    if best_static:
+        per["_best_static"] = {"seeds": {s: {"max_rate": r} for s, r in best_static.items()}}
     for name, v in per.items():
         rates = [x["max_rate"] or 0 for x in v["seeds"].values()]
+        if not rates:
+            continue
         v["mean"] = round(statistics.mean(rates), 1)
         v["min"], v["max"] = min(rates), max(rates)
         for base in ("_best_static", "static-4P4D", "aggregated", "aggregated-512",

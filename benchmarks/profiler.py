@@ -144,7 +144,8 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
 def run_profile(args: argparse.Namespace) -> dict:
     async def go() -> dict:
         model = args.model or await discover_model(args.base_url)
-        endpoint = Endpoint(args.base_url, model, ignore_eos=True)  # exact lengths to time
+        # exact lengths to time
+        endpoint = Endpoint(args.base_url, model, ignore_eos=True, length_oracle=True)
         prefill = await measure_prefill(endpoint, [int(x) for x in args.prompt_lengths.split(",")],
                                         args.repeats)
         decode = await measure_decode(endpoint, [int(x) for x in args.batch_sizes.split(",")],

@@ -65,6 +65,9 @@ class WorkloadSpec:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+DEFAULT_CLIENT_MAX_TOKENS = 4096  # a large cap, as chat clients commonly send
+
+
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """Dataset and arrival options shared by `bench` and `sim`."""
     g = parser.add_argument_group("dataset")
@@ -86,6 +89,15 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                    help="random: lengths uniform in len*(1 -+ ratio)")
     g.add_argument("--output-len-override", type=int, default=None,
                    help="sharegpt: fix every output length (like --sharegpt-output-len)")
+    c = parser.add_argument_group("what the client tells the router")
+    c.add_argument("--length-oracle", action="store_true",
+                   help="send each request's true output length as max_tokens (with "
+                        "ignore_eos live): exact lengths, but the router sees them, which "
+                        "real traffic does not give. Default: hidden lengths")
+    c.add_argument("--client-max-tokens", type=int, default=DEFAULT_CLIENT_MAX_TOKENS,
+                   help="hidden lengths: the cap every client sends (default "
+                        f"{DEFAULT_CLIENT_MAX_TOKENS}); only the engine knows when a "
+                        "request ends")
     a = parser.add_argument_group("arrivals")
     a.add_argument("--arrival", choices=ARRIVALS, default="poisson",
                    help="poisson/gamma at --request-rate, ramp from --ramp-start-rps to "

@@ -84,8 +84,8 @@ def watch_table(data: dict, url: str) -> Table:
     ctl = data.get("controller")
     title = f"Fulcrum at {url}: " + ", ".join(f"{n} {r}" for r, n in data["pools"].items())
     if ctl:
-        title += (f" | policy {ctl['name']} ({ctl['mode']}), SLO TTFT {ctl['slo']['ttft_s']}s "
-                  f"TPOT {ctl['slo']['tpot_s']}s")
+        title += (f" | policy {ctl['name']} ({ctl['mode']}), SLO TTFT "
+                  f"{ctl['slo']['ttft_s'] * 1000:g} ms TPOT {ctl['slo']['tpot_s'] * 1000:g} ms")
     table = Table(title=title)
     for col in ("worker", "role", "state", "in-flight P", "in-flight D", "running", "waiting",
                 "KV %", "TTFT p90 ms", "ITL p90 ms", "prompt tok/s", "gen tok/s"):
@@ -170,8 +170,8 @@ def _policy_table(state: dict) -> Table:
                         f"{state['interval_s']}s over a {state['window_s']}s window")
     table.add_column("setting")
     table.add_column("value", justify="right")
-    table.add_row("SLO TTFT s", str(state["slo"]["ttft_s"]))
-    table.add_row("SLO TPOT s", str(state["slo"]["tpot_s"]))
+    table.add_row("SLO TTFT ms", f"{state['slo']['ttft_s'] * 1000:g}")
+    table.add_row("SLO TPOT ms", f"{state['slo']['tpot_s'] * 1000:g}")
     for knob, value in state["knobs"].items():
         table.add_row(knob, str(value))
     table.caption = "available: " + ", ".join(state["available"])

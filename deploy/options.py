@@ -153,7 +153,8 @@ def add_slo_goodput(parser: argparse.ArgumentParser | Any, default: Sequence[str
     or the same targets one by one as `--slo-ttft-ms`... (these win)."""
     parser.add_argument("--goodput", nargs="+", default=list(default), metavar="KEY:MS",
                         help="SLOs in milliseconds, vLLM's syntax: ttft:1000 tpot:100 "
-                             "e2el:20000" + (f" (default: {' '.join(default)})"
+                             "e2el:20000, plus tbt:MS (each request's p99 time between "
+                             "tokens)" + (f" (default: {' '.join(default)})"
                                              if default else ""))
     add_slo_ms(parser, ttft_ms=None, tpot_ms=None, e2el=True)
 

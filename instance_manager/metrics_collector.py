@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.exposition import filter_exposition
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
 from instance_manager.controller.base import ControlSnapshot, WorkerMetrics
-from router.exposition import filter_exposition
 
 TTFT = "vllm:time_to_first_token_seconds"
 ITL = "vllm:inter_token_latency_seconds"

@@ -87,7 +87,10 @@ class WorkerSpec:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", self.model, "--served-model-name", self.served_model_name,
                "--host", self.host, "--port", str(self.port),
-               "--disable-uvicorn-access-log"]
+               "--disable-uvicorn-access-log",
+               # per-request queue/prefill/ITL timings in each reply: the router feeds
+               # routing policies vLLM's own prefill time, queueing excluded
+               "--enable-per-request-metrics"]
         if self.device == "cpu":
             cmd.append("--enforce-eager")  # torch.compile recompiles at every CPU start
         if self.max_model_len:

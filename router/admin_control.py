@@ -166,6 +166,9 @@ async def set_policy(body: PolicyBody, request: Request) -> dict:
             raise GatewayError(400, str(exc), code="bad_policy") from None
     if body.ttft_s is not None or body.tpot_s is not None:
         controller.set_slo(body.ttft_s, body.tpot_s)
+        dispatcher = getattr(request.app.state, "dispatcher", None)
+        if dispatcher is not None:  # routing policies defend the same targets
+            dispatcher.driver.use_slo(controller.slo)
     if body.advisory is not None:
         controller.advisory = body.advisory
     if body.interval_s is not None:

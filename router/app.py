@@ -17,6 +17,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from core.driver import PolicyDriver
 from core.slo import SLOTargets
 from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot
@@ -147,10 +148,11 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
                 UpstreamPool() as pool:
             app.state.client = client  # control plane: probes, scrapes, admin forwarding
-            app.state.dispatcher = Dispatcher(cluster, make_policy(config.policy), pool,
-                                              app.state.metrics, config.dispatch,
-                                              app.state.request_mix, app.state.health,
-                                              app.state.admission)
+            planner = default_planner() if config.rebalance_interval_s > 0 else None
+            driver = PolicyDriver(make_policy(config.policy), config.control.slo, planner)
+            app.state.dispatcher = Dispatcher(cluster, driver, pool, app.state.metrics,
+                                              config.dispatch, app.state.request_mix,
+                                              app.state.health, app.state.admission)
             app.openai.dispatcher = app.state.dispatcher
             probes = (asyncio.create_task(app.state.health.run(client))
                       if config.health.interval_s > 0 else None)
@@ -171,10 +173,9 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 stats = asyncio.create_task(poll_engine_stats(cluster, client,
                                                               config.stats_interval_s))
             rebalance = None
-            if config.rebalance_interval_s > 0 and \
-                    hasattr(app.state.dispatcher.policy, "residents"):
+            if planner is not None and driver.tracks_residents:
                 rebalance = asyncio.create_task(rebalance_forever(
-                    app.state.dispatcher, default_planner(), config.rebalance_interval_s))
+                    app.state.dispatcher, config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
             if controller is not None:

@@ -23,7 +23,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+from core.driver import PolicyDriver
 from core.request import RequestInfo
+from core.routing import RoutingPolicy
 from core.workers import Role
 from router import jsonfast
 from router.admission import Admission, AdmissionConfig
@@ -32,7 +34,6 @@ from router.errors import GatewayError, clip
 from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
 from router.metrics import LOCAL, PD, GatewayMetrics
-from router.policy import RoutingPolicy
 from router.relay import StreamRelay, migratable
 from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
@@ -81,6 +82,30 @@ class UpstreamReply(Exception):
         return JsonReply(self.status, jsonfast.dumps(body), headers)
 
 
+def prefill_seconds(metrics: object, leg_s: float) -> float:
+    """The prefill leg's compute time: vLLM's own per-request split when the worker reports
+    it (`time_to_first_token_ms` = scheduled to first token), else the leg minus the queue
+    time it reports, else the whole leg (queueing included: a worker without
+    `--enable-per-request-metrics`)."""
+    if isinstance(metrics, dict):
+        ttft_ms = metrics.get("time_to_first_token_ms")
+        if isinstance(ttft_ms, int | float) and ttft_ms >= 0:
+            return ttft_ms / 1000
+        queue_ms = metrics.get("queue_time_ms")
+        if isinstance(queue_ms, int | float) and queue_ms >= 0:
+            return max(0.0, leg_s - queue_ms / 1000)
+    return leg_s
+
+
+def engine_seconds_per_token(metrics: object) -> float | None:
+    """vLLM's per-request mean inter-token time (first to last token), if reported."""
+    if isinstance(metrics, dict):
+        itl_ms = metrics.get("mean_itl_ms")
+        if isinstance(itl_ms, int | float) and itl_ms >= 0:
+            return itl_ms / 1000
+    return None
+
+
 def _prefill_body(body: dict, extra: dict | None = None) -> dict:
     out = {k: v for k, v in body.items() if k not in _PREFILL_ONLY_FIELDS}
     out.update(extra or {})
@@ -103,7 +128,7 @@ class _LegContext:
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
-    def __init__(self, cluster: Cluster, policy: RoutingPolicy, client: UpstreamPool,
+    def __init__(self, cluster: Cluster, driver: PolicyDriver, client: UpstreamPool,
                  metrics: GatewayMetrics, config: DispatchConfig,
                  mix: RequestMix | None = None, health: HealthMonitor | None = None,
                  admission: Admission | None = None) -> None:
@@ -111,7 +136,7 @@ class Dispatcher:
         self.health = health or HealthMonitor(cluster, HealthConfig(interval_s=0))
         self.admission = admission or Admission(AdmissionConfig(0, 0))
         self.mix = mix or RequestMix()
-        self.policy = policy
+        self.driver = driver
         self.client = client
         self.metrics = metrics
         self.config = config
@@ -125,6 +150,10 @@ class Dispatcher:
         self.stream_timeout = Timeouts(connect, idle=config.stream_idle_timeout_s)
         # headers and body of a non-streamed answer share one deadline
         self.request_timeout = Timeouts(connect, total=config.request_timeout_s)
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.driver.policy
 
     async def post(self, url: str, body: dict, headers: dict[str, str],
                    timeouts: Timeouts) -> UpstreamResponse:
@@ -188,44 +217,34 @@ class Dispatcher:
         `request_id` is the gateway's own unique id (the one workers see);
         `worker_headers` go to every worker request (e.g. `Authorization`)."""
         started = time.monotonic()
-        info = RequestInfo(request_id=request_id, prompt_tokens=req.prompt_tokens_estimate,
-                           max_tokens=req.max_tokens or 16, arrival_time=started,
-                           prompt_text=req.prompt_text)
-        self.feedback("observe_prompt", info.prompt_tokens)
+        info = self.driver.request(request_id, req.prompt_tokens_estimate, req.max_tokens,
+                                   started, req.prompt_text)
         leg = _LegContext(client_request_id, worker_headers or {})
         try:
             return await self._dispatch(req, info, started, leg)
         except BaseException:
-            self.feedback("observe_finished", request_id)
+            self.driver.finished(request_id)
             raise
-
-    def feedback(self, method: str, *args: object) -> None:
-        """Tell the policy what happened, if it learns from it (Arrow, DOPD, ARES)."""
-        hook = getattr(self.policy, method, None)
-        if hook is None:
-            return
-        try:
-            hook(*args)
-        except Exception:  # a policy's bookkeeping must never fail a request
-            log.exception("policy %s.%s failed", self.policy.name, method)
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
                         started: float, leg: _LegContext) -> Reply:
         request_id = info.request_id
         full = self.cluster.snapshot()
         snap = self.admission.with_room(full)  # workers at their queue bound take no legs
-        decode = self.policy.pick_decode(info, snap)
+        disaggregate = self.config.pd_enabled and req.body.get("n", 1) in (1, None)
+        route = self.driver.route(info, snap, disaggregate)
+        decode = route.decode
         if decode is None:
             if full.decode_candidates():
                 raise self.admission.no_decode_room()
             raise GatewayError(503, "no worker is ready to serve this request; retry shortly",
                                code="no_ready_worker", headers={"Retry-After": "1"})
         kv_params, first = None, None
-        if self.config.pd_enabled and req.body.get("n", 1) in (1, None):
-            prefill = self.policy.pick_prefill(info, snap)
-            if prefill is not None and prefill != decode:
-                kv_params, first = await self._prefill_leg(prefill, req, request_id, leg)
-        return await self._decode_leg(decode, req, request_id, kv_params, started, leg, first)
+        if route.prefill is not None:
+            kv_params, first = await self._prefill_leg(route.prefill, req, request_id, leg)
+            decode = self.driver.decode_after_prefill(info, decode,
+                                                      self.cluster.snapshot()) or decode
+        return await self._decode_leg(decode, req, info, kv_params, started, leg, first)
 
     def worker_headers(self, request_id: str, leg: _LegContext) -> dict[str, str]:
         return {**leg.headers, "X-Request-Id": request_id}
@@ -261,7 +280,8 @@ class Dispatcher:
         if not params:
             return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply"), None
         prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens") or tokens
-        self.feedback("observe_prefill", worker, prompt_tokens, time.monotonic() - leg_started)
+        self.driver.prefilled(worker, prompt_tokens,
+                              prefill_seconds(reply.get("metrics"), time.monotonic() - leg_started))
         return params, from_prefill_reply(req, reply)
 
     def _prefill_failed(self, worker: str, request_id: str, why: str) -> None:
@@ -270,12 +290,13 @@ class Dispatcher:
         self.metrics.leg_failures.labels("prefill", "local_prefill").inc()
         return None
 
-    async def _decode_leg(self, worker: str, req: ParsedRequest, request_id: str,
+    async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
                           kv_params: dict | None, started: float,
                           leg: _LegContext, first: FirstToken | None = None) -> Reply:
+        request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
-        tokens = req.prompt_tokens_estimate + (req.max_tokens or 16)
+        tokens = info.decode_tokens
         for _ in range(self.config.decode_attempts):
             body = dict(req.body)
             if kv_params:
@@ -326,9 +347,7 @@ class Dispatcher:
             kv_params = None  # whatever failed, the next attempt computes the prompt itself
             first = None
             if worker in tried:
-                nxt = self.policy.pick_decode(
-                    RequestInfo(request_id, req.prompt_tokens_estimate, req.max_tokens or 16),
-                    self.cluster.snapshot(), exclude=frozenset(tried))
+                nxt = self.driver.retry_decode(info, self.cluster.snapshot(), frozenset(tried))
                 if nxt is None:
                     break
                 worker = nxt
@@ -364,13 +383,14 @@ class Dispatcher:
             upstream.release()
         finally:
             self.cluster.end(worker, Role.DECODE, tokens)
-            self.feedback("observe_finished", request_id)
         try:
             body = jsonfast.loads(content)
             body.pop("kv_transfer_params", None)
         except (ValueError, AttributeError):
             raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
+        self.driver.finished(request_id, worker, self._resident(worker),
+                             engine_seconds_per_token(body.get("metrics")))
         self._record_usage(body.get("usage"))
         self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
             time.monotonic() - started)
@@ -390,16 +410,21 @@ class Dispatcher:
         e2e = time.monotonic() - started
         children = self.metrics.latency(req.route, req.model, mode, worker)
         children.e2e.observe(e2e)
+        per_token = engine_seconds_per_token(obs.metrics)
         if obs.ttft is not None:
             children.ttft.observe(obs.ttft)
             n = obs.completion_tokens
             if n > 1:
                 tpot = (e2e - obs.ttft) / (n - 1)
                 children.tpot.observe(tpot)
-                resident = self.cluster.view(worker).decode_tokens_in_flight
-                self.feedback("observe_decode", worker, resident, tpot)
+                if per_token is None:  # the worker reports no timings: the client's view
+                    per_token = tpot
         if obs.usage:
             self._record_usage(obs.usage)
         elif obs.content_events:  # no usage asked for: count what we relayed
             self.mix.record(req.prompt_tokens_estimate, obs.content_events)
-        self.feedback("observe_finished", request_id)
+        self.driver.finished(request_id, worker, self._resident(worker), per_token)
+
+    def _resident(self, worker: str) -> int:
+        view = self.cluster.snapshot().by_name(worker)
+        return view.decode_tokens_in_flight if view is not None else 0

@@ -8,9 +8,9 @@ import logging
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.exposition import filter_exposition
 from core.workers import WorkerState
 from router.cluster import Cluster
-from router.exposition import filter_exposition
 
 log = logging.getLogger("fulcrum.engine_stats")
 

@@ -17,6 +17,7 @@ JSON document.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -57,6 +58,32 @@ def _keyword_regex(keyword: str) -> str:
 _TYPE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile("|".join(_keyword_regex(k) for k in keywords)))
     for name, keywords in QUESTION_TYPES)
+_WORD = re.compile(r"\w+")
+
+
+Gate = tuple[str, bool, re.Pattern[str]]  # (word or substring, is a word, full regex)
+
+
+def _fast_matchers(keywords: tuple[str, ...]) -> tuple[frozenset[str], tuple[Gate, ...]]:
+    """A category's keywords as whole single words, looked up in the set of the text's
+    `\\w+` runs (`\\bkw\\b` matches exactly when `kw` is one of them), and the rest, each
+    searched only when a necessary condition holds: its first word is one of the text's
+    runs, or (no leading letter) the keyword occurs as a substring. Same answers as
+    `_TYPE_PATTERNS`, without scanning the text once per keyword."""
+    words = frozenset(k for k in keywords if _WORD.fullmatch(k))
+    gates = []
+    for k in keywords:
+        if k in words:
+            continue
+        first = _WORD.match(k.strip())
+        if first is not None:
+            gates.append((first.group(), True, re.compile(_keyword_regex(k))))
+        else:
+            gates.append((k.strip(), False, re.compile(_keyword_regex(k))))
+    return words, tuple(gates)
+
+
+_FAST_TYPES = tuple((name, *_fast_matchers(keywords)) for name, keywords in QUESTION_TYPES)
 OTHER_TYPE = "other"
 NON_ENGLISH_TYPE = "non_english"
 ALL_TYPES: tuple[str, ...] = (*(t for t, _ in QUESTION_TYPES), NON_ENGLISH_TYPE, OTHER_TYPE)
@@ -64,17 +91,23 @@ ALL_TYPES: tuple[str, ...] = (*(t for t, _ in QUESTION_TYPES), NON_ENGLISH_TYPE,
 DEFAULT_PROMPT_EDGES: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
 
+@functools.lru_cache(maxsize=4096)  # a request's text is classified again at each refresh
 def question_type(text: str | None) -> str:
     """A coarse task category from keywords (cheap, deterministic, language-naive)."""
     if not text:
         return OTHER_TYPE
     sample = text[:2000]
-    if sum(ord(ch) > 127 for ch in sample) > 0.3 * len(sample):
+    non_ascii = len(sample) - len(sample.encode("ascii", "ignore"))
+    if non_ascii > 0.3 * len(sample):
         return NON_ENGLISH_TYPE
     lowered = sample.lower()
-    for name, pattern in _TYPE_PATTERNS:
-        if pattern.search(lowered):
+    words = set(_WORD.findall(lowered))
+    for name, keywords, gates in _FAST_TYPES:
+        if not words.isdisjoint(keywords):
             return name
+        for gate, is_word, pattern in gates:
+            if (gate in words if is_word else gate in lowered) and pattern.search(lowered):
+                return name
     return OTHER_TYPE
 
 

@@ -1,35 +1,19 @@
 """Routing policies: pick a prefill worker and a decode worker for one request.
 
-A policy is a small class with two methods. It reads an immutable `ClusterSnapshot`
-and a `RequestInfo`, and returns a worker name (or None when nothing fits). The live
-gateway and the simulator call the very same objects.
+A policy subclasses `core.routing.RoutingPolicy`: two pick methods on an immutable
+`ClusterSnapshot` and a `RequestInfo`, returning a worker name (or None when nothing
+fits), plus the `core.feedback` hooks it learns from. The live gateway and the simulator
+drive the very same objects through `router.driver.PolicyDriver`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 from core.request import RequestInfo
+from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.ares import AresDecodePolicy
 from router.policies.arrow import ArrowRouting
 from router.policies.dopd_match import DOPDMatchPolicy
-
-
-@runtime_checkable
-class RoutingPolicy(Protocol):
-    """Chooses workers for the two legs of a P/D request."""
-
-    name: str
-
-    def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
-        """Name of the worker that computes the prompt's KV, or None to skip P/D."""
-        ...
-
-    def pick_decode(self, request: RequestInfo, cluster: ClusterSnapshot,
-                    exclude: frozenset[str] = frozenset()) -> str | None:
-        """Name of the worker that generates the output tokens, or None if none is usable."""
-        ...
 
 
 def _least_loaded(candidates: tuple[WorkerView, ...], leg: Role) -> WorkerView | None:
@@ -42,7 +26,7 @@ def _least_loaded(candidates: tuple[WorkerView, ...], leg: Role) -> WorkerView |
     return min(candidates, key=key)
 
 
-class LeastLoadedPolicy:
+class LeastLoadedPolicy(RoutingPolicy):
     """Baseline: the prefill worker with the fewest queued prompt tokens, the decode
     worker with the fewest running decodes. With no prefill pool it runs aggregated."""
 
@@ -58,7 +42,7 @@ class LeastLoadedPolicy:
         return chosen.name if chosen else None
 
 
-POLICIES: dict[str, type] = {
+POLICIES: dict[str, type[RoutingPolicy]] = {
     LeastLoadedPolicy.name: LeastLoadedPolicy,
     ArrowRouting.name: ArrowRouting,
     DOPDMatchPolicy.name: DOPDMatchPolicy,

@@ -213,7 +213,7 @@ class StreamRelay:
         log.info("migrated %s from %s to %s after %d tokens", self.request_id, source, target,
                  self._completion_before)
         self.d.metrics.migrations.inc()
-        self.d.feedback("observe_migrated", self.request_id, target)
+        self.d.driver.migrated(self.request_id, target)
 
     # -- relaying -------------------------------------------------------------------
     def _rewrite(self, raw: bytes, chunk: dict | None) -> bytes | None:
@@ -347,7 +347,7 @@ class StreamRelay:
                     events = self.obs.feed(data)
                     if self.obs.content_events - reported >= self.progress_every:
                         reported = self.obs.content_events
-                        self.d.feedback("observe_progress", self.request_id, reported)
+                        self.d.driver.progress(self.request_id, reported)
                     out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
                     if out:
                         yield b"".join(out)

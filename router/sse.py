@@ -26,6 +26,7 @@ class StreamObserver:
     first_token_at: float | None = None
     content_events: int = 0
     usage: dict | None = None
+    metrics: dict | None = None  # vLLM's per-request timings (--enable-per-request-metrics)
     saw_done: bool = False
     saw_error: bool = False
     _buffer: bytes = b""
@@ -72,6 +73,8 @@ class StreamObserver:
             self.saw_error = True
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+            if isinstance(chunk.get("metrics"), dict):
+                self.metrics = chunk["metrics"]
         if _has_content(chunk):
             self.content_events += 1
             if self.first_token_at is None:

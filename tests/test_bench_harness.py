@@ -82,7 +82,7 @@ def test_run_trace_records_streams_and_failures(fake_server):
              TraceEntry(0.05, BenchRequest("please FAIL", 2, 3)),
              TraceEntry(0.1, BenchRequest("again", 1, 4))]
     timelines, duration = asyncio.run(
-        run_trace(trace, Endpoint(url, "fake-model"), progress=False))
+        run_trace(trace, Endpoint(url, "fake-model", length_oracle=True), progress=False))
     ok = [t for t in timelines if t.success]
     assert [t.output_tokens for t in ok] == [5, 4]
     assert [len(t.chunk_times_s) for t in ok] == [5, 4]
@@ -103,7 +103,8 @@ def test_chat_endpoint(fake_server):
     url, bodies = fake_server
     trace = [TraceEntry(0.0, BenchRequest("hi", 1, 3))]
     timelines, _ = asyncio.run(
-        run_trace(trace, Endpoint(url, "fake-model", chat=True), progress=False))
+        run_trace(trace, Endpoint(url, "fake-model", chat=True, length_oracle=True),
+                  progress=False))
     assert timelines[0].success and timelines[0].output_tokens == 3
     assert bodies[-1]["max_completion_tokens"] == 3 and "messages" in bodies[-1]
 
@@ -114,7 +115,7 @@ def test_cli_writes_vllm_compatible_json_and_plots(fake_server, tmp_path):
                "--input-len", "16", "--output-len", "5", "--request-rate", "50",
                "--goodput", "ttft:5000", "tpot:1000", "--save-result", "--save-detailed",
                "--plot", "--result-dir", str(tmp_path), "--result-filename", "run.json",
-               "--no-progress"])
+               "--no-progress", "--length-oracle"])
     assert rc == 0
     result = json.loads((tmp_path / "run.json").read_text())
     for key in ("date", "backend", "model_id", "num_prompts", "request_rate", "burstiness",

@@ -203,7 +203,8 @@ def test_cli_policy_set_show_explain_watch(capsys):
     assert app.state.controller.policy.config.cooldown_s == 7.0
     capsys.readouterr()
     assert run_cli(app, "policy", "show") == 0
-    assert "cooldown_s" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "cooldown_s" in shown and "SLO TPOT ms" in shown and "50" in shown
     tick_controller(app)
     assert run_cli(app, "explain") == 0
     assert "ttft_target_s=1.0" in capsys.readouterr().out

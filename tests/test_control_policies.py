@@ -322,7 +322,7 @@ def test_dopd_forecast_stays_with_the_data_after_a_gap():
 
 NEED_KNOBS = {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 100.0,
               "prefill_utilization": 1.0, "decode_utilization": 1.0, "hysteresis": 0.3,
-              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0}
+              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0, "warmup_s": 0.0}
 
 
 def eight(n_prefill: int, **views: dict) -> ToyCluster:
@@ -508,3 +508,15 @@ def test_arrow_prefill_busy_fraction_bounds_what_prefill_gives_up():
     snap = replace(quiet(toy, 0.0, pressure=pressure(Role.DECODE, 5)), metrics=busy)
     assert policy.decide(snap) == []  # 0.8 x 4 / 3 = 1.07 > 0.9
     assert policy.last_note.numbers["prefill_utilization"] == pytest.approx(0.8)
+
+
+def test_dopd_does_not_shrink_decode_on_the_first_short_outputs():
+    # the first requests to finish are the short ones: for warmup_s the decode pool moves
+    # only on a queue, so an output mean of 2 tokens does not hand decode workers away
+    policy = DOPDController(DOPDConfig(**{**NEED_KNOBS, "warmup_s": 10.0}))
+    toy = eight(4)
+    # prefill needs 4.7 workers; the decode need counts as the 4 it has, not 0.2
+    assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 470, 2)) == []
+    assert policy.last_note.numbers["decode_need"] == pytest.approx(4.0)
+    assert toy.apply(policy, need_snapshot(toy, 11.0, 10.0, 470, 2))  # warmed up: it moves
+    assert toy.count(Role.PREFILL) == 5

@@ -2,6 +2,7 @@
 
 import pytest
 
+from core.feedback import ResidentRequest
 from core.request import RequestInfo
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.length_predictor import DecodeState, MeanLengthBaseline
@@ -11,7 +12,6 @@ from router.policies.ares import (
     MigrationCost,
     MigrationPlanner,
     RecomputeCost,
-    ResidentRequest,
 )
 from router.policies.latency_model import PrefillLatencyModel
 from router.policy import POLICIES

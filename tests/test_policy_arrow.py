@@ -5,10 +5,11 @@ from dataclasses import replace
 import pytest
 
 from core.request import RequestInfo
+from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 from router.policies.arrow import ArrowRouting, ArrowTargets
 from router.policies.latency_model import LatencyPriors
-from router.policy import POLICIES, RoutingPolicy, make_policy
+from router.policy import POLICIES, make_policy
 
 FLAT = LatencyPriors(prefill_a=0.0, prefill_b=1e-3, prefill_c=0.0, decode_m=1e-5, decode_c0=0.01)
 

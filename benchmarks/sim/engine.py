@@ -7,6 +7,14 @@ request finishes; step time is taken at the batch's mid-run context length (exac
 linear cost, and within a fraction of a percent for the roofline's max()). New work
 interrupts a macro step at the next step boundary, as a real engine would admit it.
 
+Per-token timing: every decode in an iteration gets one token at its end, so a request's
+inter-token gaps are the step times of the iterations it ran in. Each engine counts the
+steps slower than the time-between-tokens target (`tbt_limit_s`) as it goes; a request
+reads the counter when it joins and when it leaves, which gives its slow gaps exactly at
+O(1) cost, macro steps included. The gap log (end time, step time, gaps) feeds the ITL
+percentiles. A prefill chunk sharing a step stretches that step for every decode in it,
+which is how a stall behind a long prompt shows up.
+
 KV memory is reserved up front (prompt, plus output for a local decode) and freed when
 a request leaves; there is no preemption (documented simplification).
 
@@ -41,13 +49,18 @@ class SimRequest:
 
     __slots__ = ("rid", "arrival", "prompt", "output", "prefilled", "local_decode",
                  "prefill_worker", "decode_worker", "first_token", "finish", "finish_step",
-                 "kv_held", "failed", "info", "prefill_start")
+                 "kv_held", "failed", "info", "prefill_start", "max_tokens", "text", "moved",
+                 "prefill_done", "slow0", "first_step_slow", "slow_gaps")
 
-    def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
+    def __init__(self, rid: int, arrival: float, prompt: int, output: int,
+                 max_tokens: int | None = None, text: str | None = None) -> None:
         self.rid = rid
         self.arrival = arrival
         self.prompt = prompt
-        self.output = output
+        self.output = output  # the hidden true length: only the engine reads it
+        self.max_tokens = max_tokens  # what the client sent as its cap
+        self.text = text
+        self.moved = 0  # tokens generated before a migration (now part of `prompt`)
         self.prefilled = 0
         self.local_decode = False
         self.prefill_worker = -1
@@ -59,13 +72,19 @@ class SimRequest:
         self.failed = False
         self.info = None
         self.prefill_start = NAN
+        self.prefill_done = NAN  # end of the prefill leg (before KV transfer)
+        self.slow0 = 0           # engine's slow-step counter when decoding started
+        self.first_step_slow = 0  # the step that made the first token was slow (P/D)
+        self.slow_gaps = 0       # inter-token gaps above the tbt target
 
 
 @dataclass
 class EngineConfig:
     """vLLM scheduler limits (defaults of vLLM v1 on GPU)."""
 
-    max_num_seqs: int = 256
+    # vLLM's defaults for the OpenAI server on a >= 70 GiB GPU that is not an A100 (H100,
+    # H200): max_num_seqs 1024, max_num_batched_tokens 8192 (EngineArgs._set_default_args).
+    max_num_seqs: int = 1024
     token_budget: int = 8192  # max_num_batched_tokens with chunked prefill
     slai: SLAIConfig | None = None  # None: FCFS admission of waiting prefills
 
@@ -119,6 +138,10 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.busy_s = 0.0
+        # per-token timing (see module doc)
+        self.tbt_limit_s = math.inf
+        self.slow_steps = 0
+        self.gap_log: list[tuple[float, float, int]] = []  # (end, step_s, gaps)
 
     @property
     def n_running(self) -> int:
@@ -151,6 +174,7 @@ class Engine:
 
     # ---- planning ----------------------------------------------------------------------
     def _join(self, req: SimRequest, steps: int) -> None:
+        req.slow0 = self.slow_steps
         heapq.heappush(self.running, (self.step + steps, req.rid, req))
         req.finish_step = self.step + steps
         self.ctx_offset += req.prompt + req.output - steps - self.step
@@ -164,7 +188,9 @@ class Engine:
         else:
             step = self.step
             offset = self.ctx_offset
+            slow = self.slow_steps
             for req in first:
+                req.slow0 = slow
                 finish_step = step + req.output
                 _heappush(running, (finish_step, req.rid, req))
                 req.finish_step = finish_step
@@ -266,11 +292,19 @@ class Engine:
         running = self.running
         steps = p.steps
         step = self.step = self.step + steps
-        self.tokens_generated += len(running) * steps
+        n_tokens = len(running) * steps
+        self.tokens_generated += n_tokens
+        slow = p.step_s > self.tbt_limit_s
+        if slow:
+            self.slow_steps += steps
         if p.first_tokens:
             first_at = p.start + p.step_s
             for req in p.first_tokens:
                 req.first_token = first_at
+                req.first_step_slow = slow
+            n_tokens -= len(p.first_tokens)  # a first token ends no gap
+        if n_tokens > 0:
+            self.gap_log.append((now, p.step_s, n_tokens))
         prefilled: list[SimRequest] = []
         if p.chunks:
             done = 0
@@ -286,13 +320,31 @@ class Engine:
         finished: list[SimRequest] = []
         if running and running[0][0] <= step:
             offset = self.ctx_offset
+            slow_now = self.slow_steps
             while running and running[0][0] <= step:
                 req = _heappop(running)[2]
                 offset -= req.prompt + req.output - req.finish_step  # undo _join
                 req.finish = now
+                req.slow_gaps = slow_now - req.slow0 - req.first_step_slow
                 finished.append(req)
             self.ctx_offset = offset
         return prefilled, finished
+
+    def evict(self, req: SimRequest) -> int:
+        """Take a running decode out at this step boundary (no plan in flight), freeing its
+        KV; returns the tokens it generated so far in this run, or -1 if it is not running
+        here."""
+        running = self.running
+        i = next((k for k, entry in enumerate(running) if entry[2] is req), -1)
+        if i < 0:
+            return -1
+        running[i] = running[-1]
+        running.pop()
+        heapq.heapify(running)
+        self.ctx_offset -= req.prompt + req.output - req.finish_step  # undo _join
+        self.kv_used -= req.kv_held
+        req.kv_held = 0
+        return req.output - (req.finish_step - self.step)
 
     def join_local(self, req: SimRequest, steps: int, first_token_at: float | None) -> None:
         """Start decoding a request whose KV is already here (joins at this boundary)."""

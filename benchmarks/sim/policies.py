@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from core.routing import RoutingPolicy
 from instance_manager.controller.base import ControlPolicy
-from router.policy import RoutingPolicy, make_policy
+from router.policy import make_policy
 
 
 def _by_path(spec: str, **kwargs: Any) -> Any:

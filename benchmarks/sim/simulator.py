@@ -1,14 +1,29 @@
 """The discrete-event loop: arrivals, engine iterations, KV transfers, control ticks.
 
-Routing goes through a `router.policy.RoutingPolicy` (pick_prefill at arrival, pick_decode
-when the prompt's KV is ready, on a `ClusterSnapshot` of simulated state), role flips
-through an `instance_manager.controller.base.ControlPolicy` (decide(ControlSnapshot) every
-`control_interval_s`). Policies with `observe_prefill`, `observe_decode`, `observe_prompt`
-or `observe_finished` methods are fed the same measurements the live gateway sees.
+Routing goes through a `core.routing.RoutingPolicy` driven by `core.driver.PolicyDriver`,
+exactly as the live gateway drives it: at arrival `request` (observe_prompt) then `route`
+(pick_decode, then pick_prefill, on a `ClusterSnapshot` of simulated state); when the
+prompt's KV is ready `prefilled` (the engine's prefill time, queueing excluded) and
+`decode_after_prefill`; at the end `finished` (the request's mean inter-token time on its
+decode worker). Role flips go through an `instance_manager.controller.base.ControlPolicy`
+(decide(ControlSnapshot) every `control_interval_s`).
+
+No length oracle by default: a request carries the client's cap
+(`SimConfig.client_max_tokens`, a large one by default; None = no cap) and its true output
+length stays inside the engine; `length_oracle=True` sends the true length as `max_tokens`,
+as a benchmark with `ignore_eos` does.
 
 Flip pricing: `relabel` (Arrow-style: the worker takes new work of its new role at once,
 in-flight work finishes in the same batches) or `drain` (unroutable until in-flight work of
 the old role is gone); either way it is unroutable for `flip_rewarm_s` afterwards.
+Flip cost: `flip_rewarm_s` is the median re-warm time; `flip_rewarm_sigma` > 0 draws each
+flip's time from a log-normal around it (seeded, capped at `flip_rewarm_max_s`), to
+replay a measured distribution rather than one number.
+
+Timing per leg: `prefill_done` is the end of the prefill leg (arrival -> prefill on its
+worker, what the prefill worker's own TTFT measures and what control policies are fed
+for it); `first_token` is when the client sees the first token, after the KV transfer,
+decode admission and the first decode step in P/D.
 KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
 needs KV room on the decode worker before it starts.
 """
@@ -27,10 +42,11 @@ import numpy as np
 from benchmarks.arrivals import Trace
 from benchmarks.metrics import DEFAULT_PERCENTILES, SLO, summarize_arrays
 from benchmarks.sim.engine import Engine, EngineConfig, SimRequest
-from benchmarks.sim.fastinit import fast_constructor
 from benchmarks.sim.perf import PerfModel
 from benchmarks.sim.snapshots import SnapshotCache
-from core.request import RequestInfo
+from benchmarks.workload import DEFAULT_CLIENT_MAX_TOKENS
+from core.driver import PolicyDriver
+from core.routing import RoutingPolicy
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
 from instance_manager.controller.base import (
@@ -40,13 +56,10 @@ from instance_manager.controller.base import (
     WorkerMetrics,
 )
 from instance_manager.controller.scaling import ScaleAction
-from router.policy import RoutingPolicy
 from router.quantile import linear_quantile
 
-_make_info = fast_constructor(RequestInfo, ("request_id", "prompt_tokens", "max_tokens",
-                                             "arrival_time", "tbt_target_s", "prompt_text"))
 _heappush, _heappop = heapq.heappush, heapq.heappop
-ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE = range(5)
+ARRIVAL, ITER_END, XFER_DONE, CONTROL, FLIP_DONE, REBALANCE = range(6)
 
 
 @dataclass
@@ -61,6 +74,12 @@ class SimConfig:
     window_s: float = 10.0
     flip_mode: str = "relabel"
     flip_rewarm_s: float = 0.0
+    flip_rewarm_sigma: float = 0.0   # log-normal spread of the re-warm time (0: fixed)
+    flip_rewarm_max_s: float = math.inf
+    seed: int = 0                    # for sampled flip times
+    length_oracle: bool = False  # True: max_tokens = the true output length
+    client_max_tokens: int | None = DEFAULT_CLIENT_MAX_TOKENS  # the cap otherwise (None: none)
+    rebalance_interval_s: float = 2.0  # ARES migration planning, as the gateway's default
     spare: int = 0  # workers provisioned switched off, for scale actions to start
     start_time_s: float = 60.0  # from a scale-up to the new worker's first request
 
@@ -88,8 +107,13 @@ class SimResult:
     wall_s: float
     cpu_s: float
     busy_s: dict[str, float]
+    prefill_done: np.ndarray | None = None
+    slow_gaps: np.ndarray | None = None     # gaps above `tbt_limit_s`, per request
+    tbt_limit_s: float = math.inf
+    gap_log: np.ndarray | None = None       # rows (end time, gap s, count), all engines
     worker_seconds: float = 0.0  # time workers were on (starting included): the cost
     scales: list[tuple[float, str, str, str]] = field(default_factory=list)
+    migrations: list[tuple[float, str, str, str]] = field(default_factory=list)
 
     @property
     def ttft(self) -> np.ndarray:
@@ -106,16 +130,53 @@ class SimResult:
             return 0.0
         return float(np.nanmax(self.finish[ok]) - self.arrival.min())
 
+    def tbt_ok(self, tbt_ms: float) -> np.ndarray:
+        """Per request: its p99 inter-token gap (nearest rank) is <= tbt_ms."""
+        if self.slow_gaps is None or abs(self.tbt_limit_s - tbt_ms / 1000) > 1e-12:
+            raise ValueError(f"this run counted gaps above {self.tbt_limit_s * 1000} ms, "
+                             f"not {tbt_ms} ms: set SimConfig.slo.tbt_ms before running")
+        gaps = np.maximum(self.output_tokens - 1, 0)
+        return self.slow_gaps <= gaps // 100
+
     def metrics(self, slo: SLO | None = None,
-                percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
-        ok = ~self.failed
+                percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                warmup_s: float = 0.0) -> dict:
+        """vLLM-named metrics over requests arriving `warmup_s` or later after the first."""
+        keep = self.arrival >= self.arrival.min() + warmup_s if warmup_s > 0 else \
+            np.ones(self.arrival.size, dtype=bool)
+        ok = ~self.failed[keep]
+        arrival = self.arrival[keep]
+        finish = self.finish[keep]
+        done = ~np.isnan(finish) & ok
+        duration = float(np.nanmax(finish[done]) - arrival.min()) if done.any() else 0.0
+        ttft, latency = self.ttft[keep], self.latency[keep]
+        itls = weights = None
+        if self.gap_log is not None and self.gap_log.size:
+            log = self.gap_log[self.gap_log[:, 0] >= arrival.min()] if warmup_s > 0 \
+                else self.gap_log
+            if log.size:
+                itls, weights = log[:, 1], log[:, 2]
+        tbt_ok = None
+        if slo is not None and slo.tbt_ms is not None:
+            tbt_ok = self.tbt_ok(slo.tbt_ms)[keep]
         result = summarize_arrays(
-            duration_s=self.duration, prompt_tokens=self.prompt_tokens.astype(float),
-            output_tokens=self.output_tokens.astype(float), success=ok,
-            ttft_s=np.where(ok, self.ttft, 0.0), latency_s=np.where(ok, self.latency, 0.0),
-            slo=slo, percentiles=percentiles)
-        result["num_prompts"] = int(self.arrival.size)
+            duration_s=duration, prompt_tokens=self.prompt_tokens[keep].astype(float),
+            output_tokens=self.output_tokens[keep].astype(float), success=ok,
+            ttft_s=np.where(ok, ttft, 0.0), latency_s=np.where(ok, latency, 0.0),
+            itls_s=itls, itl_weights=weights, tbt_ok=tbt_ok, slo=slo,
+            percentiles=percentiles)
+        if self.prefill_done is not None:
+            leg = (self.prefill_done - self.arrival)[keep][ok]
+            handoff = (self.first_token - self.prefill_done)[keep][ok]
+            for name, values in (("ttft_prefill_leg", leg), ("ttft_handoff", handoff)):
+                values = values[~np.isnan(values)]
+                for p in (50, 90, 99):
+                    result[f"p{p}_{name}_ms"] = \
+                        float(np.percentile(values, p) * 1000) if values.size else None
+        result["num_prompts"] = int(keep.sum())
+        result["warmup_s"] = warmup_s
         result["flips"] = len(self.flips)
+        result["migrations"] = len(self.migrations)
         result["scale_actions"] = len(self.scales)
         result["worker_seconds"] = self.worker_seconds
         result["sim_events"] = self.events
@@ -143,22 +204,31 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
-        self._tbt = config.slo.tpot_ms / 1000 if config.slo.tpot_ms else None
+        self.tbt_limit_s = config.slo.tbt_ms / 1000 if config.slo.tbt_ms else math.inf
+        for e in self.engines:
+            e.tbt_limit_s = self.tbt_limit_s
+        self._rng = np.random.default_rng(config.seed)
+        slo = config.slo
+        self.driver = PolicyDriver(routing, SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
+                                                       tpot_s=(slo.tpot_ms or 100.0) / 1000))
         self.link_bytes_s = float(getattr(perf, "link_bytes_s", math.inf))
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
         self.kv_bytes = float(perf.kv_bytes_per_token)
-        self._obs_prefill = getattr(routing, "observe_prefill", None)
-        self._obs_decode = getattr(routing, "observe_decode", None)
-        self._obs_prompt = getattr(routing, "observe_prompt", None)
-        self._obs_finished = getattr(routing, "observe_finished", None)
+        if config.rebalance_interval_s > 0 and self.driver.tracks_residents:
+            from router.rebalance import default_planner  # the gateway's planner
+
+            self.driver.planner = default_planner()
+        self.migrations: list[tuple[float, str, str, str]] = []
+        self._evictions: dict[int, tuple[SimRequest, Engine]] = {}
+        self._reqs: list[SimRequest] = []
         self.roles: list[tuple[float, int, int]] = []
         self.flips: list[tuple[float, str, str, str]] = []
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
         # outputs are known when a request finishes (as the gateway's RequestMix sees them)
         self._recent_outputs: deque[tuple[float, int]] = deque()
-        pressure = getattr(routing, "pressure", None)
-        self._drain_pressure = getattr(pressure, "drain", None)
+        pressure = routing.pressure_log()
+        self._drain_pressure = pressure.drain if pressure is not None else None
         self._last_counters: dict[str, tuple[int, int, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
@@ -197,31 +267,28 @@ class Simulator:
 
     # ---- request life cycle ------------------------------------------------------------
     def _arrive(self, req: SimRequest, now: float) -> None:
-        info = req.info = _make_info(str(req.rid), req.prompt, req.output, now, self._tbt,
-                                     None)
-        if self._obs_prompt is not None:
-            self._obs_prompt(req.prompt)
+        info = req.info = self.driver.request(str(req.rid), req.prompt, req.max_tokens, now,
+                                              req.text)
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
-        snap = self.snapshot(now)
-        pname = self.routing.pick_prefill(info, snap)
-        if pname is None:
-            dname = self.routing.pick_decode(info, snap)
-            if dname is None:
-                return self._fail(req)
-            e = self.by_name[dname]
+        route = self.driver.route(info, self.snapshot(now))
+        if route.decode is None:
+            return self._fail(req)
+        d = self.by_name[route.decode]
+        if route.prefill is None:
+            e = d
             req.local_decode = True
             if req.prompt + req.output > e.kv_cap:
                 return self._fail(req)
-            req.decode_worker = e.idx
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += info.decode_tokens
         else:
-            e = self.by_name[pname]
+            e = self.by_name[route.prefill]
             if req.prompt > e.kv_cap:
                 return self._fail(req)
             e.in_flight_prefill += 1
             e.prefill_tokens_in_flight += req.prompt
+        req.decode_worker = d.idx  # chosen now; confirmed when the KV is ready
         req.prefill_worker = e.idx
         e.enqueue_prefill(req, now)
         self._changed(e)
@@ -230,22 +297,31 @@ class Simulator:
     def _fail(self, req: SimRequest) -> None:
         req.failed = True
         self._finished += 1
+        if req.info is not None:
+            self.driver.finished(req.info.request_id)
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self._obs_prefill is not None and req.prefill_start == req.prefill_start:
-            self._obs_prefill(e.name, req.prompt, now - req.prefill_start)
+        if req.moved:  # a migrated decode recomputed its context here: it continues
+            e.join_local(req, req.output - 1, now) if req.output > 1 else self._finish(e, req, now)
+            return
+        req.prefill_done = now
+        if self.control is not None:  # the prefill leg, as the prefill worker measures it
+            e.samples_ttft.append((now, now - req.arrival))
+        if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
+            self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
             self._start_local_decode(e, req, now)
             return
         e.in_flight_prefill -= 1
         e.prefill_tokens_in_flight -= req.prompt
-        dname = self.routing.pick_decode(req.info, self.snapshot(now))
+        dname = self.driver.decode_after_prefill(req.info, self.engines[req.decode_worker].name,
+                                                 self.snapshot(now))
         if dname is None or dname == e.name:
             req.local_decode = True
             req.kv_held += req.output
             e.kv_used += req.output
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.prompt + req.output
+            e.decode_tokens_in_flight += req.info.decode_tokens
             req.decode_worker = e.idx
             self._start_local_decode(e, req, now)
             return
@@ -256,22 +332,17 @@ class Simulator:
             return
         req.decode_worker = d.idx
         d.in_flight_decode += 1
-        d.decode_tokens_in_flight += req.prompt + req.output
+        d.decode_tokens_in_flight += req.info.decode_tokens
         d.decode_wait.append(req)
         self._changed(d)
         self._admit_pulls(d, now)
 
     def _start_local_decode(self, e: Engine, req: SimRequest, now: float) -> None:
         req.first_token = now
-        self._sample_ttft(e, req, now)
         if req.output <= 1:
             self._finish(e, req, now)
         else:
             e.join_local(req, req.output - 1, now)
-
-    def _sample_ttft(self, e: Engine, req: SimRequest, now: float) -> None:
-        if self.control is not None:
-            e.samples_ttft.append((now, now - req.arrival))
 
     def _admit_pulls(self, d: Engine, now: float) -> None:
         """Start KV pulls for waiting decodes while the decode worker has room."""
@@ -308,28 +379,27 @@ class Simulator:
         e.kv_used -= req.kv_held
         req.kv_held = 0
         e.in_flight_decode -= 1
-        e.decode_tokens_in_flight -= req.prompt + req.output
+        e.decode_tokens_in_flight -= req.info.decode_tokens
         e.requests_finished += 1
-        if self.control is not None and req.output > 1:
-            e.samples_itl.append((now, (now - req.first_token) / (req.output - 1)))
+        total = req.output + req.moved
+        per_token = (now - req.first_token) / (total - 1) if total > 1 else None
         if self.control is not None:
-            self._recent_outputs.append((now, req.output))
-        if self._obs_finished is not None:
-            self._obs_finished(req.info.request_id)
+            if per_token is not None:
+                e.samples_itl.append((now, per_token))
+            self._recent_outputs.append((now, total))
+        self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
 
     def _iteration_end(self, e: Engine, now: float) -> None:
         plan = e.plan
-        n = len(e.running)
         prefilled, finished = e.complete(now)
-        if self._obs_decode is not None and n and plan is not None and not plan.chunks:
-            self._obs_decode(e.name, e.ctx_total, plan.step_s)
-        if plan is not None and plan.first_tokens and self.control is not None:
-            for req in plan.first_tokens:
-                self._sample_ttft(self.engines[req.prefill_worker], req, req.first_token)
         for req in prefilled:
             self._prefill_done(e, req, now)
         for req in finished:
             self._finish(e, req, now)
+        if self._evictions and e.idx in self._evictions:
+            moving, target = self._evictions.pop(e.idx)
+            if moving.finish != moving.finish:  # still running: not finished meanwhile
+                self._migrate(e, moving, target, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
             self._views.mark(e.idx)
         if finished and e.decode_wait:
@@ -337,6 +407,62 @@ class Simulator:
         self._kick(e, now)
         if e.pending_role is not None:
             self._check_drained(e, now)
+
+    # ---- ARES rebalancing: the gateway's planner, driven the same way ------------------
+    def _rebalance_tick(self, now: float) -> None:
+        driver = self.driver
+        if driver.learns_progress:
+            for e in self.engines:
+                step = e.step
+                for finish_step, _, req in e.running:
+                    generated = req.moved + req.output - (finish_step - step)
+                    if generated > 0:
+                        driver.progress(req.info.request_id, generated)
+        reqs, by_name = self._reqs, self.by_name
+
+        def movable(worker: str, r: object) -> bool:
+            req = reqs[int(r.request_id)]  # type: ignore[attr-defined]
+            e = by_name.get(worker)
+            return (e is not None and req.decode_worker == e.idx and e.idx not in
+                    self._evictions and req.finish != req.finish and req.prefilled >= req.prompt
+                    and any(entry[2] is req for entry in e.running))
+
+        decoders = [w.name for w in self.snapshot(now).routable(Role.DECODE)]
+        decision = driver.plan_migration(decoders, movable)
+        if decision is None:
+            return
+        src, dst = by_name[decision.source], by_name[decision.target]
+        req = reqs[int(decision.request_id)]
+        if req.prompt + req.output > dst.kv_cap:
+            return
+        self._evictions[src.idx] = (req, dst)  # taken out at src's next step boundary
+        end = src.interrupt(now)
+        if end is not None:
+            self._push(end, ITER_END, src, src.version)
+
+    def _migrate(self, src: Engine, req: SimRequest, dst: Engine, now: float) -> None:
+        """Move a running decode: the target recomputes its context (prompt + generated,
+        a prefill priced by the engine model), then decodes the rest, as the gateway's
+        recompute migration does."""
+        generated = src.evict(req)
+        if generated < 0:
+            return
+        src.in_flight_decode -= 1
+        src.decode_tokens_in_flight -= req.info.decode_tokens
+        self._changed(src)
+        req.moved += generated
+        req.prompt += generated
+        req.output -= generated
+        req.prefilled = 0
+        req.local_decode = True
+        req.prefill_worker = req.decode_worker = dst.idx
+        dst.in_flight_decode += 1
+        dst.decode_tokens_in_flight += req.info.decode_tokens
+        dst.enqueue_prefill(req, now)
+        self.migrations.append((now, req.info.request_id, src.name, dst.name))
+        self.driver.migrated(req.info.request_id, dst.name)
+        self._changed(dst)
+        self._kick(dst, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
@@ -442,10 +568,18 @@ class Simulator:
         self._record_roles(now)
         self._rewarm(e, now)
 
+    def _rewarm_s(self) -> float:
+        cfg = self.config
+        if cfg.flip_rewarm_sigma <= 0 or cfg.flip_rewarm_s <= 0:
+            return cfg.flip_rewarm_s
+        drawn = cfg.flip_rewarm_s * math.exp(cfg.flip_rewarm_sigma * self._rng.standard_normal())
+        return min(drawn, cfg.flip_rewarm_max_s)
+
     def _rewarm(self, e: Engine, now: float) -> None:
-        if self.config.flip_rewarm_s > 0:
+        secs = self._rewarm_s()
+        if secs > 0:
             e.state = WorkerState.STARTING
-            self._push(now + self.config.flip_rewarm_s, FLIP_DONE, e, None)
+            self._push(now + secs, FLIP_DONE, e, None)
         else:
             e.state = WorkerState.READY
         self._changed_role_or_state(e)
@@ -491,6 +625,10 @@ class Simulator:
                 a.state = WorkerState.READY
                 self._changed_role_or_state(a)
                 self._kick(a, now)
+            elif kind == REBALANCE:
+                if self._finished < n:
+                    self._rebalance_tick(now)
+                    self._push(now + self.config.rebalance_interval_s, REBALANCE)
         return events
 
     # ---- main loop -----------------------------------------------------------------------
@@ -499,8 +637,15 @@ class Simulator:
         wall0 = time.perf_counter()
         cpu0 = time.process_time()
         n = len(trace)
-        reqs = [SimRequest(i, float(t), max(1, r.prompt_tokens), max(1, r.output_tokens))
-                for i, (t, r) in enumerate(trace)]
+        oracle, cap = self.config.length_oracle, self.config.client_max_tokens
+        reqs = []
+        for i, (t, r) in enumerate(trace):
+            out = max(1, r.output_tokens)
+            if not oracle and cap is not None:
+                out = min(out, cap)  # the engine stops at the client's cap
+            reqs.append(SimRequest(i, float(t), max(1, r.prompt_tokens), out,
+                                   out if oracle else cap, r.prompt or None))
+        self._reqs = reqs
         self._finish_count = [0] * n
         self._finished = 0
         self._on_since = {e.idx: 0.0 for e in self.engines if e.state != WorkerState.DEAD}
@@ -509,6 +654,9 @@ class Simulator:
         first_seq = self._seq
         if self.control is not None:
             self._push(self.config.control_interval_s, CONTROL)
+        if self.driver.planner is not None or self.driver.learns_progress:
+            if self.config.rebalance_interval_s > 0:
+                self._push(self.config.rebalance_interval_s, REBALANCE)
         events = self._loop(reqs, first_seq)
         end = max((r.finish for r in reqs if r.finish == r.finish), default=0.0)
         self.worker_seconds += sum(max(0.0, end - t) for t in self._on_since.values())
@@ -519,12 +667,17 @@ class Simulator:
             arrival=np.array([r.arrival for r in reqs]),
             first_token=np.array([r.first_token for r in reqs]),
             finish=np.array([r.finish for r in reqs]),
-            prompt_tokens=np.array([r.prompt for r in reqs]),
-            output_tokens=np.array([r.output for r in reqs]),
+            prompt_tokens=np.array([r.prompt - r.moved for r in reqs]),
+            output_tokens=np.array([r.output + r.moved for r in reqs]),
             failed=np.array([r.failed for r in reqs], dtype=bool),
             finish_count=np.array(self._finish_count, dtype=np.int64), roles=self.roles,
             flips=self.flips,
             events=events, wall_s=time.perf_counter() - wall0,
             cpu_s=time.process_time() - cpu0,
             busy_s={e.name: e.busy_s for e in self.engines},
-            worker_seconds=self.worker_seconds, scales=self.scales)
+            prefill_done=np.array([r.prefill_done for r in reqs]),
+            slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
+            tbt_limit_s=self.tbt_limit_s,
+            gap_log=np.array([row for e in self.engines for row in e.gap_log],
+                             dtype=float).reshape(-1, 3),
+            worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)

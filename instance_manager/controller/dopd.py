@@ -86,6 +86,9 @@ class DOPDConfig:
     """A move against the direction of the previous one waits this long after it."""
     max_flips_per_decision: int = 0
     """Cap on workers moved at once (0 = jump straight to the target)."""
+    warmup_s: float = 10.0
+    """For this long after the first traffic the decode pool moves only on a slot queue: the
+    first finished requests are the short ones, so the window's output length starts low."""
     max_extrapolation_s: float = 5.0
     """The trend extrapolates at most this far between two updates: after a gap (ticks
     that saw no finished request) a steep old trend must not fling the level past the
@@ -197,6 +200,7 @@ class DOPDController:
             for key in ("share", "prefill", "decode")}
         self._last_change_at: float | None = None
         self._last_direction: Role | None = None  # the pool that grew last time
+        self._first_traffic_at: float | None = None
 
     # -- the cost model ---------------------------------------------------------------
     def prefill_seconds(self, prompt_tokens: float) -> float:
@@ -251,6 +255,9 @@ class DOPDController:
             for w in pool(snapshot, Role.PREFILL) if w.in_flight_prefill > 0)
         backlog = backlog_s / snapshot.slo.ttft_s
         need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
+        start = self._first_traffic_at
+        if start is None or snapshot.time - start < cfg.warmup_s:
+            flow = float(len(pool(snapshot, Role.DECODE)))  # neither shrink nor grow on it
         return Needs(need_p, max(flow, queued), t_p, capacity, slots, backlog, queued > 0)
 
     # -- deciding ---------------------------------------------------------------------
@@ -263,6 +270,8 @@ class DOPDController:
         if isl is None or osl is None:
             self.last_note = PolicyNote("hold: no finished requests in the window", numbers)
             return []
+        if self._first_traffic_at is None:
+            self._first_traffic_at = snapshot.time
         numbers.update(mean_prompt_tokens=round(isl, 1), mean_output_tokens=round(osl, 1))
         rate = snapshot.arrival_rate_per_s
         if cfg.target == "need" and rate is not None:
@@ -352,5 +361,5 @@ class DOPDController:
 
 ROUND1_KNOBS = {"target": "share", "forecast": "holt", "forecast_horizon_s": 10.0,
                 "adjustment_interval_s": 10.0, "reverse_hold_s": 0.0,
-                "max_flips_per_decision": 1}
+                "max_flips_per_decision": 1, "warmup_s": 0.0}
 """Knobs that reproduce the round-1 policy (work-share target, one flip per interval)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from core.feedback import PolicyFeedback
 from core.pressure import PressureLog, SLOPressure
 from core.slo import SLOTargets
 from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction
@@ -169,10 +170,10 @@ class Controller:
             return f"refused: {exc}"
         return f"{record.outcome.value}: {record.detail}"
 
-    def listen(self, routing_policy: object) -> None:
+    def listen(self, routing_policy: PolicyFeedback) -> None:
         """Read the routing policy's SLO-pressure log each tick and tick early when it
         reports (policies without a log are ignored)."""
-        log_ = getattr(routing_policy, "pressure", None)
+        log_ = routing_policy.pressure_log()
         if isinstance(log_, PressureLog):
             self._pressure = log_.drain
             log_.sink = self.wake

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from core.feedback import ResidentRequest
+from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role
 from router.length_predictor import (
     LengthTracker,
@@ -36,16 +38,18 @@ if TYPE_CHECKING:
 class _Placed:
     worker: str
     tracker: LengthTracker
-    max_tokens: int
+    max_tokens: int | None
     migrations: int = 0
     counted: float = 0.0  # what this request adds to its worker's running total
 
     @property
     def predicted_remaining(self) -> float:
+        if self.max_tokens is None:
+            return self.tracker.estimate
         return min(self.tracker.estimate, max(0, self.max_tokens - self.tracker.generated))
 
 
-class AresDecodePolicy:
+class AresDecodePolicy(RoutingPolicy):
     """Decode placement by current + predicted remaining tokens; prefill least-loaded."""
 
     name = "ares"
@@ -102,7 +106,7 @@ class AresDecodePolicy:
             self._place(request_id, placed)
 
     def _features(self, request: RequestInfo) -> PromptFeatures:
-        return PromptFeatures(request.prompt_tokens, getattr(request, "prompt_text", None))
+        return PromptFeatures(request.prompt_tokens, request.prompt_text)
 
     # -- RoutingPolicy ----------------------------------------------------------------
     def pick_prefill(self, request: RequestInfo, cluster: ClusterSnapshot) -> str | None:
@@ -127,16 +131,6 @@ class AresDecodePolicy:
 
 # ---------------------------------------------------------------------------------------
 # Migration decision (design only: the mechanism is a later step)
-
-
-@dataclass(frozen=True)
-class ResidentRequest:
-    """One running decode as the planner sees it."""
-
-    request_id: str
-    context_tokens: int
-    predicted_remaining: float
-    migrations: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,5 +253,4 @@ __all__ = [
     "MigrationDecision",
     "MigrationPlanner",
     "RecomputeCost",
-    "ResidentRequest",
 ]

@@ -32,10 +32,12 @@ T being convex).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from core.pressure import PressureLog, PressureSink, SLOPressure
+from core.routing import RoutingPolicy
+from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import LatencyModelBook, LatencyPriors
 
@@ -59,7 +61,7 @@ class ArrowTargets:
     """Output length assumed for queueing when the request's cap is larger."""
 
 
-class ArrowRouting:
+class ArrowRouting(RoutingPolicy):
     """SLO-aware dispatch over per-worker latency models fitted online."""
 
     name = "arrow"
@@ -72,13 +74,20 @@ class ArrowRouting:
         self.pressure = PressureLog(pressure_sink)
 
     # -- feeding measured data ------------------------------------------------------
+    def pressure_log(self) -> PressureLog:
+        return self.pressure
+
+    def use_slo(self, slo: SLOTargets) -> None:
+        self.targets = replace(self.targets, ttft_s=slo.ttft_s, tpot_s=slo.tpot_s)
+
     def observe_prefill(self, worker: str, prompt_tokens: int, seconds: float) -> None:
         """One prefill's compute time on `worker` (queueing excluded)."""
         self.models.prefill(worker).observe(prompt_tokens, seconds)
 
-    def observe_decode(self, worker: str, resident_tokens: int, step_seconds: float) -> None:
-        """One decode step's (or inter-token interval's) time at `resident_tokens` load."""
-        self.models.decode(worker).observe(resident_tokens, step_seconds)
+    def observe_decode(self, worker: str, resident_tokens: int, seconds_per_token: float
+                       ) -> None:
+        """A finished request's time per output token at `resident_tokens` load."""
+        self.models.decode(worker).observe(resident_tokens, seconds_per_token)
 
     # -- predictions ------------------------------------------------------------------
     def predicted_ttft(self, worker: WorkerView, prompt_tokens: int) -> float:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerView
 from router.policies.latency_model import PrefillLatencyModel
 from router.quantile import linear_quantile
@@ -48,7 +49,7 @@ ROUND1_MATCH = DOPDMatchConfig(min_split_workers=2, spill_on_idle_only=True)
 """The round-1 behaviour: split any pool of two or more, spill only into an idle one."""
 
 
-class DOPDMatchPolicy:
+class DOPDMatchPolicy(RoutingPolicy):
     """Length-aware prefill sub-pools and footprint-balanced decode placement."""
 
     name = "dopd-match"
@@ -155,7 +156,8 @@ class DOPDMatchPolicy:
         pool = cluster.decode_candidates(exclude)
         if not pool:
             return None
-        footprint = request.prompt_tokens + min(request.max_tokens,
-                                                self.config.expected_output_tokens)
+        expected = self.config.expected_output_tokens
+        cap = request.max_tokens
+        footprint = request.prompt_tokens + (expected if cap is None else min(cap, expected))
         return min(pool, key=lambda w: (w.decode_tokens_in_flight + footprint,
                                         w.in_flight_decode, w.name)).name
