@@ -19,8 +19,8 @@ byte, finished the copy and when the engine noticed. vLLM's own per-request hist
 p10/p90 over rounds go to JSON, the stacked median breakdown to a PNG.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.pd_breakdown            # tiny, 500 in, 64 out
-    ... -m benchmarks.pd_breakdown --model default --dtype float32 --prompt-tokens 2000 \\
-        --connectors fulcrum --out benchmarks/results/pd_breakdown_smollm2_2000.json
+    ... -m benchmarks.pd_breakdown --model default --worker-arg=--dtype=float32 \\
+        --prompt-tokens 2000 --out benchmarks/results/pd_breakdown_smollm2_2000.json
 """
 
 from __future__ import annotations
@@ -138,8 +138,7 @@ class Cluster:
                "--side-channel-base-port", str(side), "--kv-connector", connector,
                "--max-model-len", str(args.max_model_len), "--kv-cache-gib", "1",
                "--log-dir", str(self.log_dir)]
-        for extra in args.worker_arg:
-            cmd += ["--worker-arg", extra]
+        cmd += [f"--worker-arg={extra}" for extra in args.worker_arg]  # values start with --
         env = dict(os.environ)
         env.update(kv.split("=", 1) for kv in args.env)
         env[TRACE_ENV] = str(self.trace)

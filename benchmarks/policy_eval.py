@@ -15,6 +15,7 @@ and mean TPOT). "best static" is, per seed, the best of the static splits run he
   slot/KV queueing in the decode prediction, several flips) and with the round-1 knobs;
 * `dopd` / `dopd-r1`: DOPD-match routing + the DOPD controller, now (need-based target,
   jump, 1-2 s decisions) and round 1 (work share, one flip per 10 s, old sub-pool rule);
+* `dopd-no-warmup`: `dopd` deciding on the first finished requests (`warmup_s=0`);
 * `static-kPnD`, `aggregated` (token budget 8192 and 512).
 
 DOPD's throughput constants and Arrow's prefill throughput come from the performance model
@@ -81,6 +82,8 @@ def systems(dopd: dict, arrow: dict, slo: SLO, statics: Sequence[int]) -> list[S
                lambda: DOPDController(DOPDConfig(**{**dopd, **DOPD_R1}))),
         System("dopd", half, half, lambda: DOPDMatchPolicy(DOPDMatchConfig()),
                lambda: DOPDController(DOPDConfig(**dopd))),
+        System("dopd-no-warmup", half, half, lambda: DOPDMatchPolicy(DOPDMatchConfig()),
+               lambda: DOPDController(DOPDConfig(**{**dopd, "warmup_s": 0.0}))),
     ]
     return out
 

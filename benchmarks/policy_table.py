@@ -25,11 +25,11 @@ from pathlib import Path
 
 from benchmarks.arrivals import Trace
 from benchmarks.metrics import SLO
-from benchmarks.sim.compare import workloads
 from benchmarks.sim.engine import EngineConfig
 from benchmarks.sim.perf import PerfModel, roofline
 from benchmarks.sim.policies import make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
+from benchmarks.sim.workloads import sharegpt_workload
 
 POLICIES = ("least-loaded", "arrow", "dopd-match", "ares")
 BASELINE = "least-loaded"
@@ -47,7 +47,8 @@ def rate_key(rate: float) -> str:
 
 def sharegpt_trace_maker(poisson_s: float, seed: int) -> Callable[[float], Trace]:
     """The comparison's ShareGPT Poisson workload: rate -> trace (deterministic per rate)."""
-    return workloads(phase_s=1.0, poisson_s=poisson_s, seed=seed)["sharegpt-poisson"]
+    workload = sharegpt_workload("sharegpt-poisson", poisson_s, 1.0)
+    return lambda rate: workload.make(rate, seed)
 
 
 def simulate(policy: str, trace: Trace, perf: PerfModel, slo: SLO, prefill: int,

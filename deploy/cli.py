@@ -48,6 +48,12 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
                        help="decide and explain, but never flip")
 
 
+def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-workers", type=int, default=1, metavar="N",
+                        help="gateway processes sharing the port (SO_REUSEPORT); process 0 "
+                             "runs the controller, the others follow its worker table")
+
+
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
     from core.slo import SLOTargets
     from router.app import ControlConfig
@@ -134,6 +140,29 @@ def _hardening_config(args: argparse.Namespace) -> dict:
     }
 
 
+_SECRET_OPTIONS = ("--api-key", "--worker-api-key")  # never on a command line (ps shows it)
+
+
+def _hardening_argv(args: argparse.Namespace) -> list[str]:
+    """`_add_hardening_args` options as given, for follower gateway processes (the keys
+    travel separately, see `_follower_secrets`)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_hardening_args(probe)
+    out: list[str] = []
+    for action in probe._actions:
+        if not action.option_strings or action.option_strings[0] in _SECRET_OPTIONS:
+            continue
+        flag, value = action.option_strings[0], getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            out += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            for item in value or ():
+                out += [flag, str(item)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def _state_file(port: int) -> Path:
     return cache_root() / "run" / f"gateway-{port}.json"
 
@@ -148,9 +177,56 @@ def _served_name(model_spec: str, resolved: str) -> str:
     return Path(resolved.rstrip("/")).name
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    import uvicorn
+def _gateway_sockets(args: argparse.Namespace):  # noqa: ANN202 - lazy imports
+    """The listening sockets, the peer settings and (leader of several) the run folder."""
+    from deploy import gateway_processes as gp
+    from router.peers import PeerConfig
 
+    follow = getattr(args, "follow", None)
+    if follow:
+        return [], PeerConfig(Path(follow), args.process_index), None
+    if args.gateway_workers <= 1:
+        return [], None, None
+    run_dir = gp.fresh_run_dir(args.port)
+    admin = gp.listen_socket("127.0.0.1", 0, reuse_port=False)
+    admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
+    return [admin], PeerConfig(run_dir, 0, admin_url=admin_url), run_dir
+
+
+def _follower_secrets(args: argparse.Namespace, run_dir: Path) -> tuple[list[str], dict]:
+    """API keys for followers: a private file in the run folder, and the environment."""
+    env = {}
+    if args.admin_token:
+        env["FULCRUM_ADMIN_TOKEN"] = args.admin_token
+    if args.worker_api_key:
+        env["FULCRUM_WORKER_API_KEY"] = args.worker_api_key
+    keys = list(args.api_key)
+    if not keys:
+        return [], env
+    path = run_dir / "api-keys"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(keys) + "\n")
+    return ["--api-key-file", str(path)], env
+
+
+def _serve(app: object, args: argparse.Namespace, sockets: list, run_dir: Path | None,
+           follower_args: list[str]) -> None:
+    """Serve `app`; as the leader of several processes, with the followers running."""
+    from deploy import gateway_processes as gp
+
+    several = args.gateway_workers > 1 or bool(getattr(args, "follow", None))
+    sockets = [gp.listen_socket(args.host, args.port, reuse_port=several), *sockets]
+    if run_dir is None:
+        gp.serve(app, sockets, _uvicorn_level(args))
+        return
+    secret_args, env = _follower_secrets(args, run_dir)
+    extra = [*follower_args, *secret_args, "--host", args.host, "--port", str(args.port)]
+    with gp.followers(args.gateway_workers - 1, run_dir, extra, env):
+        gp.serve(app, sockets, _uvicorn_level(args))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.local_cluster import ClusterOptions, PortsBusy, build_local_cluster
     from instance_manager.models import ModelNotAvailable, fetch_model, resolve_model
 
@@ -162,16 +238,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except (ModelNotAvailable, ValueError) as exc:
         print(f"fulcrum: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    sockets, peers, run_dir = _gateway_sockets(args)
     opts = ClusterOptions(
         model=model, served_model_name=args.served_model_name or _served_name(args.model, model),
         workers=args.workers, prefill_workers=args.prefill_workers, host=args.host,
         port=args.port, worker_base_port=args.worker_base_port,
         side_channel_base_port=args.side_channel_base_port, kv_connector=args.kv_connector,
         device=args.device, tensor_parallel_size=args.tensor_parallel_size, gpus=gpus,
-        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         policy=args.policy, log_dir=Path(args.log_dir), admin_token=args.admin_token,
         extra_worker_args=tuple(args.worker_arg or ()), control=_control_config(args),
-        **_hardening_config(args))
+        peers=peers, **_hardening_config(args))
     try:
         app, manager = build_local_cluster(opts)
     except PortsBusy as exc:
@@ -194,10 +271,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
                   f"{opts.log_dir}/", flush=True)
 
     app.state.on_workers_started = announce_when_ready
-    print(f"fulcrum: gateway on {url}, starting {opts.workers} worker(s) on "
-          f"{opts.served_model_name} (logs in {opts.log_dir}/) ...", flush=True)
+    print(f"fulcrum: gateway on {url} ({args.gateway_workers} process(es)), starting "
+          f"{opts.workers} worker(s) on {opts.served_model_name} (logs in {opts.log_dir}/) ...",
+          flush=True)
+    follower_args = ["--model", opts.served_model_name, "--policy", args.policy,
+                     *_hardening_argv(args)]
+    if args.kv_connector == "none":
+        follower_args.append("--no-pd")
     with _recorded(state, url, opts.log_dir):
-        uvicorn.run(app, host=args.host, port=args.port, log_level=_uvicorn_level(args))
+        _serve(app, args, sockets, run_dir, follower_args)
     return EXIT_OK
 
 
@@ -219,10 +301,10 @@ def _uvicorn_level(args: argparse.Namespace) -> str:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
+    from dataclasses import replace
 
     from core.workers import Role, WorkerState
-    from router.app import GatewayConfig, create_app
+    from router.app import ControlConfig, GatewayConfig, create_app
     from router.cluster import Cluster
 
     cluster = Cluster()
@@ -232,20 +314,32 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             raise SystemExit(f"fulcrum: --worker takes ROLE=URL with ROLE prefill|decode, "
                              f"got {item!r}")
         cluster.add(f"w{i}", url.rstrip("/"), Role(role), WorkerState.READY)
+    sockets, peers, run_dir = _gateway_sockets(args)
+    hardening = _hardening_config(args)
+    if args.no_pd:
+        hardening["dispatch"] = replace(hardening["dispatch"], pd_enabled=False)
     config = GatewayConfig(served_models=tuple(args.model), policy=args.policy,
-                           admin_token=args.admin_token, control=_control_config(args),
+                           admin_token=args.admin_token,
+                           control=ControlConfig() if args.follow else _control_config(args),
                            admin_open=args.host in ("127.0.0.1", "localhost", "::1"),
-                           **_hardening_config(args))
+                           peers=peers, **hardening)
     from deploy.worker_cli import discovery_supervisor
 
     app = None
-    supervisor = discovery_supervisor(args, lambda: app.state.registry)
+    supervisor = None if args.follow else discovery_supervisor(args, lambda: app.state.registry)
     app = create_app(config, cluster, supervisor=supervisor)
+    follower_args = [a for m in args.model for a in ("--model", m)]
+    follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
+    follower_args += _hardening_argv(args)
+    if args.follow:  # a follower: the leader records the gateway and says where it is
+        _serve(app, args, sockets, None, follower_args)
+        return EXIT_OK
     url = f"http://{args.host}:{args.port}"
-    print(f"fulcrum: gateway on {url} over {len(args.worker)} external worker(s)"
+    print(f"fulcrum: gateway on {url} over {len(args.worker)} external worker(s), "
+          f"{args.gateway_workers} process(es)"
           + (f", discovering {args.k8s_selector!r} pods" if supervisor else ""), flush=True)
     with _recorded(_state_file(args.port), url, None):
-        uvicorn.run(app, host=args.host, port=args.port, log_level=_uvicorn_level(args))
+        _serve(app, args, sockets, run_dir, follower_args)
     return EXIT_OK
 
 
@@ -403,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "that many GPUs in CUDA_VISIBLE_DEVICES")
     up.add_argument("--gpus", default=None, metavar="IDS",
                     help="comma-separated GPU ids to hand out (default: 0, 1, ...)")
+    up.add_argument("--dtype", default="auto",
+                    help="vLLM --dtype for the workers; 'auto': float32 on a CPU without "
+                         "native bf16 (avx512_bf16/amx_bf16), else the model's own")
     up.add_argument("--download", action="store_true",
                     help="fetch a Hugging Face model that is not in the local cache (needs "
                          "network; off by default: workers never go online)")
@@ -416,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token for /admin (required to use it off loopback)")
     up.add_argument("--worker-arg", action="append",
                     help="extra argument passed to every vLLM worker (repeatable)")
+    _add_gateway_workers_arg(up)
     _add_control_args(up)
     _add_hardening_args(up)
     up.set_defaults(func=_cmd_up)
@@ -433,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_policy(gw)
     gw.add_argument("--admin-token", default=os.environ.get("FULCRUM_ADMIN_TOKEN"),
                     help="bearer token for /admin (required to use it off loopback)")
+    _add_gateway_workers_arg(gw)
+    gw.add_argument("--no-pd", action="store_true", help="never split a request into P/D legs")
+    gw.add_argument("--follow", default=None, help=argparse.SUPPRESS)  # a follower's run dir
+    gw.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     _add_control_args(gw)
     _add_hardening_args(gw)
     gw.set_defaults(func=_cmd_gateway)

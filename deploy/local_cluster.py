@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +12,18 @@ from fastapi import FastAPI
 from core.workers import Role
 from deploy.ports import busy_ports, kv_port_for
 from instance_manager.manager import InstanceManager, SupervisorConfig
-from instance_manager.worker_process import WorkerSpec
+from instance_manager.worker_process import WorkerSpec, choose_dtype
 from kv_transfer.settings import worker_kv_settings
 from router.admission import AdmissionConfig
 from router.app import ControlConfig, GatewayConfig, create_app
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from router.health import HealthConfig
+from router.peers import PeerConfig
 from router.security import AuthConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("fulcrum.cluster")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ClusterOptions:
     side_channel_base_port: int | None = None  # None: each worker's port + 1000
     kv_connector: str = "fulcrum"
     device: str = "cpu"
+    dtype: str = "auto"
     tensor_parallel_size: int = 1  # GPUs per worker
     gpus: tuple[int, ...] | None = None  # GPU ids to hand out (default 0, 1, ...)
     max_model_len: int | None = None
@@ -53,6 +57,7 @@ class ClusterOptions:
     admission: AdmissionConfig = AdmissionConfig()
     health: HealthConfig = HealthConfig()
     auth: AuthConfig = AuthConfig()  # its worker_api_key also starts workers with --api-key
+    peers: PeerConfig | None = None  # the leading one of several gateway processes
 
 
 def initial_roles(names: list[str], prefill_workers: int | None,
@@ -86,6 +91,10 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
     """One spec per worker: ports, core or GPU, KV settings and log file."""
     cores = os.cpu_count() or 1
     base = opts.worker_base_port or opts.port + 1
+    dtype = choose_dtype(opts.device, opts.dtype)
+    if dtype and opts.dtype == "auto":
+        log.info("this CPU has no native bf16 (avx512_bf16/amx_bf16): workers run in %s "
+                 "(--dtype overrides)", dtype)
     specs = []
     gpus = (gpu_ranges(opts.workers, opts.tensor_parallel_size, opts.gpus)
             if opts.device == "gpu" else [()] * opts.workers)
@@ -100,7 +109,7 @@ def worker_specs(opts: ClusterOptions) -> list[WorkerSpec]:
             device=opts.device,
             cpu_core=(i % cores) if opts.device == "cpu" else None,
             gpu_ids=gpus[i], tensor_parallel_size=opts.tensor_parallel_size,
-            max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib,
+            max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, dtype=dtype,
             extra_args=opts.extra_worker_args, api_key=opts.auth.worker_api_key))
     return specs
 
@@ -150,7 +159,7 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
                            dispatch=dispatch, admin_token=opts.admin_token,
                            admin_open=opts.host in LOOPBACK, control=opts.control,
                            max_body_mb=opts.max_body_mb, admission=opts.admission,
-                           health=opts.health, auth=opts.auth)
+                           health=opts.health, auth=opts.auth, peers=opts.peers)
     app = create_app(config, cluster, supervisor=manager)
     app.state.manager = manager
     for spec in specs:  # `fulcrum worker remove` drains these, then the manager stops them

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.exposition import filter_exposition
 from core.slo import SLOTargets
 from core.workers import ClusterSnapshot, Role, WorkerState
 from instance_manager.controller.base import ControlSnapshot, WorkerMetrics
@@ -39,6 +40,7 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 SUMMED_GAUGES = (RUNNING, WAITING)
 AVERAGED_GAUGES = (KV_USAGE,)
+_NAMES = HISTOGRAMS + COUNTERS + SUMMED_GAUGES + AVERAGED_GAUGES
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,10 @@ def parse_metrics(text: str) -> EngineStats:
     hist_count: dict[str, float] = {}
     counters: dict[str, float] = {}
     gauge_values: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
+    wanted = filter_exposition(text, _NAMES)
+    if text.strip() and not wanted.strip():
+        raise ValueError("none of the vLLM metrics Fulcrum reads is on the page")
+    for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             name, value = sample.name, float(sample.value)
             if name.endswith("_bucket") and name[: -len("_bucket")] in HISTOGRAMS:
@@ -252,7 +257,11 @@ class MetricsCollector:
     def observe(self, name: str, text: str, at: float | None = None) -> tuple[
             WorkerMetrics, WindowDelta | None]:
         """Feed one worker's `/metrics` text; returns its metrics and its window delta."""
-        stats = parse_metrics(text)
+        return self.observe_stats(name, parse_metrics(text), at)
+
+    def observe_stats(self, name: str, stats: EngineStats, at: float | None = None) -> tuple[
+            WorkerMetrics, WindowDelta | None]:
+        """`observe` for a text already parsed (see `parse_metrics`)."""
         window = self._windows.setdefault(name, _WorkerWindow())
         delta = window.add(_Scrape(self._clock() if at is None else at, stats), self.window_s)
         return worker_metrics(name, stats, delta), delta
@@ -264,10 +273,10 @@ class MetricsCollector:
             del self._windows[name]
             self.errors.pop(name, None)
 
-    async def _fetch(self, client: httpx.AsyncClient, url: str) -> str:
+    async def _fetch(self, client: httpx.AsyncClient, url: str) -> EngineStats:
         response = await client.get(url.rstrip("/") + "/metrics", timeout=self.timeout_s)
         response.raise_for_status()
-        return response.text
+        return await asyncio.to_thread(parse_metrics, response.text)  # off the event loop
 
     async def scrape_once(self, cluster: ClusterSnapshot,
                           client: httpx.AsyncClient) -> ControlSnapshot:
@@ -278,18 +287,17 @@ class MetricsCollector:
         self.forget(w.name for w in cluster.workers)
         live = [w for w in cluster.workers if w.state in (WorkerState.READY, WorkerState.DRAINING)]
         texts = await asyncio.gather(*(self._fetch(client, w.url) for w in live),
-                                     return_exceptions=True)
+                                     return_exceptions=True)  # parsed, or the exception
         metrics: dict[str, WorkerMetrics] = {}
         deltas: dict[Role, list[WindowDelta]] = {Role.PREFILL: [], Role.DECODE: []}
-        for worker, text in zip(live, texts, strict=True):
-            if isinstance(text, BaseException):
-                self.errors[worker.name] = f"{type(text).__name__}: {text}"
+        for worker, stats in zip(live, texts, strict=True):
+            if isinstance(stats, ValueError):
+                self.errors[worker.name] = f"unparsable /metrics: {stats}"
                 continue
-            try:
-                metrics[worker.name], delta = self.observe(worker.name, text)
-            except ValueError as exc:
-                self.errors[worker.name] = f"unparsable /metrics: {exc}"
+            if isinstance(stats, BaseException):
+                self.errors[worker.name] = f"{type(stats).__name__}: {stats}"
                 continue
+            metrics[worker.name], delta = self.observe_stats(worker.name, stats)
             self.errors.pop(worker.name, None)
             if delta is not None:
                 deltas[worker.role].append(delta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -22,6 +23,37 @@ from pathlib import Path
 from kv_transfer.settings import KVSettings
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+log = logging.getLogger("fulcrum.worker")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU feature flags of `/proc/cpuinfo` (empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def choose_dtype(device: str, requested: str = "auto",
+                 flags: frozenset[str] | None = None) -> str | None:
+    """The `--dtype` to give vLLM: what was asked for, or on a CPU without native bf16
+    (no avx512_bf16/amx_bf16) float32, since vLLM would otherwise emulate the model's
+    bf16 and run several times slower. None: let vLLM pick (the model's own dtype)."""
+    if requested != "auto":
+        return requested
+    if device != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if any(f in flags for f in _NATIVE_BF16_FLAGS):
+        return None
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -42,6 +74,7 @@ class WorkerSpec:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     kv_cache_gib: int = 1
+    dtype: str | None = None  # vLLM's --dtype; None: the model's own (see `choose_dtype`)
     extra_args: tuple[str, ...] = ()
     api_key: str | None = None  # vLLM's --api-key: /v1/* then needs it
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -64,6 +97,8 @@ class WorkerSpec:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.tensor_parallel_size > 1:
             cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
         return cmd + self.kv.cli_args() + list(self.extra_args)
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:

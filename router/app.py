@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from core.driver import PolicyDriver
 from core.slo import SLOTargets
 from core.workers import Role
+from instance_manager.controller.base import ControlSnapshot
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.metrics import ControllerMetrics
 from instance_manager.controller.registry import make_control_policy
@@ -30,20 +30,20 @@ from router import admin, admin_control
 from router.admin_workers import install_worker_registry
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
-from router.dispatch import DispatchConfig, Dispatcher, UpstreamReply
+from router.dispatch import DispatchConfig, Dispatcher
 from router.engine_stats import poll_engine_stats
 from router.error_handlers import BodyLimitMiddleware, install_error_handlers
-from router.errors import GatewayError
 from router.health import HealthCollector, HealthConfig, HealthMonitor
-from router.limits import client_request_id, new_request_id, read_limited
-from router.metrics import ERROR, GatewayMetrics
+from router.metrics import GatewayMetrics
+from router.openai_asgi import OpenAIEndpoints, Receive, Scope, Send, is_openai_request
 from router.openapi_schemas import request_body_schema
+from router.peers import AdminForwarder, PeerConfig, PeerSync
 from router.policy import make_policy
 from router.rebalance import default_planner, rebalance_forever
 from router.request_mix import RequestMix
 from router.security import AuthConfig
-from router.streaming import ProxyStreamResponse
-from router.validation import CHAT, COMPLETIONS, ParsedRequest, parse_request
+from router.upstream import UpstreamPool
+from router.validation import CHAT, COMPLETIONS
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -85,6 +85,7 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    peers: PeerConfig | None = None  # one of several processes (`--gateway-workers`)
 
     @property
     def max_body_bytes(self) -> int:
@@ -97,43 +98,86 @@ def _make_controller(control: ControlConfig, flips: FlipCoordinator,
         return None
     policy = make_control_policy(control.policy, **dict(control.knobs))
     collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
-    return Controller(collector, flips, policy, interval_s=control.interval_s,
-                      advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
-                      request_mix=mix.means)
+    controller = Controller(collector, flips, policy, interval_s=control.interval_s,
+                            advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
+                            request_mix=mix.means)
+    controller.on_snapshot = lambda snap: _store_engine_gauges(flips.cluster, snap)
+    return controller
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+def _store_engine_gauges(cluster: Cluster, snapshot: ControlSnapshot) -> None:
+    for name, m in snapshot.metrics.items():
+        cluster.set_engine_stats(name, kv_cache_usage=m.kv_cache_usage,
+                                 num_running=m.num_running, num_waiting=m.num_waiting)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI for admin, health, metrics and OpenAPI; the OpenAI request routes take
+    the lean path (`router.openai_asgi`)."""
+
+    openai: OpenAIEndpoints
+    forward_admin: AdminForwarder | None = None  # set on follower processes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_openai_request(scope):
+            await self.openai(scope, receive, send)
+        elif self.forward_admin is not None and scope["type"] == "http" and \
+                scope["path"].startswith("/admin"):
+            await self.forward_admin(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+class _LeanPath(Response):
+    """Hands a request FastAPI routed (OpenAPI tooling, mounted apps) to the lean path."""
+
+    def __init__(self, endpoint: OpenAIEndpoints) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
 
 
 def create_app(config: GatewayConfig, cluster: Cluster,
-               supervisor: WorkerSupervisor | None = None) -> FastAPI:
+               supervisor: WorkerSupervisor | None = None) -> GatewayApp:
     """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
-            app.state.client = client
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
+                UpstreamPool() as pool:
+            app.state.client = client  # control plane: probes, scrapes, admin forwarding
             planner = default_planner() if config.rebalance_interval_s > 0 else None
             driver = PolicyDriver(make_policy(config.policy), config.control.slo, planner)
-            app.state.dispatcher = Dispatcher(cluster, driver, client, app.state.metrics,
+            app.state.dispatcher = Dispatcher(cluster, driver, pool, app.state.metrics,
                                               config.dispatch, app.state.request_mix,
                                               app.state.health, app.state.admission)
+            app.openai.dispatcher = app.state.dispatcher
             probes = (asyncio.create_task(app.state.health.run(client))
                       if config.health.interval_s > 0 else None)
-            stats = asyncio.create_task(poll_engine_stats(cluster, client,
-                                                          config.stats_interval_s))
+            controller = app.state.controller
+            follower = config.peers is not None and not config.peers.leader
+            peers = None
+            if config.peers is not None:
+                sync = PeerSync(cluster, config.peers)
+                peers = asyncio.create_task(sync.run())
+                if follower:
+                    app.forward_admin = AdminForwarder(sync, client)
+                    if not await sync.wait_for_leader(60.0):
+                        log.warning("no leading gateway process after 60 s; serving anyway")
+            stats = None
+            # One scraper per worker: the controller's scrapes feed the gauges when it
+            # runs, and followers take them from the leader.
+            if controller is None and not follower:
+                stats = asyncio.create_task(poll_engine_stats(cluster, client,
+                                                              config.stats_interval_s))
             rebalance = None
             if planner is not None and driver.tracks_residents:
                 rebalance = asyncio.create_task(rebalance_forever(
                     app.state.dispatcher, config.rebalance_interval_s))
             hook = getattr(app.state, "on_workers_started", None)
             announcer = None
-            controller = app.state.controller
             if controller is not None:
                 controller.listen(app.state.dispatcher.policy)
             control_loop = asyncio.create_task(controller.run(client)) if controller else None
@@ -144,7 +188,10 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             try:
                 yield
             finally:
-                stats.cancel()
+                if stats is not None:
+                    stats.cancel()
+                if peers is not None:
+                    peers.cancel()
                 if probes is not None:
                     probes.cancel()
                 if rebalance is not None:
@@ -156,7 +203,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 if supervisor is not None:
                     await supervisor.stop()
 
-    app = FastAPI(title="Fulcrum gateway", lifespan=lifespan)
+    app = GatewayApp(title="Fulcrum gateway", lifespan=lifespan)
     app.state.cluster = cluster
     app.state.health = HealthMonitor(cluster, config.health)
     app.state.admission = Admission(config.admission)
@@ -186,68 +233,18 @@ def create_app(config: GatewayConfig, cluster: Cluster,
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
                        count=count_refused)
-    admission: Admission = app.state.admission
-
-    async def serve(request: Request, route: str) -> Response:
-        metrics: GatewayMetrics = app.state.metrics
-        request_id = new_request_id()  # ours: unique, what workers and /admin see
-        client_id = client_request_id(request.headers.get("x-request-id"))
-        headers = {"X-Request-Id": client_id or request_id, "X-Fulcrum-Request-Id": request_id}
-        started = time.monotonic()
-        parsed: ParsedRequest | None = None
-        admitted = False
-        try:
-            admission.enter()  # first: overload is answered before the body is read
-            admitted = True
-            authorization = request.headers.get("authorization")
-            config.auth.check_client(authorization)
-            raw = await read_limited(request.stream(), request.headers.get("content-length"),
-                                     config.max_body_bytes)
-            parsed = parse_request(route, raw, config.served_models)
-            del raw  # one copy of the body from here on: the parsed one
-            work = asyncio.ensure_future(app.state.dispatcher.dispatch(
-                parsed, request_id, client_id, config.auth.worker_headers(authorization)))
-            gone = asyncio.ensure_future(_wait_for_disconnect(request))
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                log.info("client left before a reply; aborted %s", request_id)
-                metrics.count_request(route, 499)
-                admission.leave()
-                return Response(status_code=499)
-            gone.cancel()
-            response = work.result()
-            response.headers.update(headers)
-        except GatewayError as exc:
-            response = exc.response(headers)
-        except UpstreamReply as exc:
-            response = exc.response(headers)
-        except Exception as exc:  # never a bare 500: OpenAI-shaped and counted
-            log.error("unexpected error serving %s: %r", request_id, exc, exc_info=exc)
-            response = GatewayError(500, "internal error in the gateway",
-                                    code="internal_error").response(headers)
-        if admitted:
-            if isinstance(response, ProxyStreamResponse):
-                response.also_on_close(admission.leave)  # the slot lasts as long as the stream
-            else:
-                admission.leave()
-        metrics.count_request(route, response.status_code)
-        if response.status_code != 200:
-            model = parsed.model if parsed is not None else ""
-            metrics.latency(route, model, ERROR, "").e2e.observe(time.monotonic() - started)
-        return response
+    app.openai = OpenAIEndpoints(config.served_models, app.state.metrics,
+                                 app.state.admission, config.auth, config.max_body_bytes)
 
     models_list = list(config.served_models)
 
     @app.post(COMPLETIONS, openapi_extra=request_body_schema(COMPLETIONS, models_list))
     async def completions(request: Request) -> Response:
-        return await serve(request, COMPLETIONS)
+        return _LeanPath(app.openai)
 
     @app.post(CHAT, openapi_extra=request_body_schema(CHAT, models_list))
     async def chat_completions(request: Request) -> Response:
-        return await serve(request, CHAT)
+        return _LeanPath(app.openai)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -26,6 +26,9 @@ class Cluster:
 
     def __init__(self) -> None:
         self._records: dict[str, _WorkerRecord] = {}
+        # Other gateway processes' legs per worker: (prefill, decode, prefill tokens,
+        # decode tokens); see router/peers.py. Views include them.
+        self._peer_load: dict[str, tuple[int, int, int, int]] = {}
 
     def add(self, name: str, url: str, role: Role,
             state: WorkerState = WorkerState.STARTING) -> None:
@@ -38,18 +41,47 @@ class Cluster:
         return list(self._records)
 
     def view(self, name: str) -> WorkerView:
-        return self._records[name].view
+        return self._with_peers(self._records[name].view)
 
     def record(self, name: str) -> _WorkerRecord:
         return self._records[name]
 
     def snapshot(self) -> ClusterSnapshot:
+        if self._peer_load:
+            return ClusterSnapshot(tuple(self._with_peers(r.view)
+                                         for r in self._records.values()))
         return ClusterSnapshot(tuple(r.view for r in self._records.values()))
+
+    def _with_peers(self, view: WorkerView) -> WorkerView:
+        peer = self._peer_load.get(view.name)
+        if not peer:
+            return view
+        out = object.__new__(WorkerView)
+        out.__dict__.update(view.__dict__,
+                            in_flight_prefill=view.in_flight_prefill + peer[0],
+                            in_flight_decode=view.in_flight_decode + peer[1],
+                            prefill_tokens_in_flight=view.prefill_tokens_in_flight + peer[2],
+                            decode_tokens_in_flight=view.decode_tokens_in_flight + peer[3])
+        return out
+
+    def set_peer_load(self, load: dict[str, tuple[int, int, int, int]]) -> None:
+        """Other gateway processes' in-flight legs and tokens, per worker."""
+        self._peer_load = {k: v for k, v in load.items() if any(v)}
+
+    def own_load(self) -> dict[str, tuple[int, int, int, int]]:
+        """This process's own in-flight legs and tokens, per worker."""
+        return {name: (v.in_flight_prefill, v.in_flight_decode, v.prefill_tokens_in_flight,
+                       v.decode_tokens_in_flight)
+                for name, v in ((n, r.view) for n, r in self._records.items())}
 
     def _update(self, name: str, **changes: object) -> None:
         rec = self._records.get(name)
         if rec is not None:
-            rec.view = replace(rec.view, **changes)
+            # `dataclasses.replace` without its per-call field introspection: this runs
+            # twice per request leg. WorkerView has no __post_init__ to skip.
+            view = object.__new__(WorkerView)
+            view.__dict__.update(rec.view.__dict__, **changes)
+            rec.view = view
 
     def set_state(self, name: str, state: WorkerState) -> None:
         self._update(name, state=state)

@@ -18,19 +18,16 @@ token is streamed to the client first and the decode leg continues after it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
 
-import httpx
-from fastapi.responses import JSONResponse, Response
-
 from core.driver import PolicyDriver
 from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.workers import Role
+from router import jsonfast
 from router.admission import Admission, AdmissionConfig
 from router.cluster import Cluster
 from router.errors import GatewayError, clip
@@ -38,9 +35,10 @@ from router.handoff import FirstToken, decode_body, first_event, from_prefill_re
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
 from router.metrics import LOCAL, PD, GatewayMetrics
 from router.relay import StreamRelay, migratable
+from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
-from router.streaming import ProxyStreamResponse
+from router.upstream import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from router.validation import ParsedRequest
 
 log = logging.getLogger("fulcrum.dispatch")
@@ -72,16 +70,16 @@ class UpstreamReply(Exception):
         self.status = status
         self.content = content
 
-    def response(self, headers: dict[str, str]) -> Response:
+    def reply(self, headers: dict[str, str]) -> JsonReply:
         try:
-            body = json.loads(self.content)
+            body = jsonfast.loads(self.content)
         except ValueError:
             return GatewayError(self.status, self.content.decode(errors="replace")
-                                ).response(headers)
+                                ).reply(headers)
         if not isinstance(body, dict) or "error" not in body \
                 or len(self.content) > 4096:  # FastAPI-style {"detail": ...}, or an echo
-            body = GatewayError(self.status, clip(json.dumps(body), 400)).body()
-        return JSONResponse(body, status_code=self.status, headers=headers)
+            return GatewayError(self.status, clip(json.dumps(body), 400)).reply(headers)
+        return JsonReply(self.status, jsonfast.dumps(body), headers)
 
 
 def prefill_seconds(metrics: object, leg_s: float) -> float:
@@ -130,7 +128,7 @@ class _LegContext:
 class Dispatcher:
     """Routes one parsed request through the policy to one or two workers."""
 
-    def __init__(self, cluster: Cluster, driver: PolicyDriver, client: httpx.AsyncClient,
+    def __init__(self, cluster: Cluster, driver: PolicyDriver, client: UpstreamPool,
                  metrics: GatewayMetrics, config: DispatchConfig,
                  mix: RequestMix | None = None, health: HealthMonitor | None = None,
                  admission: Admission | None = None) -> None:
@@ -147,15 +145,28 @@ class Dispatcher:
         # the stream exists; the first stream with that client id takes it
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
 
+        connect = config.connect_timeout_s
+        self.prefill_timeout = Timeouts(connect, total=config.prefill_timeout_s)
+        self.stream_timeout = Timeouts(connect, idle=config.stream_idle_timeout_s)
+        # headers and body of a non-streamed answer share one deadline
+        self.request_timeout = Timeouts(connect, total=config.request_timeout_s)
+
     @property
     def policy(self) -> RoutingPolicy:
         return self.driver.policy
 
-    def _timeout(self, read: float) -> httpx.Timeout:
-        return httpx.Timeout(read, connect=self.config.connect_timeout_s)
+    async def post(self, url: str, body: dict, headers: dict[str, str],
+                   timeouts: Timeouts) -> UpstreamResponse:
+        """POST `body` as JSON to a worker; the caller reads and releases the response."""
+        return await self.client.post(url, jsonfast.dumps(body), headers, timeouts)
 
-    def stream_timeout(self) -> httpx.Timeout:
-        return self._timeout(self.config.stream_idle_timeout_s)
+    async def _post_and_read(self, url: str, body: dict, headers: dict[str, str],
+                             timeouts: Timeouts) -> tuple[int, bytes]:
+        resp = await self.post(url, body, headers, timeouts)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
 
     def migrate(self, request_id: str, target: str, after_tokens: int = 0) -> StreamRelay:
         """Ask a live stream to continue on `target` (a READY worker) once it has generated
@@ -200,7 +211,7 @@ class Dispatcher:
 
     async def dispatch(self, req: ParsedRequest, request_id: str,
                        client_request_id: str | None = None,
-                       worker_headers: dict[str, str] | None = None) -> Response:
+                       worker_headers: dict[str, str] | None = None) -> Reply:
         """Serve `req`; raises `GatewayError` or `UpstreamReply` for error answers.
 
         `request_id` is the gateway's own unique id (the one workers see);
@@ -216,7 +227,7 @@ class Dispatcher:
             raise
 
     async def _dispatch(self, req: ParsedRequest, info: RequestInfo,
-                        started: float, leg: _LegContext) -> Response:
+                        started: float, leg: _LegContext) -> Reply:
         request_id = info.request_id
         full = self.cluster.snapshot()
         snap = self.admission.with_room(full)  # workers at their queue bound take no legs
@@ -247,25 +258,24 @@ class Dispatcher:
         self.cluster.begin(worker, Role.PREFILL, tokens)
         leg_started = time.monotonic()
         try:
-            resp = await self.health.guard(worker, self.client.post(
-                url, json=_prefill_body(req.body, prefill_fields(req)),
-                headers=self.worker_headers(request_id, leg),
-                timeout=self._timeout(self.config.prefill_timeout_s)))
-        except (httpx.HTTPError, WorkerUnhealthy) as exc:
-            if isinstance(exc, httpx.TransportError):
+            status, content = await self.health.guard(worker, self._post_and_read(
+                url, _prefill_body(req.body, prefill_fields(req)),
+                self.worker_headers(request_id, leg), self.prefill_timeout))
+        except (UpstreamError, WorkerUnhealthy) as exc:
+            if isinstance(exc, UpstreamError):
                 self.health.report_failure(worker, f"prefill leg: {exc.__class__.__name__}")
             return self._prefill_failed(worker, request_id, repr(exc)), None
         finally:
             self.cluster.end(worker, Role.PREFILL, tokens)
         self.health.report_success(worker)
-        if 400 <= resp.status_code < 500:
-            raise UpstreamReply(resp.status_code, resp.content)
-        if resp.status_code != 200:
-            return self._prefill_failed(worker, request_id, f"HTTP {resp.status_code}"), None
+        if 400 <= status < 500:
+            raise UpstreamReply(status, content)
+        if status != 200:
+            return self._prefill_failed(worker, request_id, f"HTTP {status}"), None
         try:
-            reply = resp.json()
+            reply = jsonfast.loads(content)
             params = reply.get("kv_transfer_params")
-        except ValueError:
+        except (ValueError, AttributeError):
             reply, params = {}, None
         if not params:
             return self._prefill_failed(worker, request_id, "no kv_transfer_params in reply"), None
@@ -282,7 +292,7 @@ class Dispatcher:
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
                           kv_params: dict | None, started: float,
-                          leg: _LegContext, first: FirstToken | None = None) -> Response:
+                          leg: _LegContext, first: FirstToken | None = None) -> Reply:
         request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
@@ -299,19 +309,14 @@ class Dispatcher:
             if migratable(req):  # token ids let the stream continue on another worker
                 body["return_token_ids"] = True
             url = self.cluster.view(worker).url + req.route
-            read_timeout = (self.config.stream_idle_timeout_s if req.stream
-                            else self.config.request_timeout_s)
+            timeouts = self.stream_timeout if req.stream else self.request_timeout
             self.cluster.begin(worker, Role.DECODE, tokens)
-            sent_at = time.monotonic()
             try:
-                upstream = await self.health.guard(worker, self.client.send(
-                    self.client.build_request("POST", url, json=body,
-                                              headers=self.worker_headers(request_id, leg),
-                                              timeout=self._timeout(read_timeout)),
-                    stream=True))
-            except (httpx.HTTPError, WorkerUnhealthy) as exc:
+                upstream = await self.health.guard(worker, self.post(
+                    url, body, self.worker_headers(request_id, leg), timeouts))
+            except (UpstreamError, WorkerUnhealthy) as exc:
                 self.cluster.end(worker, Role.DECODE, tokens)
-                if isinstance(exc, httpx.TransportError):
+                if isinstance(exc, UpstreamError):
                     self.health.report_failure(worker, f"decode leg: {exc.__class__.__name__}")
                 last_error = f"{worker}: {exc!r}"
                 tried.add(worker)
@@ -320,18 +325,21 @@ class Dispatcher:
                 raise
             else:
                 self.health.report_success(worker)
-                if upstream.status_code == 200:
+                if upstream.status == 200:
                     # counted here: a request whose KV pull failed and was retried is local
                     (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
                     return await self._reply(worker, upstream, req, request_id, body, tokens,
-                                             started, leg, sent_at,
-                                             first if kv_params else None)
-                content = await upstream.aread()
-                await upstream.aclose()
-                self.cluster.end(worker, Role.DECODE, tokens)
-                if 400 <= upstream.status_code < 500:
-                    raise UpstreamReply(upstream.status_code, content)
-                last_error = f"{worker}: HTTP {upstream.status_code} {content[:200]!r}"
+                                             started, leg, first if kv_params else None)
+                try:
+                    content = await upstream.read()
+                except UpstreamError as exc:
+                    content = repr(exc).encode()
+                finally:
+                    upstream.release()
+                    self.cluster.end(worker, Role.DECODE, tokens)
+                if 400 <= upstream.status < 500:
+                    raise UpstreamReply(upstream.status, content)
+                last_error = f"{worker}: HTTP {upstream.status} {content[:200]!r}"
                 if not kv_params:
                     tried.add(worker)
             log.warning("decode leg failed for %s (%s); retrying", request_id, last_error)
@@ -347,10 +355,9 @@ class Dispatcher:
         raise GatewayError(502, f"every decode attempt failed; last: {last_error}",
                            code="upstream_unavailable")
 
-    async def _reply(self, worker: str, upstream: httpx.Response, req: ParsedRequest,
+    async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
                      request_id: str, body: dict, tokens: int, started: float,
-                     leg: _LegContext, sent_at: float,
-                     first: FirstToken | None = None) -> Response:
+                     leg: _LegContext, first: FirstToken | None = None) -> Reply:
         headers = {"X-Fulcrum-Decode-Worker": worker}
         mode = PD if "kv_transfer_params" in body else LOCAL
         if req.stream:
@@ -362,29 +369,32 @@ class Dispatcher:
             self.streams[request_id] = relay
             if self.pending_migrations:
                 self._apply_planned_migration(relay)
-            return ProxyStreamResponse(relay.chunks(), on_close=relay.close,
-                                       media_type="text/event-stream", headers=headers)
-        remaining = max(0.0, sent_at + self.config.request_timeout_s - time.monotonic())
-        try:  # headers and body share one deadline
-            content = await asyncio.wait_for(upstream.aread(), remaining)
-        except (httpx.HTTPError, TimeoutError) as exc:
+            return StreamReply(relay, headers)
+        try:  # bounded by request_timeout_s from the send (the leg's Timeouts)
+            content = await upstream.read()
+        except UpstreamError as exc:
+            upstream.close()
             raise GatewayError(502, f"worker {worker} failed while answering: {exc!r}",
                                code="upstream_error") from None
+        except BaseException:  # cancelled: the client went away; the worker aborts
+            upstream.close()
+            raise
+        else:
+            upstream.release()
         finally:
-            await upstream.aclose()
             self.cluster.end(worker, Role.DECODE, tokens)
         try:
-            body = json.loads(content)
-        except ValueError:
-            raise GatewayError(502, f"worker {worker} sent a body that is not JSON",
+            body = jsonfast.loads(content)
+            body.pop("kv_transfer_params", None)
+        except (ValueError, AttributeError):
+            raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
         self.driver.finished(request_id, worker, self._resident(worker),
                              engine_seconds_per_token(body.get("metrics")))
-        body.pop("kv_transfer_params", None)
         self._record_usage(body.get("usage"))
         self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
             time.monotonic() - started)
-        return JSONResponse(body, headers=headers)
+        return JsonReply(200, jsonfast.dumps(body), headers)
 
     def _record_usage(self, usage: dict | None) -> None:
         if not isinstance(usage, dict):

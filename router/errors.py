@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from router.replies import JsonReply
 
 MAX_MESSAGE_CHARS = 500  # errors never echo a whole request back
 
@@ -57,6 +61,13 @@ class GatewayError(Exception):
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status,
                             headers={**self.headers, **(headers or {})})
+
+    def reply(self, headers: dict[str, str] | None = None) -> JsonReply:
+        """The error for the lean OpenAI path (no framework objects)."""
+        from router.replies import JsonReply
+
+        return JsonReply(self.status, json.dumps(self.body()).encode(),
+                         {**self.headers, **(headers or {})})
 
     def sse_event(self) -> bytes:
         """The error as one server-sent event, for failures after a stream has begun."""

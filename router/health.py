@@ -13,11 +13,10 @@ and `successes` successes in a row close it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -59,6 +58,8 @@ class Breaker:
     opened_at: float | None = None
     trips: int = 0
     tripped: asyncio.Event = field(default_factory=asyncio.Event)
+    # legs in flight on this worker: each cancels its own task when the breaker opens
+    watchers: set[Callable[[], None]] = field(default_factory=set)
 
 
 class HealthMonitor:
@@ -116,26 +117,40 @@ class HealthMonitor:
         self.cluster.set_healthy(name, False)
         b.tripped.set()
         b.tripped = asyncio.Event()  # the next trip wakes the next waiters
+        for abandon in list(b.watchers):
+            abandon()
         log.warning("worker %s out of rotation (breaker open): %s", name, why)
 
     # -- legs -----------------------------------------------------------------------
     async def guard(self, name: str, work: Awaitable[T]) -> T:
-        """Await `work` unless `name`'s breaker opens first (then `WorkerUnhealthy`)."""
-        task = asyncio.ensure_future(work)
-        tripped = asyncio.ensure_future(self.breaker(name).tripped.wait())
+        """Await `work` unless `name`'s breaker opens first (then `WorkerUnhealthy`).
+
+        No extra task per leg: the breaker cancels the awaiting task itself (this runs
+        on every leg of every request)."""
+        breaker = self.breaker(name)
+        task = asyncio.current_task()
+        tripped = False
+
+        def abandon() -> None:
+            nonlocal tripped
+            if not tripped and task is not None:
+                tripped = True
+                task.cancel()
+
+        breaker.watchers.add(abandon)
         try:
-            await asyncio.wait({task, tripped}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
+            result = await work
+        except asyncio.CancelledError:
+            if not tripped:
+                raise
+            task.uncancel()
+            raise WorkerUnhealthy(f"worker {name} was taken out of rotation") from None
         finally:
-            tripped.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise WorkerUnhealthy(f"worker {name} was taken out of rotation")
+            breaker.watchers.discard(abandon)
+        if tripped:  # the work ignored the cancellation
+            task.uncancel()
+            raise WorkerUnhealthy(f"worker {name} was taken out of rotation")
+        return result
 
     # -- probes ---------------------------------------------------------------------
     async def run(self, client: httpx.AsyncClient) -> None:

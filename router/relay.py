@@ -24,17 +24,16 @@ content (a reasoning or tool parser at work) or hides the token ids.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import httpx
-
 from core.workers import Role
+from router import jsonfast
 from router.errors import GatewayError
 from router.metrics import LOCAL, PD
 from router.sse import StreamObserver, is_usage_only
+from router.upstream import UpstreamError, UpstreamResponse
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
 if TYPE_CHECKING:
@@ -43,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("fulcrum.relay")
 
 _ID_FIELDS = ("token_ids", "prompt_token_ids")
+
+
+class UpstreamStreamError(Exception):
+    """A worker's stream broke off, or a migration target refused to continue it."""
 
 
 # Chat-only request fields; a chat stream continued as a completion drops them.
@@ -114,7 +117,7 @@ class StreamRelay:
 
     progress_every = 32  # content events between length-predictor refreshes
 
-    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: httpx.Response,
+    def __init__(self, dispatcher: Dispatcher, worker: str, upstream: UpstreamResponse,
                  req: ParsedRequest, request_id: str, body: dict, tokens: int,
                  started: float) -> None:
         self.d = dispatcher
@@ -147,6 +150,7 @@ class StreamRelay:
         self._text_caught_up = False
         self._primer: bytes | None = None  # an event to send before the worker's
         self._closed = False
+        self._upstream_done = False
         self.client_request_id: str | None = None  # the client's X-Request-Id, as echoed
         self.worker_headers: dict[str, str] = {}  # e.g. Authorization, for every worker
 
@@ -180,7 +184,7 @@ class StreamRelay:
         return limit - len(self.generated_ids)
 
     async def _switch(self, target: str) -> None:
-        await self.upstream.aclose()  # the old worker aborts the request
+        self.upstream.close()  # the old worker aborts the request
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
         self._completion_before = len(self.generated_ids)
         body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
@@ -197,17 +201,15 @@ class StreamRelay:
         self.d.cluster.begin(target, Role.DECODE, self.tokens)
         self.migrations += 1
         self.obs.discard_pending()
-        request = self.d.client.build_request(
-            "POST", self.d.cluster.view(target).url + COMPLETIONS, json=body,
-            headers={**self.worker_headers,
-                     "X-Request-Id": f"{self.request_id}-m{self.migrations}"},
-            timeout=self.d.stream_timeout())
-        self.upstream = await self.d.client.send(request, stream=True)
-        if self.upstream.status_code != 200:
-            detail = (await self.upstream.aread())[:200]
-            raise httpx.HTTPStatusError(f"migration target answered "
-                                        f"{self.upstream.status_code}: {detail!r}",
-                                        request=request, response=self.upstream)
+        self._upstream_done = False
+        self.upstream = await self.d.post(
+            self.d.cluster.view(target).url + COMPLETIONS, body,
+            {**self.worker_headers, "X-Request-Id": f"{self.request_id}-m{self.migrations}"},
+            self.d.stream_timeout)
+        if self.upstream.status != 200:
+            detail = (await self.upstream.read())[:200]
+            raise UpstreamStreamError(f"migration target answered {self.upstream.status}: "
+                                      f"{detail!r}")
         log.info("migrated %s from %s to %s after %d tokens", self.request_id, source, target,
                  self._completion_before)
         self.d.metrics.migrations.inc()
@@ -240,7 +242,7 @@ class StreamRelay:
             changed = True
         if not changed:
             return raw
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + jsonfast.dumps(chunk) + b"\n\n"
 
     @property
     def _continued(self) -> bool:
@@ -340,7 +342,7 @@ class StreamRelay:
                 if out:
                     yield b"".join(out)
             while True:
-                async for data in self.upstream.aiter_raw():
+                async for data in self.upstream.iter_chunks():
                     self.d.health.saw_progress(self.worker)
                     events = self.obs.feed(data)
                     if self.obs.content_events - reported >= self.progress_every:
@@ -356,11 +358,12 @@ class StreamRelay:
                     await self._switch(target)
                     continue
                 break
+            self._upstream_done = True
             if self.obs.pending.strip():
                 yield self.obs.pending
             if not self.obs.saw_done:
-                raise httpx.RemoteProtocolError("stream ended without [DONE]")
-        except httpx.HTTPError as exc:
+                raise UpstreamStreamError("stream ended without [DONE]")
+        except (UpstreamError, UpstreamStreamError) as exc:
             log.warning("decode stream from %s broke: %r", self.worker, exc)
             self.d.metrics.leg_failures.labels("decode", "stream_error").inc()
             yield GatewayError(502, f"worker {self.worker} failed mid-stream: {exc!r}",
@@ -375,7 +378,10 @@ class StreamRelay:
             return
         self._closed = True
         self.d.streams.pop(self.request_id, None)
-        await self.upstream.aclose()
+        if self._upstream_done and self.obs.saw_done:
+            self.upstream.release()  # read to the end: the connection is reused
+        else:
+            self.upstream.close()  # the worker sees the connection go and aborts
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
         self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started,
                              self.mode)

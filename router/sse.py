@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
+
+from router import jsonfast
 
 
 def _has_content(chunk: dict) -> bool:
@@ -32,12 +33,13 @@ class StreamObserver:
 
     def feed(self, data: bytes) -> list[tuple[bytes, dict | None]]:
         """Take raw bytes; return the events they completed, each with its parsed chunk."""
-        self._buffer += data
-        events = []
-        while b"\n\n" in self._buffer:
-            event, self._buffer = self._buffer.split(b"\n\n", 1)
-            events.append((event + b"\n\n", self._on_event(event)))
-        return events
+        buffer = self._buffer + data if self._buffer else data
+        if b"\n\n" not in buffer:
+            self._buffer = buffer
+            return []
+        parts = buffer.split(b"\n\n")
+        self._buffer = parts.pop()
+        return [(event + b"\n\n", self._on_event(event)) for event in parts if event]
 
     def discard_pending(self) -> None:
         """Forget a partial event (its stream was closed mid-event)."""
@@ -49,28 +51,34 @@ class StreamObserver:
         return self._buffer
 
     def _on_event(self, event: bytes) -> dict | None:
+        if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
+            return self._on_data(event[6:])
         chunk = None
         for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.saw_done = True
-                continue
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                continue
-            if "error" in chunk:
-                self.saw_error = True
-            if chunk.get("usage"):
-                self.usage = chunk["usage"]
-                if isinstance(chunk.get("metrics"), dict):
-                    self.metrics = chunk["metrics"]
-            if _has_content(chunk):
-                self.content_events += 1
-                if self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
+            if line.startswith(b"data:"):
+                chunk = self._on_data(line[5:].strip()) or chunk
+        return chunk
+
+    def _on_data(self, payload: bytes) -> dict | None:
+        if payload == b"[DONE]":
+            self.saw_done = True
+            return None
+        try:
+            chunk = jsonfast.loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(chunk, dict):
+            return None
+        if "error" in chunk:
+            self.saw_error = True
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+            if isinstance(chunk.get("metrics"), dict):
+                self.metrics = chunk["metrics"]
+        if _has_content(chunk):
+            self.content_events += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
         return chunk
 
     @property

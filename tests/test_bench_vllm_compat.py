@@ -11,7 +11,7 @@ from tests.test_bench_harness import fake_server  # noqa: F401 - a fixture
 def _run(url: str, tmp_path, *extra: str) -> dict:
     rc = main(["--base-url", url, "--dataset", "random", "--num-prompts", "4",
                "--input-len", "16", "--output-len", "3", "--request-rate", "100",
-               "--result-dir", str(tmp_path), "--no-progress", *extra])
+               "--result-dir", str(tmp_path), "--no-progress", "--length-oracle", *extra])
     assert rc == 0
     return json.loads((tmp_path / "run.json").read_text())
 
@@ -45,7 +45,7 @@ def test_sweep_is_written_in_vllm_sweep_layout(fake_server, tmp_path):  # noqa: 
     rc = main(["--base-url", url, "--dataset", "random", "--num-prompts", "3",
                "--input-len", "8", "--output-len", "3", "--goodput", "ttft:5000",
                "--sweep-rates", "50,100", "--save-result", "--result-dir", str(tmp_path),
-               "--result-filename", "sweep.json", "--no-progress"])
+               "--result-filename", "sweep.json", "--no-progress", "--length-oracle"])
     assert rc == 0
     folder = tmp_path / "sweep"
     summaries = sorted(folder.rglob("summary.json"))
@@ -88,7 +88,7 @@ def test_sharegpt_without_a_tokenizer_says_it_approximates(fake_server, tmp_path
                                                            capsys):
     url, _ = fake_server
     rc = main(["--base-url", url, "--num-prompts", "2", "--request-rate", "100",
-               "--output-len-override", "2", "--no-progress", "--save-result",
+               "--output-len-override", "2", "--length-oracle", "--no-progress", "--save-result",
                "--result-dir", str(tmp_path), "--result-filename", "run.json"])
     assert rc == 0
     assert "counting tokens as chars/4" in capsys.readouterr().err

@@ -23,7 +23,8 @@ from tests.test_gateway_fake import MODEL, _gateway
 HERE = Path(dashboard.__file__).parent
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
                                                                "_created"),
-             "gauge": ("",), "info": ("_info",), "unknown": ("",)}
+             "gauge": ("",), "summary": ("", "_sum", "_count", "_created"),
+             "gaugehistogram": ("_bucket", "_gsum", "_gcount"), "info": ("_info",)}
 _NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                 "unless", "offset", "bool", "le", "inf", "nan"}
 
@@ -47,7 +48,7 @@ def series_names(text: str) -> set[str]:
     """Every series name a scrape declares, samples or not (a `# TYPE` suffices)."""
     out = set()
     for fam in text_string_to_metric_families(text):
-        out |= {fam.name + s for s in _SUFFIXES[fam.type]}
+        out |= {fam.name + s for s in _SUFFIXES.get(fam.type, ("",))}
         out |= {s.name for s in fam.samples}
     return out
 

@@ -334,7 +334,8 @@ def test_bench_harness_run_against_the_gateway_writes_valid_json(cluster: LiveCl
     subprocess.run([sys.executable, "-m", "benchmarks.bench", "--base-url", cluster.url,
                     "--model", MODEL_NAME, "--dataset", "random", "--input-len", "64",
                     "--output-len", "8", "--num-prompts", "8", "--request-rate", "4",
-                    "--goodput", "ttft:30000", "tpot:10000", "--ignore-eos", "--save-result",
+                    "--goodput", "ttft:30000", "tpot:10000", "--ignore-eos", "--length-oracle",
+                    "--save-result",
                     "--result-dir", str(tmp_path), "--result-filename", "run.json",
                     "--no-progress"], check=True, timeout=300, capture_output=True)
     result = json.loads((tmp_path / "run.json").read_text())

@@ -71,7 +71,7 @@ def _phase_workload(name: str, out_long: int, phase_s: float, cycles: int) -> Wo
                     f"150/{out_long} (in/out tokens), {cycles} cycles, Poisson")
 
 
-def _sharegpt_workload(name: str, duration_s: float, burstiness: float) -> Workload:
+def sharegpt_workload(name: str, duration_s: float, burstiness: float) -> Workload:
     pool = sample_requests(load_sharegpt(), approx_token_count, 5000, 0)
 
     def make(rate: float, seed: int) -> Trace:
@@ -149,7 +149,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
     day_s = 24.0 if quick else 180.0
     out = [_phase_workload("phase-700", 700, phase_s, 2),
            _phase_workload("phase-1400", 1400, phase_s, 2),
-           _sharegpt_workload("sharegpt-poisson", other_s, 1.0),
-           _sharegpt_workload("sharegpt-gamma", other_s, 0.25),
+           sharegpt_workload("sharegpt-poisson", other_s, 1.0),
+           sharegpt_workload("sharegpt-gamma", other_s, 0.25),
            _azure_workload("azure-day", day_s)]
     return {w.name: w for w in out}

@@ -100,6 +100,9 @@ class Controller:
         self._decisions: deque[Decision] = deque(maxlen=history_size)
         self._ticks = 0
         self.last_snapshot: ControlSnapshot | None = None
+        # Called with every fresh snapshot: the gateway reads its routing gauges from
+        # here instead of scraping each worker a second time.
+        self.on_snapshot: Callable[[ControlSnapshot], None] | None = None
 
     @property
     def slo(self) -> SLOTargets:
@@ -124,6 +127,8 @@ class Controller:
         """One scrape-decide-act round."""
         self._ticks += 1
         snapshot = await self.collector.scrape_once(self.flips.cluster.snapshot(), client)
+        if self.on_snapshot is not None:
+            self.on_snapshot(snapshot)
         if self._request_mix is not None:  # the gateway's own view of the length mix
             prompt, output, n = self._request_mix(self.collector.window_s)
             if n:
