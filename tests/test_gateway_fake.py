@@ -275,7 +275,7 @@ def test_request_mix_windows_recent_requests() -> None:
 
 def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
     d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
-    d0.state.behaviour.token_delay_s = 0.05
+    d0.state.behaviour.token_delay_s = 0.15  # the stream outlasts five admin calls on a busy host
     with serve_in_thread(d0) as d0_url, serve_in_thread(d1) as d1_url:
         cluster = Cluster()
         cluster.add("d0", d0_url, Role.DECODE, WorkerState.READY)
