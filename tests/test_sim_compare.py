@@ -10,7 +10,6 @@ from benchmarks.metrics import SLO
 from benchmarks.sim.compare import (
     ADAPTIVE,
     control_knobs,
-    dopd_knobs,
     max_rate,
     run,
     slai_capacity,
@@ -19,6 +18,7 @@ from benchmarks.sim.compare import (
 )
 from benchmarks.sim.engine import EngineConfig
 from benchmarks.sim.perf import roofline
+from instance_manager.controller.calibrate import arrow_knobs, dopd_knobs
 
 
 def _pts(*pairs):
@@ -54,17 +54,18 @@ def test_systems_cover_budgets_splits_oracle_and_registered_adaptive_policies():
     assert "oracle-schedule" not in [s.name for s in systems(4, with_oracle=False)]
 
 
-def test_dopd_knobs_come_from_the_perf_model_and_only_accepted_ones_pass():
+def test_control_knobs_come_from_the_perf_model_and_only_accepted_ones_pass():
     perf = roofline("llama-3.1-8b", "h100")
     slo = SLO(ttft_ms=1000, tpot_ms=40)
-    knobs = dopd_knobs(perf, slo, EngineConfig(), 1000.0)
-    one_prompt = perf.iteration_time(2000, 2000 * 2000 / 2, 0, 0.0)
-    fitted = (knobs["prefill_quadratic_s"] * 2000**2 + 2000 / knobs["prefill_tokens_per_s"]
-              + knobs["prefill_overhead_s"])
-    assert abs(fitted - one_prompt) / one_prompt < 0.05
-    passed = control_knobs("dopd", perf, slo, EngineConfig())
-    assert passed and "adjustment_interval_s" not in passed  # reaction knobs stay default
-    assert control_knobs("arrow", perf, slo, EngineConfig()) == {}
+    engine = EngineConfig()
+    dopd = control_knobs("dopd", perf, slo, engine)
+    expected = dopd_knobs(perf, 0.040, engine.max_num_seqs)
+    assert dopd and all(dopd[k] == expected[k] for k in dopd)
+    assert "adjustment_interval_s" not in dopd  # reaction knobs stay at their defaults
+    arrow = control_knobs("arrow", perf, slo, engine)
+    assert arrow["prefill_tokens_per_s"] == arrow_knobs(perf, 0.040, engine.max_num_seqs)[
+        "prefill_tokens_per_s"]
+    assert control_knobs("static", perf, slo, engine) == {}
 
 
 def test_quick_comparison_writes_json_table_and_plots(tmp_path):

@@ -159,40 +159,18 @@ def systems(n: int, with_oracle: bool, reduced: bool = False) -> list[System]:
 
 # ---- knobs ---------------------------------------------------------------------------------
 def control_knobs(control: str, perf: PerfModel, slo: SLO, engine: EngineConfig) -> dict:
-    """Hardware-describing knobs from the performance model, limited to the knobs the
-    registered policy accepts (its reaction knobs stay at their defaults)."""
-    if control != "dopd":
-        return {}
-    try:  # the policies' own calibration, where it exists
-        from instance_manager.controller.calibrate import dopd_knobs as calibrate
-        knobs = calibrate(perf, (slo.tpot_ms or 100.0) / 1000, engine.max_num_seqs)
-    except ImportError:
-        knobs = dopd_knobs(perf, slo, engine, 1000.0)
+    """Hardware-describing knobs from the performance model (the same derivation `fulcrum sim`
+    and `fulcrum up --control-profile` use), limited to the knobs the registered policy
+    accepts; its reaction knobs stay at their defaults."""
+    from instance_manager.controller.calibrate import derived_knobs
     from instance_manager.controller.registry import CONTROL_POLICIES
 
+    if control not in CONTROL_POLICIES:
+        return {}
+    knobs = derived_knobs(control, perf, (slo.tpot_ms or 100.0) / 1000, engine.max_num_seqs)
     config_cls = CONTROL_POLICIES[control][1]
     accepted = {f.name for f in dataclasses.fields(config_cls)}
     return {k: v for k, v in knobs.items() if k in accepted}
-
-
-def dopd_knobs(perf: PerfModel, slo: SLO, engine: EngineConfig,
-               decode_context: float) -> dict[str, float]:
-    """DOPD's cost constants on the performance model: a quadratic fit of one-prompt
-    iterations, and decode throughput B*/tau(B*) at the largest batch B* whose step meets
-    the TPOT target at `decode_context` tokens per sequence (within KV room and slots)."""
-    lengths = np.array([128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192], dtype=float)
-    secs = [perf.iteration_time(int(n), n * n / 2, 0, 0.0) for n in lengths]
-    a, b, c = np.polyfit(lengths, secs, 2)
-    tpot = (slo.tpot_ms or 100.0) / 1000
-    best = 1
-    for batch in range(1, engine.max_num_seqs + 1):
-        if batch * decode_context > perf.kv_capacity_tokens:
-            break
-        if perf.iteration_time(0, 0.0, batch, batch * decode_context) <= tpot:
-            best = batch
-    step = perf.iteration_time(0, 0.0, best, best * decode_context)
-    return {"prefill_quadratic_s": max(0.0, float(a)), "prefill_tokens_per_s": 1.0 / float(b),
-            "prefill_overhead_s": max(0.0, float(c)), "decode_tokens_per_s": best / step}
 
 
 # ---- rate grid -------------------------------------------------------------------------------
