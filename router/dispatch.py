@@ -390,7 +390,7 @@ class Dispatcher:
             raise GatewayError(502, f"worker {worker} sent a body that is not a JSON object",
                                code="upstream_error") from None
         self.driver.finished(request_id, worker, self._resident(worker),
-                             engine_seconds_per_token(body.get("metrics")))
+                             engine_seconds_per_token(body.pop("metrics", None)))
         self._record_usage(body.get("usage"))
         self.metrics.latency(req.route, req.model, mode, worker).e2e.observe(
             time.monotonic() - started)

@@ -229,6 +229,9 @@ class StreamRelay:
             chunk["id"] = self.stream_id
             changed = True
         self._collect_ids(chunk)
+        if "metrics" in chunk:  # the engine's per-request timings, asked for by the gateway only
+            del chunk["metrics"]
+            changed = True
         if self.is_chat:
             changed = self._rewrite_chat(chunk) or changed
         else:

@@ -502,3 +502,18 @@ def test_a_stream_that_cannot_move_says_why_and_is_refused() -> None:
             assert seen >= 10  # the refused stream still finished on its own worker
             assert d0.state.stats.aborted == 0
             assert _in_flight_zero(cluster)
+
+
+def test_engine_timings_the_gateway_asked_for_never_reach_the_client(rig: Rig) -> None:
+    """Workers run with per-request metrics for the gateway's own use; clients see vLLM's
+    usual bodies, streamed or not."""
+    body = {"model": MODEL, "prompt": "one two three", "max_tokens": 4}
+    plain = httpx.post(rig.url + "/v1/completions", json=body, timeout=10)
+    assert plain.status_code == 200 and "usage" in plain.json()
+    assert "metrics" not in plain.json()
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", rig.url + "/v1/completions", json=stream, timeout=10) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert not any("metrics" in c for c in chunks)
