@@ -56,12 +56,8 @@ _HISTOGRAMS = ("vllm:request_queue_time_seconds", "vllm:request_prefill_time_sec
 
 # Breakdown segments, in time order: (name, start mark, end mark). Marks are client times
 # ("t0", "p_reply", "d_send", "first", "end") or trace events (see ``trace_marks``).
-SEGMENTS_PD_TRACED = (
-    ("to prefill admission", "t0", "p_admit"),
-    ("prefill compute", "p_admit", "p_done"),
-    ("prefill reply to client", "p_done", "p_reply"),
-    ("gap between legs", "p_reply", "d_send"),
-    ("decode leg to admission", "d_send", "c_admit"),
+# From the decode worker's admission on, both P/D paths cross the same marks.
+_FROM_DECODE_ADMISSION = (
     ("admission to pull start", "c_admit", "pull_submit"),
     ("pull: request to first byte", "pull_submit", "pull_reply"),
     ("pull: copy", "pull_reply", "pull_done"),
@@ -69,16 +65,19 @@ SEGMENTS_PD_TRACED = (
     ("first decode step to client", "pull_reported", "first"),
     ("rest of the stream", "first", "end"),
 )
+SEGMENTS_PD_TRACED = (
+    ("to prefill admission", "t0", "p_admit"),
+    ("prefill compute", "p_admit", "p_done"),
+    ("prefill reply to client", "p_done", "p_reply"),
+    ("gap between legs", "p_reply", "d_send"),
+    ("decode leg to admission", "d_send", "c_admit"),
+    *_FROM_DECODE_ADMISSION,
+)
 SEGMENTS_GATEWAY_TRACED = (
     ("to prefill admission", "t0", "p_admit"),
     ("prefill compute", "p_admit", "p_done"),
     ("prefill done to decode admission", "p_done", "c_admit"),
-    ("admission to pull start", "c_admit", "pull_submit"),
-    ("pull: request to first byte", "pull_submit", "pull_reply"),
-    ("pull: copy", "pull_reply", "pull_done"),
-    ("pull done to engine", "pull_done", "pull_reported"),
-    ("first decode step to client", "pull_reported", "first"),
-    ("rest of the stream", "first", "end"),
+    *_FROM_DECODE_ADMISSION,
 )
 # With the first-token handoff the client's first token comes from the prefill leg; the
 # decode leg's critical path then ends at the second token.
