@@ -34,6 +34,8 @@ class FakeBehaviour:
     held_back_tokens: tuple[int, ...] = ()
     api_key: str | None = None  # like vLLM's --api-key: /v1/* needs "Bearer KEY"
     hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
+    # streams stop after this many tokens while /health still answers (a wedged engine)
+    stall_after_tokens: int | None = None
     # where this fake says its KV block server listens (vllm:fulcrum_kv_endpoint_info)
     kv_endpoint: tuple[str, int] | None = None
     healthy: bool = True
@@ -167,6 +169,9 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                     if b.die_after_tokens is not None and i >= b.die_after_tokens:
                         raise ConnectionResetError("injected worker death")
                     await asyncio.sleep(b.token_delay_s)
+                    await hang_if_asked()  # a stopped process sends nothing more
+                    while b.stall_after_tokens is not None and i >= b.stall_after_tokens:
+                        await asyncio.sleep(0.02)
                     finish = "length" if i == first + n - 1 else None
                     text, held = held + f" t{i}", ""
                     if i in b.held_back_tokens and finish is None:

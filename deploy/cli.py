@@ -98,6 +98,12 @@ def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds for a non-streamed answer, headers and body together")
     group.add_argument("--stream-idle-timeout", type=float, default=120.0,
                        help="longest silence inside a stream before it is cut with an error")
+    group.add_argument("--stream-stall-factor", type=float, default=30.0,
+                       help="a stream silent for this many times its worker's recent gap "
+                            "between chunks (and at least --stream-stall-min) moves to "
+                            "another worker (0: off)")
+    group.add_argument("--stream-stall-min", type=float, default=5.0,
+                       help="seconds of silence below which a stream never counts as stalled")
     group.add_argument("--health-interval", type=float, default=0.5,
                        help="seconds between active /health probes of each worker (0: off)")
     group.add_argument("--health-timeout", type=float, default=1.0,
@@ -136,7 +142,9 @@ def _hardening_config(args: argparse.Namespace) -> dict:
         "dispatch": DispatchConfig(connect_timeout_s=args.connect_timeout,
                                    prefill_timeout_s=args.prefill_timeout,
                                    request_timeout_s=args.request_timeout,
-                                   stream_idle_timeout_s=args.stream_idle_timeout),
+                                   stream_idle_timeout_s=args.stream_idle_timeout,
+                                   stall_factor=args.stream_stall_factor,
+                                   stall_min_s=args.stream_stall_min),
     }
 
 

@@ -156,6 +156,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
             app.openai.dispatcher = app.state.dispatcher
             probes = (asyncio.create_task(app.state.health.run(client))
                       if config.health.interval_s > 0 else None)
+            stalls = asyncio.create_task(app.state.dispatcher.watch_streams())
             controller = app.state.controller
             follower = config.peers is not None and not config.peers.leader
             peers = None
@@ -194,6 +195,7 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                     peers.cancel()
                 if probes is not None:
                     probes.cancel()
+                stalls.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:

@@ -9,7 +9,10 @@ Failure rules:
 - prefill leg fails (worker down, 5xx, timeout): decode computes the prompt itself;
 - decode leg fails before the first byte reaches the client: retry once, first on
   the same worker without KV (a failed KV pull), then on another worker;
-- decode fails mid-stream: the client gets an OpenAI-style error event and [DONE];
+- decode fails mid-stream (its worker leaves rotation, its connection breaks, or the
+  stream stalls far beyond the worker's usual token gaps): the stream continues on
+  another ready decode worker (`StreamRelay.evacuate`); only if none can take it does
+  the client get an OpenAI-style error event and [DONE];
 - a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
 
 First-token handoff (`router.handoff`): where a stream could migrate, the prefill leg's
@@ -18,6 +21,7 @@ token is streamed to the client first and the decode leg continues after it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -60,6 +64,10 @@ class DispatchConfig:
     request_timeout_s: float = 300.0
     decode_attempts: int = 3
     pd_enabled: bool = True
+    # a stream silent for max(stall_min_s, stall_factor x its worker's recent token gap)
+    # moves to another worker (0 turns this off; a hung worker's breaker moves it anyway)
+    stall_factor: float = 30.0
+    stall_min_s: float = 5.0
 
 
 class UpstreamReply(Exception):
@@ -144,6 +152,8 @@ class Dispatcher:
         # client request id -> (target, after_tokens, expires_at): moves asked for before
         # the stream exists; the first stream with that client id takes it
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
+        self.token_gaps: dict[str, float] = {}  # worker -> moving average of chunk gaps (s)
+        self.health.on_open.append(self.evacuate_worker)
 
         connect = config.connect_timeout_s
         self.prefill_timeout = Timeouts(connect, total=config.prefill_timeout_s)
@@ -189,6 +199,49 @@ class Dispatcher:
         self.pending_migrations = {k: v for k, v in self.pending_migrations.items()
                                    if v[2] > now}
         self.pending_migrations[request_id] = (target, after_tokens, now + ttl_s)
+
+    # -- rescuing streams from failed workers ---------------------------------------------
+    def evacuate_worker(self, worker: str, why: str) -> None:
+        """Move every live stream off `worker` (its breaker opened)."""
+        for relay in [r for r in self.streams.values() if r.worker == worker]:
+            relay.evacuate(f"worker {worker} left rotation: {why}")
+
+    def rescue_target(self, relay: StreamRelay, exclude: frozenset[str]) -> str | None:
+        """A ready decode worker with room to continue `relay`'s stream, by the policy."""
+        snap = self.admission.with_room(self.cluster.snapshot())
+        if relay.info is not None:
+            return self.driver.retry_decode(relay.info, snap, exclude)
+        pool = snap.decode_candidates(exclude)
+        return min(pool, key=lambda w: w.in_flight).name if pool else None
+
+    def token_gap(self, worker: str, gap_s: float) -> None:
+        """Fold one gap between a worker's stream chunks into its moving average."""
+        old = self.token_gaps.get(worker)
+        self.token_gaps[worker] = gap_s if old is None else 0.9 * old + 0.1 * gap_s
+
+    def stall_limit(self, worker: str) -> float:
+        gap = self.token_gaps.get(worker, 0.0)
+        return max(self.config.stall_min_s, self.config.stall_factor * gap)
+
+    def sweep_stalled(self) -> int:
+        """Move streams whose worker went silent far beyond its usual gaps; how many."""
+        if self.config.stall_factor <= 0:
+            return 0
+        now, moved = time.monotonic(), 0
+        for relay in list(self.streams.values()):
+            silent = relay.stalled_for(now)
+            limit = self.stall_limit(relay.worker)
+            if silent > limit and relay.why_not_resumable() is None and \
+                    self.rescue_target(relay, frozenset((relay.worker,))) is not None:
+                relay.evacuate(f"no bytes for {silent:.1f}s (limit {limit:.1f}s)")
+                moved += 1
+        return moved
+
+    async def watch_streams(self, interval_s: float = 0.5) -> None:
+        """Forever: `sweep_stalled` every `interval_s`."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.sweep_stalled()
 
     def _check_target(self, target: str) -> None:
         view = self.cluster.snapshot().by_name(target)
@@ -328,7 +381,7 @@ class Dispatcher:
                 if upstream.status == 200:
                     # counted here: a request whose KV pull failed and was retried is local
                     (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
-                    return await self._reply(worker, upstream, req, request_id, body, tokens,
+                    return await self._reply(worker, upstream, req, info, body, tokens,
                                              started, leg, first if kv_params else None)
                 try:
                     content = await upstream.read()
@@ -356,8 +409,9 @@ class Dispatcher:
                            code="upstream_unavailable")
 
     async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
-                     request_id: str, body: dict, tokens: int, started: float,
+                     info: RequestInfo, body: dict, tokens: int, started: float,
                      leg: _LegContext, first: FirstToken | None = None) -> Reply:
+        request_id = info.request_id
         headers = {"X-Fulcrum-Decode-Worker": worker}
         mode = PD if "kv_transfer_params" in body else LOCAL
         if req.stream:
@@ -365,6 +419,7 @@ class Dispatcher:
             if first is not None:
                 relay.prime(first_event(first), len(first.token_ids))
             relay.client_request_id = leg.client_request_id
+            relay.info = info
             relay.worker_headers = leg.headers
             self.streams[request_id] = relay
             if self.pending_migrations:

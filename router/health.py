@@ -70,6 +70,8 @@ class HealthMonitor:
         self.config = config
         self.breakers: dict[str, Breaker] = {}
         self.last_progress: dict[str, float] = {}  # a stream's bytes arrived from it (monotonic)
+        # called with (worker, why) when a breaker opens: the dispatcher moves its streams
+        self.on_open: list[Callable[[str, str], None]] = []
 
     def breaker(self, name: str) -> Breaker:
         b = self.breakers.get(name)
@@ -120,6 +122,11 @@ class HealthMonitor:
         for abandon in list(b.watchers):
             abandon()
         log.warning("worker %s out of rotation (breaker open): %s", name, why)
+        for callback in list(self.on_open):
+            try:
+                callback(name, why)
+            except Exception:  # one listener's bug must not keep a breaker half-done
+                log.exception("breaker listener failed for %s", name)
 
     # -- legs -----------------------------------------------------------------------
     async def guard(self, name: str, work: Awaitable[T]) -> T:

@@ -10,6 +10,13 @@ replace this later). For chat, the target's completion chunks are rewritten into
 `chat.completion.chunk` events. The client sees one stream with one id; only latency
 changes. At temperature 0 the output equals an unmigrated run.
 
+The same move rescues a stream whose worker fails under it (`evacuate`, or the
+connection breaking): when the breaker takes the worker out of rotation, when the
+stream stalls far beyond the worker's usual token gaps, or when the worker's
+connection drops mid-stream, the relay continues the stream on another ready decode
+worker; a stream that sent the client nothing yet restarts whole there (any stream
+kind). Only if no worker can take it does the client get an OpenAI error event.
+
 What cannot migrate (see `migration_blocker`): n > 1, echo, beam search, structured
 output (its grammar state would restart), prompt logprobs, prompt truncation, a seed with
 temperature > 0 (the target's sampler would restart the seeded sequence), presence or
@@ -25,15 +32,17 @@ content (a reasoning or tool parser at work) or hides the token ids.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from core.workers import Role
 from router import jsonfast
 from router.errors import GatewayError
+from router.health import WorkerUnhealthy
 from router.metrics import LOCAL, PD
 from router.sse import StreamObserver, is_usage_only
-from router.upstream import UpstreamError, UpstreamResponse
+from router.upstream import UpstreamError, UpstreamResponse, WorkerLost
 from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
 if TYPE_CHECKING:
@@ -139,6 +148,11 @@ class StreamRelay:
         self.stream_id: str | None = None
         self._chat_stamp: dict = {}  # created/model of the client's chat chunks
         self.migrations = 0
+        self.restarts = 0  # resent whole to another worker (nothing had reached the client)
+        self._yielded = False  # the client got bytes of this stream
+        self._evacuate_why: str | None = None  # set: leave the current worker now
+        self.last_chunk_at: float | None = None  # when the relay last read bytes (monotonic)
+        self.info = None  # the policy's RequestInfo, to pick a rescue target
         self._completion_before = 0  # tokens generated on earlier workers
         self._prompt_tokens: int | None = None
         self._migrate_to: str | None = None
@@ -194,18 +208,12 @@ class StreamRelay:
                     stream=True, return_token_ids=True,
                     stream_options={**(body.get("stream_options") or {}), "include_usage": True})
         body.pop("max_completion_tokens", None)
-        if isinstance(body.get("min_tokens"), int):
-            body["min_tokens"] = max(0, body["min_tokens"] - self._completion_before)
+        min_tokens = self.req.body.get("min_tokens")  # the client's, not a previous move's
+        if isinstance(min_tokens, int):
+            body["min_tokens"] = max(0, min_tokens - self._completion_before)
         source = self.worker
-        self.worker, self.body = target, body
-        self.d.cluster.begin(target, Role.DECODE, self.tokens)
         self.migrations += 1
-        self.obs.discard_pending()
-        self._upstream_done = False
-        self.upstream = await self.d.post(
-            self.d.cluster.view(target).url + COMPLETIONS, body,
-            {**self.worker_headers, "X-Request-Id": f"{self.request_id}-m{self.migrations}"},
-            self.d.stream_timeout)
+        await self._resend(target, COMPLETIONS, body, f"m{self.migrations}")
         if self.upstream.status != 200:
             detail = (await self.upstream.read())[:200]
             raise UpstreamStreamError(f"migration target answered {self.upstream.status}: "
@@ -214,6 +222,97 @@ class StreamRelay:
                  self._completion_before)
         self.d.metrics.migrations.inc()
         self.d.driver.migrated(self.request_id, target)
+
+    async def _resend(self, target: str, route: str, body: dict, suffix: str) -> None:
+        """Send `body` to `target` as this stream's new upstream (a breaker opening on
+        `target` meanwhile aborts the wait)."""
+        self.worker, self.body = target, body
+        self.d.cluster.begin(target, Role.DECODE, self.tokens)
+        self.obs.discard_pending()
+        self._upstream_done = False
+        self.last_chunk_at = None
+        self.upstream = await self.d.health.guard(target, self.d.post(
+            self.d.cluster.view(target).url + route, body,
+            {**self.worker_headers, "X-Request-Id": f"{self.request_id}-{suffix}"},
+            self.d.stream_timeout))
+
+    async def _restart(self, target: str) -> None:
+        """Send the request whole to `target`: its worker failed before the client saw
+        anything, so any stream can start over."""
+        self.upstream.close()
+        self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
+        body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
+        self.mode = LOCAL
+        self.restarts += 1
+        self.stream_id = None
+        await self._resend(target, self.req.route, body, f"r{self.restarts}")
+        if self.upstream.status != 200:
+            detail = (await self.upstream.read())[:200]
+            raise UpstreamStreamError(f"restart target answered {self.upstream.status}: "
+                                      f"{detail!r}")
+        log.warning("restarted stream %s on %s", self.request_id, target)
+
+    # -- rescue -------------------------------------------------------------------------
+    def evacuate(self, why: str) -> None:
+        """Leave the current worker now (it left rotation, or the stream stalled): the
+        relay continues the stream elsewhere, or ends it with an error event."""
+        if self._closed or self._upstream_done or self._evacuate_why is not None:
+            return
+        self._evacuate_why = why
+        self.upstream.abort(WorkerLost(why))
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the current worker last sent bytes (0 before its first)."""
+        if self.last_chunk_at is None or self._evacuate_why is not None or self._closed:
+            return 0.0
+        return now - self.upstream.last_data_at
+
+    def why_not_resumable(self) -> str | None:
+        """Why the stream cannot continue on another worker now (None: it can)."""
+        if not self._yielded and not self.migrations:
+            return None  # nothing sent yet: restart it whole
+        if not self.migratable:
+            return self.why_not_migratable
+        if self.obs.saw_done:
+            return "it had ended"
+        if not self.prompt_ids:
+            return "its prompt token ids are unknown"
+        if not self._text_caught_up:
+            return "its last token ends inside a UTF-8 character"
+        if self._remaining() <= 0:
+            return "every token was generated"
+        return None
+
+    async def _rescue(self, exc: Exception) -> None:
+        """Continue on another worker after the current one failed (`exc`); raises
+        `UpstreamStreamError` if none can."""
+        failed = self.worker
+        why = self._evacuate_why or repr(exc)
+        self._evacuate_why = None
+        tried = {failed}
+        last = f"worker {failed} failed mid-stream ({why})"
+        for _ in range(self.d.config.decode_attempts):
+            blocker = self.why_not_resumable()
+            if blocker is not None:
+                raise UpstreamStreamError(f"{last}; the stream cannot move: {blocker}")
+            target = self.d.rescue_target(self, frozenset(tried))
+            if target is None:
+                raise UpstreamStreamError(f"{last}; no other ready worker can continue it")
+            tried.add(target)
+            try:
+                if not self._yielded and not self.migrations:
+                    await self._restart(target)
+                else:
+                    await self._switch(target)
+            except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as err:
+                last = f"{last}; {target} failed too ({err!r})"
+                self._evacuate_why = None
+                continue
+            self.d.metrics.leg_failures.labels("decode", "rescued").inc()
+            log.warning("stream %s rescued from %s (%s) on %s", self.request_id, failed, why,
+                        target)
+            return
+        raise UpstreamStreamError(last)
 
     # -- relaying -------------------------------------------------------------------
     def _rewrite(self, raw: bytes, chunk: dict | None) -> bytes | None:
@@ -345,17 +444,27 @@ class StreamRelay:
                 if out:
                     yield b"".join(out)
             while True:
-                async for data in self.upstream.iter_chunks():
-                    self.d.health.saw_progress(self.worker)
-                    events = self.obs.feed(data)
-                    if self.obs.content_events - reported >= self.progress_every:
-                        reported = self.obs.content_events
-                        self.d.driver.progress(self.request_id, reported)
-                    out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
-                    if out:
-                        yield b"".join(out)
-                    if self._should_switch():
-                        break
+                try:
+                    async for data in self.upstream.iter_chunks():
+                        self._saw_bytes()
+                        events = self.obs.feed(data)
+                        if self.obs.content_events - reported >= self.progress_every:
+                            reported = self.obs.content_events
+                            self.d.driver.progress(self.request_id, reported)
+                        out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
+                        if out:
+                            self._yielded = True
+                            yield b"".join(out)
+                        if self._should_switch():
+                            break
+                    if not self.obs.saw_done and not self._should_switch():
+                        raise UpstreamStreamError("stream ended without [DONE]")
+                except (UpstreamError, UpstreamStreamError) as exc:
+                    if self.obs.saw_done:
+                        break  # whole already: only the connection's end went wrong
+                    log.warning("decode stream from %s broke: %r", self.worker, exc)
+                    await self._rescue(exc)
+                    continue
                 if self._should_switch():
                     target, self._migrate_to = self._migrate_to, None
                     await self._switch(target)
@@ -364,16 +473,21 @@ class StreamRelay:
             self._upstream_done = True
             if self.obs.pending.strip():
                 yield self.obs.pending
-            if not self.obs.saw_done:
-                raise UpstreamStreamError("stream ended without [DONE]")
-        except (UpstreamError, UpstreamStreamError) as exc:
-            log.warning("decode stream from %s broke: %r", self.worker, exc)
+        except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as exc:
+            log.warning("decode stream %s ends with an error: %r", self.request_id, exc)
             self.d.metrics.leg_failures.labels("decode", "stream_error").inc()
-            yield GatewayError(502, f"worker {self.worker} failed mid-stream: {exc!r}",
+            yield GatewayError(502, f"the stream broke off: {exc}",
                                code="upstream_stream_error").sse_event()
             yield b"data: [DONE]\n\n"
         finally:
             await self.close()
+
+    def _saw_bytes(self) -> None:
+        now = time.monotonic()
+        if self.last_chunk_at is not None:
+            self.d.token_gap(self.worker, now - self.last_chunk_at)
+        self.last_chunk_at = now
+        self.d.health.saw_progress(self.worker)
 
     async def close(self) -> None:
         """Close the worker connection (aborting its request) and release the leg."""

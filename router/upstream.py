@@ -26,6 +26,11 @@ class UpstreamError(Exception):
     """A worker connection failed, broke off or sent something that is not HTTP."""
 
 
+class WorkerLost(UpstreamError):
+    """The gateway gave up on a worker's answer (its worker left rotation, or its stream
+    stalled) and moves the request elsewhere."""
+
+
 class UpstreamTimeout(UpstreamError, TimeoutError):
     """A worker did not connect or answer in time."""
 
@@ -119,6 +124,7 @@ class UpstreamResponse:
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
         self._finished = False
+        self.last_data_at = loop.time()  # when bytes last arrived (the loop's monotonic clock)
         self._deadline = None
         if timeouts.total is not None:
             self._deadline = loop.call_later(timeouts.total, self._fail,
@@ -131,6 +137,7 @@ class UpstreamResponse:
             self._headers.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        self.last_data_at = self._loop.time()
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._paused and not self._conn.closed:
@@ -151,6 +158,10 @@ class UpstreamResponse:
         if not self._headers.done():
             self._headers.set_exception(exc)
         self._wake()
+
+    def abort(self, exc: UpstreamError) -> None:
+        """Stop waiting: what arrived is still read, then `exc` is raised to the reader."""
+        self._fail(exc)
 
     def _wake(self) -> None:
         waiter = self._waiter

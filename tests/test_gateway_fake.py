@@ -131,8 +131,19 @@ def test_dead_decode_worker_is_skipped() -> None:
     assert p_app.state.stats.local_requests == 1  # the prefill worker decoded it itself
 
 
-def test_worker_dying_mid_stream_gives_the_client_an_error_event(rig: Rig) -> None:
+def test_worker_dying_mid_stream_moves_the_stream_to_another_worker(rig: Rig) -> None:
     rig.decode.state.behaviour.die_after_tokens = 3
+    stream = rig.client().completions.create(model=MODEL, prompt="abc", max_tokens=10,
+                                             stream=True)
+    got = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert "".join(got) == "".join(f" t{i}" for i in range(10))  # continued on p0
+    assert rig.prefill.state.stats.local_requests == 1
+    assert _in_flight_zero(rig.cluster)
+
+
+def test_worker_dying_mid_stream_with_nowhere_to_go_gives_an_error_event(rig: Rig) -> None:
+    rig.decode.state.behaviour.die_after_tokens = 3
+    rig.cluster.set_healthy("p0", False)  # no other worker can take the stream
     stream = rig.client().completions.create(model=MODEL, prompt="abc", max_tokens=10,
                                              stream=True)
     got = []

@@ -1,0 +1,174 @@
+"""Streams whose worker hangs, stalls or dies mid-stream continue on another worker.
+
+Fake workers (the same behaviour on real vLLM workers under SIGSTOP is in
+tests/test_vllm_chaos.py). The stream idle timeout is 300 s and every client gives up
+after 20 s, so a stream that waited for the idle timeout fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from benchmarks.fake_worker import create_fake_worker
+from core.workers import Role, WorkerState
+from router.app import GatewayConfig, create_app
+from router.cluster import Cluster
+from router.dispatch import DispatchConfig
+from router.health import HealthConfig
+from tests.servers import serve_in_thread
+
+MODEL = "fake-model"
+CLIENT_TIMEOUT_S = 20.0  # far below the 300 s idle timeout
+WHOLE = "".join(f" t{i}" for i in range(10))
+
+
+@dataclass
+class Rig:
+    url: str
+    cluster: Cluster
+    gateway: object
+    prefill: object  # the fake prefill worker's app (the rescue target)
+    decode: object
+
+
+def _rig(health: HealthConfig, stall_factor: float) -> Iterator[Rig]:
+    p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
+    d_app.state.behaviour.token_delay_s = 0.01
+    with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
+        cluster = Cluster()
+        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+        cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+        dispatch = DispatchConfig(connect_timeout_s=1.0, prefill_timeout_s=5.0,
+                                  stream_idle_timeout_s=300.0, request_timeout_s=300.0,
+                                  stall_factor=stall_factor, stall_min_s=0.5)
+        app = create_app(GatewayConfig(served_models=(MODEL,), dispatch=dispatch,
+                                       health=health, stats_interval_s=0.2), cluster)
+        try:
+            with serve_in_thread(app) as g_url:
+                yield Rig(g_url, cluster, app, p_app, d_app)
+        finally:
+            d_app.state.behaviour.hang = False  # let the stopped handlers end
+            d_app.state.behaviour.stall_after_tokens = None
+
+
+@pytest.fixture()
+def probed() -> Iterator[Rig]:
+    """Fast probes, stall detection off: only the breaker moves streams."""
+    yield from _rig(HealthConfig(interval_s=0.1, timeout_s=0.3), stall_factor=0)
+
+
+@pytest.fixture()
+def unprobed() -> Iterator[Rig]:
+    """No probes: only stall detection moves streams."""
+    yield from _rig(HealthConfig(interval_s=0), stall_factor=30)
+
+
+def _stream(rig: Rig, body: dict, on_event=None) -> tuple[str, list[dict]]:  # noqa: ANN001
+    """The streamed text and any error events; `on_event(n)` after the n-th chunk."""
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    text, errors, n = [], [], 0
+    with httpx.stream("POST", rig.url + route, json={"model": MODEL, "stream": True, **body},
+                      timeout=httpx.Timeout(CLIENT_TIMEOUT_S)) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                errors.append(chunk["error"])
+            for choice in chunk.get("choices") or ():
+                text.append(choice.get("text") or (choice.get("delta") or {}).get("content")
+                            or "")
+            n += 1
+            if on_event is not None:
+                on_event(n)
+    return "".join(text), errors
+
+
+def _in_flight_zero(cluster: Cluster) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(w.in_flight == 0 for w in cluster.snapshot().workers):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop_after(rig: Rig, events: int):  # noqa: ANN202
+    """SIGSTOP-like: the decode worker stops answering anything after `events` chunks."""
+    def on_event(n: int) -> None:
+        if n == events:
+            rig.decode.state.behaviour.hang = True
+    return on_event
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_on_a_hung_worker_moves_when_its_breaker_opens(probed: Rig,
+                                                                chat: bool) -> None:
+    probed.decode.state.behaviour.stall_after_tokens = 3
+    body = ({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 10} if chat
+            else {"prompt": "abc", "max_tokens": 10})
+    text, errors = _stream(probed, body, _stop_after(probed, 3))
+    assert errors == []
+    assert text == WHOLE  # the first tokens from d0, the rest from p0, none twice
+    assert probed.gateway.state.health.summary()["d0"]["breaker"] == "open"
+    assert probed.prefill.state.stats.local_requests == 1
+    assert _in_flight_zero(probed.cluster)
+
+
+def test_a_stalled_stream_moves_though_its_worker_answers_probes(unprobed: Rig) -> None:
+    unprobed.decode.state.behaviour.stall_after_tokens = 4
+    text, errors = _stream(unprobed, {"prompt": "abc", "max_tokens": 10})
+    assert errors == [] and text == WHOLE
+    assert unprobed.cluster.view("d0").healthy  # moved, but not taken out of rotation
+    assert unprobed.prefill.state.stats.local_requests == 1
+    assert _in_flight_zero(unprobed.cluster)
+
+
+def test_a_stream_that_sent_nothing_yet_restarts_whole(probed: Rig) -> None:
+    decode = probed.decode.state
+    decode.behaviour.stall_after_tokens = 0
+
+    def stop_once_streaming() -> None:  # headers sent, no token yet: then SIGSTOP
+        deadline = time.monotonic() + 10
+        while decode.stats.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        decode.behaviour.hang = True
+
+    stopper = threading.Thread(target=stop_once_streaming)
+    stopper.start()
+    # presence_penalty makes it unmigratable; with nothing sent it can still start over
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10,
+                                    "presence_penalty": 0.5})
+    stopper.join()
+    assert errors == [] and text == WHOLE
+    assert probed.prefill.state.stats.local_requests == 1
+    assert _in_flight_zero(probed.cluster)
+
+
+def test_an_unmovable_stream_ends_with_an_error_event_at_once(probed: Rig) -> None:
+    probed.decode.state.behaviour.stall_after_tokens = 3
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10,
+                                    "presence_penalty": 0.5}, _stop_after(probed, 3))
+    assert text == " t0 t1 t2"
+    assert [e["code"] for e in errors] == ["upstream_stream_error"]
+    assert "presence_penalty" in errors[0]["message"]
+    assert _in_flight_zero(probed.cluster)
+
+
+def test_with_no_other_worker_the_stream_ends_with_an_error_event(probed: Rig) -> None:
+    probed.cluster.set_healthy("p0", False)
+    probed.gateway.state.health.report_failure("p0", "test")  # keep it out
+    probed.decode.state.behaviour.stall_after_tokens = 3
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10},
+                           _stop_after(probed, 3))
+    assert text == " t0 t1 t2"
+    assert [e["code"] for e in errors] == ["upstream_stream_error"]
+    assert "no other ready worker" in errors[0]["message"]
