@@ -6,8 +6,10 @@ Starts `fulcrum up --model tiny` with three workers (1 prefill, 2 decode) and th
 `dopd` controller acting, then for `--duration` seconds runs at once:
 - mixed load: completions and chat, streamed and not, short and long prompts;
 - faults at random moments (one at a time, the next once every worker is back):
-  SIGKILL of a prefill or a decode worker's process group (the manager restarts it),
-  SIGSTOP of one for a few seconds then SIGCONT (a hang the breaker must see);
+  SIGKILL of a prefill and of a decode worker's process group (the manager restarts
+  it) and SIGSTOP of each for a few seconds then SIGCONT (a hang the breaker must see),
+  in random order; after those four, hangs of random workers only (a restart takes
+  ~100 s here, during which no flip can keep both pools);
 - manual flips of random workers every `--flip-every` seconds, besides the
   controller's own flips.
 Every request ends as exactly one of: `completed` (200 and the whole answer),
@@ -172,6 +174,8 @@ class Chaos:
         self.flip_records: dict[tuple, dict] = {}
         self.samples: list[dict] = []
         self.stopped: set[int] = set()  # process groups currently SIGSTOPped
+        self._planned = [(a, r) for a in ("SIGKILL", "SIGSTOP") for r in ("prefill", "decode")]
+        self.rng.shuffle(self._planned)
 
     # -- admin ------------------------------------------------------------------------
     def admin(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
@@ -218,12 +222,13 @@ class Chaos:
                 workers = self.workers()
             except httpx.HTTPError:
                 continue
-            role = self.rng.choice(("prefill", "decode"))
+            action, role = self._next_fault()
             pool = [w for w in workers if w["role"] == role and w["pid"]]
             if not pool:
                 continue
+            if self._planned:
+                self._planned.pop(0)
             victim = self.rng.choice(pool)
-            action = self.rng.choice(("SIGKILL", "SIGSTOP"))
             event = {"t": round(time.time() - self.t0, 1), "action": action,
                      "worker": victim["name"], "role": role}
             pid = victim["pid"]
@@ -243,6 +248,14 @@ class Chaos:
             except ProcessLookupError:
                 event["skipped"] = "process already gone"
             self.faults.append(event)
+
+    def _next_fault(self) -> tuple[str, str]:
+        """Each of the four (signal, role) faults once, in random order, then hangs only:
+        a killed worker restarts for ~100 s on 2 shared cores, and while it does no flip
+        can keep both pools, so more kills would mostly starve the flips."""
+        if self._planned:
+            return self._planned[0]
+        return "SIGSTOP", self.rng.choice(("prefill", "decode"))
 
     def _wait_out_of_rotation(self, name: str, hang_s: float) -> float | None:
         """Hold the hang for `hang_s`; return when the gateway took `name` out."""
@@ -387,16 +400,19 @@ def _worker_kv_usage(url: str) -> float:
     return -1.0
 
 
-def start_cluster(log_dir: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """`fulcrum up --model tiny`, 3 workers (1 prefill), dopd acting; waits until ready."""
+def start_cluster(log_dir: Path, extra: tuple[str, ...] = (),
+                  control: bool = True) -> tuple[subprocess.Popen, str]:
+    """`fulcrum up --model tiny`, 3 workers (1 prefill), dopd acting (unless not
+    `control`); waits until ready."""
     port = free_port_block(4, 19300)
     side = free_port_block(3, 27300)
+    controller = ("--control-policy", "dopd", "--control-interval", "2",
+                  "--control-window", "10", "--control-knob",
+                  "adjustment_interval_s=10") if control else ()
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny", "--workers", "3",
            "--prefill-workers", "1", "--port", str(port), "--max-model-len", "1024",
            "--kv-cache-gib", "1", "--side-channel-base-port", str(side),
-           "--log-dir", str(log_dir), "--control-policy", "dopd",
-           "--control-interval", "2", "--control-window", "10",
-           "--control-knob", "adjustment_interval_s=10", "--stream-idle-timeout", "30",
+           "--log-dir", str(log_dir), *controller, "--stream-idle-timeout", "30",
            "--request-timeout", "90", *extra]
     log_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=open(log_dir / "up.log", "wb"),  # noqa: SIM115
@@ -462,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--flip-every", type=float, default=3.0)
+    parser.add_argument("--flip-every", type=float, default=1.0)
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=".fulcrum/chaos-logs")

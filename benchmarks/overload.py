@@ -1,11 +1,16 @@
 """Overload: a burst of concurrent streams, with and without admission control.
 
     python -m benchmarks.overload            # ~1 minute, fake workers, no vLLM
+    python -m benchmarks.overload --clients 100 --probes 50 --out /tmp/o.json  # short
 
 Starts two fake workers (paced tokens) and two gateways over them, one with
-`--max-inflight`/`--max-worker-queue` and one with both off, then sends the same
-burst of concurrent streams to each, one after the other. For every client: the time
-until its status line, and the status. Writes benchmarks/results/overload.json.
+`--max-inflight`/`--max-worker-queue` and one with both off. First, at capacity: the
+limited gateway is filled with `--max-inflight` streams (held by another process) and
+`--probes` requests are sent one by one on new connections, timed until their status
+line with a raw socket (an HTTP client library's own overhead would dominate), with the
+gateway's CPU time per refusal. Then the same burst of concurrent streams goes to each
+gateway, one after the other: for every client, the time until its status line, and
+the status. Writes benchmarks/results/overload.json.
 """
 
 from __future__ import annotations
@@ -59,40 +64,90 @@ async def _burst(url: str, clients: int, max_tokens: int, patience_s: float) -> 
             "no_status_line": by_status.get("0") and len(by_status["0"]) or 0}
 
 
-async def _at_capacity(url: str, hold: int, probes: int) -> dict:
-    """Fill the gateway with `hold` long streams, then send `probes` requests one by one
-    (each on a new connection) and time their answers: what a client meets at capacity."""
+async def _hold(url: str, hold: int) -> None:
+    """Open `hold` long streams and read them until killed; print "open" once all are."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60)) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600)) as client:
         body = {"model": "fake-model", "prompt": "one two", "max_tokens": 1000,
                 "stream": True}
-        opened = asyncio.Event()
         count = 0
 
         async def holder() -> None:
             nonlocal count
             async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    print(f"status {resp.status_code}", flush=True)
+                    return
                 count += 1
-                if count >= hold:
-                    opened.set()
+                if count == hold:
+                    print("open", flush=True)
                 async for _ in resp.aiter_raw():
                     pass
 
-        holders = [asyncio.create_task(holder()) for _ in range(hold)]
-        await asyncio.wait_for(opened.wait(), 120)
-        times, statuses = [], []
+        await asyncio.gather(*(holder() for _ in range(hold)))
+        print("ended", flush=True)
+
+
+_PROBE_BODY = b'{"model":"fake-model","prompt":"one two","max_tokens":16}'
+
+
+async def _probe(port: int) -> tuple[int, float]:
+    """One request on a new connection, raw: (status, seconds from connect to status line).
+    No HTTP client library: its own overhead would be most of what is measured."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: " + str(len(_PROBE_BODY)).encode() + b"\r\n\r\n"
+                 + _PROBE_BODY)
+    await writer.drain()
+    line = await reader.readline()
+    at = time.monotonic() - started
+    writer.close()
+    return int(line.split()[1]) if line.startswith(b"HTTP/") else 0, at
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _at_capacity(url: str, gateway_pid: int, hold: int, probes: int) -> dict:
+    """Fill the gateway with `hold` long streams (from another process, so their reading
+    does not delay the probes), then send `probes` requests one by one, each on a new
+    connection, and time each until its status line: what a client meets at capacity.
+    Also the gateway's CPU time per refused request (its CPU over the probes minus what
+    relaying the streams took over as long a quiet stretch just before)."""
+    holders = subprocess.Popen(
+        [sys.executable, "-c", f"import asyncio; from benchmarks.overload import _hold; "
+         f"asyncio.run(_hold({url!r}, {hold}))"], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = holders.stdout.readline().strip()
+        if line != "open":
+            raise RuntimeError(f"the holding streams did not open: {line!r}")
+        time.sleep(2)
+        port = int(url.rsplit(":", 1)[1])
+        cpu0, wall0 = _cpu_s(gateway_pid), time.monotonic()
+        time.sleep(3)
+        relaying_share = (_cpu_s(gateway_pid) - cpu0) / (time.monotonic() - wall0)
+        results = []
+        cpu0, wall0 = _cpu_s(gateway_pid), time.monotonic()
         for _ in range(probes):
-            started = time.monotonic()
-            resp = await client.post(url + "/v1/completions", json={**body, "stream": False})
-            times.append(time.monotonic() - started)
-            statuses.append(resp.status_code)
-        for task in holders:
-            task.cancel()
-        await asyncio.gather(*holders, return_exceptions=True)
+            results.append(asyncio.run(_probe(port)))
+        used = _cpu_s(gateway_pid) - cpu0 - relaying_share * (time.monotonic() - wall0)
+    finally:
+        holders.kill()
+        holders.wait()
+    statuses = [s for s, _ in results]
+    times = [t for _, t in results]
     return {"held_streams": hold, "probes": probes,
             "probe_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
             "probe_ms": {"p50": _pct(times, 0.5), "p99": _pct(times, 0.99),
-                         "max": _pct(times, 1.0)}}
+                         "max": _pct(times, 1.0)},
+            "gateway_cpu_ms_per_probe": round(1000 * max(0.0, used) / probes, 3),
+            "gateway_cpu_share_relaying": round(relaying_share, 3)}
 
 
 def _wait_up(url: str, path: str = "/health") -> None:
@@ -140,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             _wait_up(f"http://127.0.0.1:{port}")
         result = {"config": vars(args), "load_average_at_start": os.getloadavg()}
         limited_url = f"http://127.0.0.1:{gateways['limited'][0]}"
-        result["at_capacity"] = asyncio.run(_at_capacity(limited_url, args.max_inflight,
-                                                         args.probes))
+        result["at_capacity"] = _at_capacity(limited_url, procs[2].pid, args.max_inflight,
+                                             args.probes)
         time.sleep(3)
         for name, (port, _) in gateways.items():
             result[name] = asyncio.run(_burst(f"http://127.0.0.1:{port}", args.clients,
@@ -158,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "burst_limited_429_p99_ms": (limited.get("429") or {}).get("p99"),
         "at_capacity_429_p50_ms": result["at_capacity"]["probe_ms"]["p50"],
         "at_capacity_429_p99_ms": result["at_capacity"]["probe_ms"]["p99"],
+        "at_capacity_gateway_cpu_ms_per_429": result["at_capacity"]["gateway_cpu_ms_per_probe"],
         "limited_200_p50_ms": (limited.get("200") or {}).get("p50"),
         "unlimited_200_p50_ms": (result["unlimited"]["time_to_status_ms"].get("200")
                                  or {}).get("p50"),

@@ -5,7 +5,8 @@ refusing. The monitor probes every worker's `/health` every `interval_s` with a 
 timeout, and the dispatcher reports each leg's transport failure or success. After
 `failures` consecutive failures the breaker opens: the worker leaves rotation (its
 `healthy` flag, not its life-cycle state, which belongs to the manager and the flip
-coordinator) and legs waiting on it are abandoned. Probes continue; a successful probe
+coordinator), legs waiting on it are abandoned and its streams move to other workers
+(`Dispatcher.evacuate_worker`). Probes continue; a successful probe
 half-opens the breaker (the worker takes traffic again, but one failure re-opens it),
 and `successes` successes in a row close it.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -176,13 +178,26 @@ class HealthMonitor:
                 task.cancel()
 
     async def _probe_forever(self, name: str, client: httpx.AsyncClient) -> None:
-        while name in self.cluster.names():
-            view = self.cluster.view(name)
-            if view.state in (WorkerState.READY, WorkerState.DRAINING):
-                await self.probe(name, view.url, client)
-            elif view.state == WorkerState.DEAD:
-                self._forget(name)  # a restarted process starts with a clean slate
-            await asyncio.sleep(self.config.interval_s)
+        """A probe every `interval_s`, not waiting for the last one's answer: a hung worker
+        collects its `failures` timeouts `interval_s` apart, so it leaves rotation about
+        `timeout_s + (failures - 1) x interval_s` after it stopped, not `failures` x
+        (`timeout_s` + `interval_s`)."""
+        outstanding: set[asyncio.Task] = set()
+        most = math.ceil(self.config.timeout_s / self.config.interval_s) + 1
+        try:
+            while name in self.cluster.names():
+                view = self.cluster.view(name)
+                if view.state in (WorkerState.READY, WorkerState.DRAINING):
+                    if len(outstanding) < most:
+                        task = asyncio.create_task(self.probe(name, view.url, client))
+                        outstanding.add(task)
+                        task.add_done_callback(outstanding.discard)
+                elif view.state == WorkerState.DEAD:
+                    self._forget(name)  # a restarted process starts with a clean slate
+                await asyncio.sleep(self.config.interval_s)
+        finally:
+            for task in list(outstanding):
+                task.cancel()
 
     def _forget(self, name: str) -> None:
         b = self.breakers.pop(name, None)

@@ -7,6 +7,7 @@ benchmarks.chaos`; this is the same driver, bounded to a few minutes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from benchmarks.chaos import Chaos
+from benchmarks.chaos import Chaos, _worker_kv_usage
 from tests.vllm_cluster import MAX_MODEL_LEN, MODEL_NAME, LiveCluster, start_cluster
 
 pytestmark = pytest.mark.vllm
@@ -27,7 +28,7 @@ AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     live = start_cluster(tmp_path_factory.mktemp("chaos"), workers=3, extra_args=(
-        "--prefill-workers", "1", "--stream-idle-timeout", "30", "--request-timeout", "90",
+        "--prefill-workers", "1", "--stream-idle-timeout", "300", "--request-timeout", "90",
         "--api-key", CLIENT_KEY, "--worker-api-key", WORKER_KEY))
     try:
         yield live
@@ -91,6 +92,77 @@ def test_a_stopped_worker_leaves_rotation_and_returns_after_sigcont(
     for _ in range(3):
         assert _complete(cluster.url).status_code == 200
     assert _dispatch_count(cluster.url, "pd") > pd_before  # P/D again
+
+
+def _stream(url: str, prompt: str, on_chunk=None) -> tuple[str, list[str], bool, str]:  # noqa: ANN001
+    """(text, error codes, saw [DONE], decode worker) of a temperature-0 stream; the
+    client gives up after 60 s of silence, far below the gateway's 300 s idle timeout."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 160, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text, errors, done, n = [], [], False, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH,
+                      timeout=httpx.Timeout(60, connect=10)) as resp:
+        assert resp.status_code == 200
+        worker = resp.headers["x-fulcrum-decode-worker"]
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors.append(chunk["error"]["code"])
+                text += "".join(c.get("text") or "" for c in chunk.get("choices") or ())
+                n += 1
+                if on_chunk is not None:
+                    on_chunk(n, worker)
+    return text, errors, done, worker
+
+
+def _rescued(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith('fulcrum_pd_leg_failures_total{action="rescued",leg="decode"}'):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_stream_on_a_stopped_decode_worker_continues_elsewhere(cluster: LiveCluster) -> None:
+    cluster.wait_all_ready()
+    prompt = "Once upon a time in a small village there lived"
+    reference, errors, done, _ = _stream(cluster.url, prompt)
+    assert errors == [] and done
+    rescued_before = _rescued(cluster.url)
+    stopped: list[int] = []
+
+    def stop_its_worker(n: int, worker: str) -> None:
+        if n == 10:  # mid-stream: SIGSTOP the decode worker serving it
+            stopped.append(cluster.workers()[worker]["pid"])
+            os.killpg(stopped[0], signal.SIGSTOP)
+
+    try:
+        text, errors, done, worker = _stream(cluster.url, prompt, stop_its_worker)
+    finally:
+        for pid in stopped:
+            os.killpg(pid, signal.SIGCONT)
+    assert stopped, "the stream ended before its worker could be stopped"
+    assert done
+    # a complete stream equal to the unmigrated run (a move needs another decode worker,
+    # which this cluster has), long before the 300 s idle timeout
+    assert errors == [], errors
+    assert text == reference
+    assert _rescued(cluster.url) == rescued_before + 1
+    cluster.wait_all_ready()
+    deadline = time.monotonic() + 120  # the stopped worker aborts its copy once resumed
+    usage = {}
+    while time.monotonic() < deadline:
+        usage = {n: _worker_kv_usage(w["url"]) for n, w in cluster.workers().items()}
+        if all(u == 0 for u in usage.values()):
+            break
+        time.sleep(1)
+    assert all(u == 0 for u in usage.values()), f"KV blocks still held: {usage}"
+    deadline = time.monotonic() + 60
+    while not cluster.workers()[worker]["healthy"]:
+        assert time.monotonic() < deadline, f"{worker} never came back after SIGCONT"
+        time.sleep(0.2)
 
 
 def test_short_chaos_run_loses_no_request(cluster: LiveCluster) -> None:
