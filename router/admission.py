@@ -8,6 +8,8 @@ every client times out.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, replace
 
 from core.workers import ClusterSnapshot, WorkerView
@@ -37,14 +39,28 @@ class Admission:
         self.in_flight = 0
         self.rejected: dict[str, int] = {}
 
-    def enter(self) -> None:
-        """Take a gateway-wide slot, or raise 429."""
+    def try_enter(self) -> bool:
+        """Take a gateway-wide slot; False (counted) when the gateway is full."""
         limit = self.config.max_inflight
         if limit and self.in_flight >= limit:
             self._reject("gateway_full")
-            raise overloaded(f"{limit} requests in flight, --max-inflight", self.config,
-                             "gateway_overloaded")
+            return False
         self.in_flight += 1
+        return True
+
+    def enter(self) -> None:
+        """Take a gateway-wide slot, or raise 429."""
+        if not self.try_enter():
+            raise self.gateway_full()
+
+    def gateway_full(self) -> GatewayError:
+        return overloaded(f"{self.config.max_inflight} requests in flight, --max-inflight",
+                          self.config, "gateway_overloaded")
+
+    @functools.cached_property
+    def gateway_full_body(self) -> bytes:
+        """The 429 body, encoded once: a refusal should cost next to nothing."""
+        return json.dumps(self.gateway_full().body()).encode()
 
     def leave(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)

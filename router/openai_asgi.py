@@ -130,16 +130,16 @@ class OpenAIEndpoints:
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
                 content_length = value
+        if not self.admission.try_enter():  # first, and cheap: overload is answered at once
+            await self._refuse(route, raw_id, send)
+            return
         request_id = new_request_id()  # ours: unique, what workers and /admin see
         client_id = client_request_id(raw_id)
         headers = {"X-Request-Id": client_id or request_id, "X-Fulcrum-Request-Id": request_id}
         started = time.monotonic()
         watch = None
-        admitted = False
         model = ""
         try:
-            self.admission.enter()  # first: overload is answered before the body is read
-            admitted = True
             self.auth.check_client(authorization)
             body = await _read_body(receive, content_length, self.max_body_bytes)
             parsed = parse_request(route, body, self.served_models)
@@ -152,7 +152,7 @@ class OpenAIEndpoints:
                 parsed, request_id, client_id, self.auth.worker_headers(authorization))
             reply.headers.update(headers)
         except _ClientLeft:
-            self._finish(route, 499, admitted)
+            self._finish(route, 499)
             return
         except GatewayError as exc:
             reply = exc.reply(headers)
@@ -160,12 +160,11 @@ class OpenAIEndpoints:
             reply = exc.reply(headers)
         except asyncio.CancelledError:
             if watch is None or not watch.gone:
-                if admitted:
-                    self.admission.leave()
+                self.admission.leave()
                 raise
             asyncio.current_task().uncancel()
             log.info("client left before a reply; aborted %s", request_id)
-            self._finish(route, 499, admitted)
+            self._finish(route, 499)
             return
         except Exception as exc:  # never a bare 500: OpenAI-shaped and counted
             log.error("unexpected error serving %s: %r", request_id, exc, exc_info=exc)
@@ -175,22 +174,34 @@ class OpenAIEndpoints:
         if isinstance(reply, StreamReply):
             try:
                 await self._stream(reply, send, watch)
-            finally:
-                if admitted:  # the slot lasts as long as the stream
-                    self.admission.leave()
+            finally:  # the slot lasts as long as the stream
+                self.admission.leave()
             return
         if watch is not None:
             watch.stop()
-        if admitted:
-            self.admission.leave()
+        self.admission.leave()
         if reply.status != 200:
             self.metrics.latency(route, model, ERROR, "").e2e.observe(time.monotonic() - started)
         await self._send_json(reply, send)
 
-    def _finish(self, route: str, status: int, admitted: bool) -> None:
+    async def _refuse(self, route: str, raw_id: str | None, send: Send) -> None:
+        """429 before anything else is done: no body read, no id made, one encoded body."""
+        body = self.admission.gateway_full_body
+        headers = [_JSON, (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", str(self.admission.config.retry_after_s).encode())]
+        client_id = client_request_id(raw_id) if raw_id is not None else None
+        if client_id is not None:
+            headers.append((b"x-request-id", client_id.encode("latin-1")))
+        self.metrics.count_request(route, 429)
+        try:
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:  # the client went away
+            pass
+
+    def _finish(self, route: str, status: int) -> None:
         self.metrics.count_request(route, status)
-        if admitted:
-            self.admission.leave()
+        self.admission.leave()
 
     @staticmethod
     async def _send_json(reply: JsonReply, send: Send) -> None:

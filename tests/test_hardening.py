@@ -277,9 +277,11 @@ def test_gateway_wide_inflight_limit_answers_429_at_once() -> None:
             resp = r.post("/v1/completions", _completion())
             err = _openai_error(resp, 429)
             assert err["code"] == "gateway_overloaded" and resp.headers["retry-after"] == "1"
+            again = r.post("/v1/completions", _completion(), headers={"X-Request-Id": "mine"})
+            assert _openai_error(again, 429) == err and again.headers["x-request-id"] == "mine"
             metrics = r.metrics()
-            assert 'fulcrum_rejected_total{reason="gateway_full"} 1.0' in metrics
-            assert 'fulcrum_requests_total{route="/v1/completions",status="429"} 1.0' in metrics
+            assert 'fulcrum_rejected_total{reason="gateway_full"} 2.0' in metrics
+            assert 'fulcrum_requests_total{route="/v1/completions",status="429"} 2.0' in metrics
             assert "fulcrum_gateway_in_flight 2.0" in metrics
         finally:
             _release(held)
