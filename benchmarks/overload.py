@@ -6,11 +6,11 @@
 Starts two fake workers (paced tokens) and two gateways over them, one with
 `--max-inflight`/`--max-worker-queue` and one with both off. First, at capacity: the
 limited gateway is filled with `--max-inflight` streams (held by another process) and
-`--probes` requests are sent one by one on new connections, timed until their status
-line with a raw socket (an HTTP client library's own overhead would dominate), with the
-gateway's CPU time per refusal. Then the same burst of concurrent streams goes to each
-gateway, one after the other: for every client, the time until its status line, and
-the status. Writes benchmarks/results/overload.json.
+`--probes` requests are sent one by one on new connections, with the gateway's CPU time
+per refusal. Then the same burst of concurrent streams goes to each gateway, one after
+the other. Every client is a raw socket (an HTTP client library's own overhead would be
+most of what is measured), timed from its connect to its status line. Writes
+benchmarks/results/overload.json.
 """
 
 from __future__ import annotations
@@ -39,21 +39,20 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 
 async def _burst(url: str, clients: int, max_tokens: int, patience_s: float) -> dict:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(patience_s)) as client:
-        async def one() -> tuple[int, float]:
-            body = {"model": "fake-model", "prompt": "one two three", "max_tokens": max_tokens,
-                    "stream": True}
-            started = time.monotonic()
-            try:
-                async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-                    status, at = resp.status_code, time.monotonic() - started
-                    await resp.aread()
-                    return status, at
-            except httpx.HTTPError:
-                return 0, time.monotonic() - started
+    """`clients` streams at once, each on its own raw connection: when each got its
+    status line (0: none within `patience_s`), then read to the end."""
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "fake-model", "prompt": "one two three",
+                       "max_tokens": max_tokens, "stream": True}).encode()
 
-        results = await asyncio.gather(*(one() for _ in range(clients)))
+    async def one() -> tuple[int, float]:
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(_request(port, body, read_all=True), patience_s)
+        except (TimeoutError, OSError):
+            return 0, time.monotonic() - started
+
+    results = await asyncio.gather(*(one() for _ in range(clients)))
     by_status: dict[str, list[float]] = {}
     for status, at in results:
         by_status.setdefault(str(status), []).append(at)
@@ -91,20 +90,29 @@ async def _hold(url: str, hold: int) -> None:
 _PROBE_BODY = b'{"model":"fake-model","prompt":"one two","max_tokens":16}'
 
 
-async def _probe(port: int) -> tuple[int, float]:
-    """One request on a new connection, raw: (status, seconds from connect to status line).
-    No HTTP client library: its own overhead would be most of what is measured."""
+async def _request(port: int, body: bytes, read_all: bool = False) -> tuple[int, float]:
+    """One POST on a new connection, raw: (status, seconds from connect to status line),
+    the rest of the answer read to the end if `read_all`. No HTTP client library: its own
+    overhead would be most of what is measured."""
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 b"Content-Type: application/json\r\nConnection: close\r\n"
-                 b"Content-Length: " + str(len(_PROBE_BODY)).encode() + b"\r\n\r\n"
-                 + _PROBE_BODY)
-    await writer.drain()
-    line = await reader.readline()
-    at = time.monotonic() - started
-    writer.close()
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        line = await reader.readline()
+        at = time.monotonic() - started
+        if read_all:
+            while await reader.read(65536):
+                pass
+    finally:
+        writer.close()
     return int(line.split()[1]) if line.startswith(b"HTTP/") else 0, at
+
+
+async def _probe(port: int) -> tuple[int, float]:
+    return await _request(port, _PROBE_BODY)
 
 
 def _cpu_s(pid: int) -> float:
