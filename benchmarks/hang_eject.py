@@ -156,7 +156,7 @@ class HangBench:
             # hit by the hang: in flight at the SIGSTOP, or sent before the ejection
             h["_hit"] = [r for r in warm if r.started < out_at and r.ended > h["_stopped_at"]]
             windows.append((h["_stopped_at"], h["_resumed_at"] + 3.0))
-        quiet = [r for r in warm if r.ok and not any(a - 30 < r.started < b
+        quiet = [r for r in warm if r.ok and not any(r.started < b and r.ended > a
                                                      for a, b in windows)]
         base = statistics.median([r.latency_s for r in quiet]) if quiet else None
         rows = []
