@@ -457,17 +457,17 @@ class StreamRelay:
                             yield b"".join(out)
                         if self._should_switch():
                             break
-                    if not self.obs.saw_done and not self._should_switch():
+                    if self._should_switch():  # a move asked for (/admin/migrate, rebalancing)
+                        target, self._migrate_to = self._migrate_to, None
+                        await self._switch(target)
+                        continue
+                    if not self.obs.saw_done:
                         raise UpstreamStreamError("stream ended without [DONE]")
-                except (UpstreamError, UpstreamStreamError) as exc:
+                except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as exc:
                     if self.obs.saw_done:
                         break  # whole already: only the connection's end went wrong
                     log.warning("decode stream from %s broke: %r", self.worker, exc)
                     await self._rescue(exc)
-                    continue
-                if self._should_switch():
-                    target, self._migrate_to = self._migrate_to, None
-                    await self._switch(target)
                     continue
                 break
             self._upstream_done = True
