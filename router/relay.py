@@ -442,6 +442,7 @@ class StreamRelay:
                 events = self.obs.feed(self._primer)
                 out = [r for r in (self._rewrite(raw, c) for raw, c in events) if r]
                 if out:
+                    self._yielded = True
                     yield b"".join(out)
             while True:
                 try:
