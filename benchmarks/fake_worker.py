@@ -36,6 +36,8 @@ class FakeBehaviour:
     hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
     # streams stop after this many tokens while /health still answers (a wedged engine)
     stall_after_tokens: int | None = None
+    # decodes of remotely prefilled requests never start (their KV pull hangs)
+    stall_remote_decodes: bool = False
     # where this fake says its KV block server listens (vllm:fulcrum_kv_endpoint_info)
     kv_endpoint: tuple[str, int] | None = None
     healthy: bool = True
@@ -170,7 +172,8 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                         raise ConnectionResetError("injected worker death")
                     await asyncio.sleep(b.token_delay_s)
                     await hang_if_asked()  # a stopped process sends nothing more
-                    while b.stall_after_tokens is not None and i >= b.stall_after_tokens:
+                    while (b.stall_after_tokens is not None and i >= b.stall_after_tokens) \
+                            or (b.stall_remote_decodes and kv.get("do_remote_prefill")):
                         await asyncio.sleep(0.02)
                     finish = "length" if i == first + n - 1 else None
                     text, held = held + f" t{i}", ""

@@ -104,7 +104,7 @@ def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
                             "another worker (0: off)")
     group.add_argument("--stream-stall-min", type=float, default=5.0,
                        help="seconds of silence below which a stream never counts as stalled")
-    group.add_argument("--health-interval", type=float, default=0.5,
+    group.add_argument("--health-interval", type=float, default=0.25,
                        help="seconds between active /health probes of each worker (0: off)")
     group.add_argument("--health-timeout", type=float, default=1.0,
                        help="a probe slower than this counts as a failure")

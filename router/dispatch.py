@@ -202,9 +202,15 @@ class Dispatcher:
 
     # -- rescuing streams from failed workers ---------------------------------------------
     def evacuate_worker(self, worker: str, why: str) -> None:
-        """Move every live stream off `worker` (its breaker opened)."""
-        for relay in [r for r in self.streams.values() if r.worker == worker]:
-            relay.evacuate(f"worker {worker} left rotation: {why}")
+        """Move every live stream off `worker` (its breaker opened), and restart those
+        whose decode worker still waits to pull their KV from it (computed locally then,
+        by any decode worker, the same one included)."""
+        for relay in list(self.streams.values()):
+            if relay.worker == worker:
+                relay.evacuate(f"worker {worker} left rotation: {why}")
+            elif relay.kv_from == worker and relay.last_chunk_at is None:
+                relay.evacuate(f"its KV source {worker} left rotation: {why}",
+                               may_stay=True)
 
     def rescue_target(self, relay: StreamRelay, exclude: frozenset[str]) -> str | None:
         """A ready decode worker with room to continue `relay`'s stream, by the policy."""
@@ -297,7 +303,8 @@ class Dispatcher:
             kv_params, first = await self._prefill_leg(route.prefill, req, request_id, leg)
             decode = self.driver.decode_after_prefill(info, decode,
                                                       self.cluster.snapshot()) or decode
-        return await self._decode_leg(decode, req, info, kv_params, started, leg, first)
+        return await self._decode_leg(decode, req, info, kv_params, started, leg, first,
+                                      route.prefill if kv_params else None)
 
     def worker_headers(self, request_id: str, leg: _LegContext) -> dict[str, str]:
         return {**leg.headers, "X-Request-Id": request_id}
@@ -345,7 +352,8 @@ class Dispatcher:
 
     async def _decode_leg(self, worker: str, req: ParsedRequest, info: RequestInfo,
                           kv_params: dict | None, started: float,
-                          leg: _LegContext, first: FirstToken | None = None) -> Reply:
+                          leg: _LegContext, first: FirstToken | None = None,
+                          kv_from: str | None = None) -> Reply:
         request_id = info.request_id
         tried: set[str] = set()
         last_error = "no attempt made"
@@ -382,7 +390,8 @@ class Dispatcher:
                     # counted here: a request whose KV pull failed and was retried is local
                     (self.metrics.pd_mode if kv_params else self.metrics.local_mode).inc()
                     return await self._reply(worker, upstream, req, info, body, tokens,
-                                             started, leg, first if kv_params else None)
+                                             started, leg, first if kv_params else None,
+                                             kv_from if kv_params else None)
                 try:
                     content = await upstream.read()
                 except UpstreamError as exc:
@@ -410,7 +419,8 @@ class Dispatcher:
 
     async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
                      info: RequestInfo, body: dict, tokens: int, started: float,
-                     leg: _LegContext, first: FirstToken | None = None) -> Reply:
+                     leg: _LegContext, first: FirstToken | None = None,
+                     kv_from: str | None = None) -> Reply:
         request_id = info.request_id
         headers = {"X-Fulcrum-Decode-Worker": worker}
         mode = PD if "kv_transfer_params" in body else LOCAL
@@ -420,6 +430,7 @@ class Dispatcher:
                 relay.prime(first_event(first), len(first.token_ids))
             relay.client_request_id = leg.client_request_id
             relay.info = info
+            relay.kv_from = kv_from
             relay.worker_headers = leg.headers
             self.streams[request_id] = relay
             if self.pending_migrations:

@@ -42,7 +42,7 @@ class BreakerState(enum.StrEnum):
 class HealthConfig:
     """Probe cadence and breaker thresholds; `interval_s=0` turns active probes off."""
 
-    interval_s: float = 0.5
+    interval_s: float = 0.25
     timeout_s: float = 1.0
     failures: int = 2
     successes: int = 2
@@ -207,6 +207,8 @@ class HealthMonitor:
 
     async def probe(self, name: str, url: str, client: httpx.AsyncClient) -> bool:
         """One `/health` probe; reports its outcome and returns it."""
+        if client.is_closed:  # the gateway is shutting down
+            return False
         try:
             resp = await client.get(url + "/health", timeout=self.config.timeout_s)
         except (httpx.HTTPError, OSError) as exc:

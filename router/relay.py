@@ -153,6 +153,8 @@ class StreamRelay:
         self._evacuate_why: str | None = None  # set: leave the current worker now
         self.last_chunk_at: float | None = None  # when the relay last read bytes (monotonic)
         self.info = None  # the policy's RequestInfo, to pick a rescue target
+        self.kv_from: str | None = None  # the prefill worker the decode worker pulls KV from
+        self._may_stay = False  # a rescue may continue on the same (healthy) worker
         self._completion_before = 0  # tokens generated on earlier workers
         self._prompt_tokens: int | None = None
         self._migrate_to: str | None = None
@@ -253,12 +255,13 @@ class StreamRelay:
         log.warning("restarted stream %s on %s", self.request_id, target)
 
     # -- rescue -------------------------------------------------------------------------
-    def evacuate(self, why: str) -> None:
-        """Leave the current worker now (it left rotation, or the stream stalled): the
-        relay continues the stream elsewhere, or ends it with an error event."""
+    def evacuate(self, why: str, may_stay: bool = False) -> None:
+        """Leave the current request now (its worker left rotation, the stream stalled, or
+        `may_stay`: its KV source left): the relay continues the stream on another worker
+        (or, with `may_stay`, possibly the same one), or ends it with an error event."""
         if self._closed or self._upstream_done or self._evacuate_why is not None:
             return
-        self._evacuate_why = why
+        self._evacuate_why, self._may_stay = why, may_stay
         self.upstream.abort(WorkerLost(why))
 
     def stalled_for(self, now: float) -> float:
@@ -288,8 +291,8 @@ class StreamRelay:
         `UpstreamStreamError` if none can."""
         failed = self.worker
         why = self._evacuate_why or repr(exc)
-        self._evacuate_why = None
-        tried = {failed}
+        tried = set() if self._evacuate_why is not None and self._may_stay else {failed}
+        self._evacuate_why, self._may_stay = None, False
         last = f"worker {failed} failed mid-stream ({why})"
         for _ in range(self.d.config.decode_attempts):
             blocker = self.why_not_resumable()

@@ -455,6 +455,8 @@ def test_a_slow_probe_does_not_count_while_the_worker_streams() -> None:
     monitor = HealthMonitor(cluster, HealthConfig(timeout_s=5.0, failures=1))
 
     class SlowClient:
+        is_closed = False
+
         async def get(self, url: str, timeout: float) -> None:
             raise httpx.ReadTimeout("slow")
 

@@ -54,14 +54,16 @@ def _rig(health: HealthConfig, stall_factor: float) -> Iterator[Rig]:
             with serve_in_thread(app) as g_url:
                 yield Rig(g_url, cluster, app, p_app, d_app)
         finally:
-            d_app.state.behaviour.hang = False  # let the stopped handlers end
-            d_app.state.behaviour.stall_after_tokens = None
+            for worker in (p_app, d_app):  # let the stopped handlers end
+                worker.state.behaviour.hang = False
+                worker.state.behaviour.stall_after_tokens = None
+                worker.state.behaviour.stall_remote_decodes = False
 
 
 @pytest.fixture()
 def probed() -> Iterator[Rig]:
     """Fast probes, stall detection off: only the breaker moves streams."""
-    yield from _rig(HealthConfig(interval_s=0.1, timeout_s=0.3), stall_factor=0)
+    yield from _rig(HealthConfig(interval_s=0.1, timeout_s=1.0), stall_factor=0)
 
 
 @pytest.fixture()
@@ -153,6 +155,26 @@ def test_a_stream_that_sent_nothing_yet_restarts_whole(probed: Rig) -> None:
     assert _in_flight_zero(probed.cluster)
 
 
+def test_a_stream_waiting_for_kv_from_a_hung_prefill_worker_restarts(probed: Rig) -> None:
+    decode = probed.decode.state
+    decode.behaviour.stall_remote_decodes = True  # its KV pull from p0 never finishes
+
+    def stop_the_prefill_worker() -> None:
+        deadline = time.monotonic() + 10
+        while decode.stats.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        probed.prefill.state.behaviour.hang = True
+
+    stopper = threading.Thread(target=stop_the_prefill_worker)
+    stopper.start()
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10})
+    stopper.join()
+    assert errors == [] and text == WHOLE
+    assert decode.stats.remote_decodes == 1  # the first try waited for p0's KV
+    assert decode.stats.local_requests == 1  # then d0 computed the prompt itself
+    assert probed.gateway.state.health.summary()["p0"]["breaker"] == "open"
+
+
 def test_an_unmovable_stream_ends_with_an_error_event_at_once(probed: Rig) -> None:
     probed.decode.state.behaviour.stall_after_tokens = 3
     text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10,
@@ -164,8 +186,7 @@ def test_an_unmovable_stream_ends_with_an_error_event_at_once(probed: Rig) -> No
 
 
 def test_with_no_other_worker_the_stream_ends_with_an_error_event(probed: Rig) -> None:
-    probed.cluster.set_healthy("p0", False)
-    probed.gateway.state.health.report_failure("p0", "test")  # keep it out
+    probed.cluster.remove("p0")  # no other worker
     probed.decode.state.behaviour.stall_after_tokens = 3
     text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10},
                            _stop_after(probed, 3))
