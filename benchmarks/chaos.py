@@ -5,11 +5,12 @@
 Starts `fulcrum up --model tiny` with three workers (1 prefill, 2 decode) and the
 `dopd` controller acting, then for `--duration` seconds runs at once:
 - mixed load: completions and chat, streamed and not, short and long prompts;
-- faults at random moments (one at a time, the next once every worker is back):
-  SIGKILL of a prefill and of a decode worker's process group (the manager restarts
-  it) and SIGSTOP of each for a few seconds then SIGCONT (a hang the breaker must see),
-  in random order; after those four, hangs of random workers only (a restart takes
-  ~100 s here, during which no flip can keep both pools);
+- faults at random moments: SIGSTOP of a prefill and of a decode worker for a few
+  seconds then SIGCONT (a hang the breaker must see), then hangs of random workers
+  (one at a time, with every worker up); after `--kill-after` of the run, SIGKILL of a
+  prefill and of a decode worker's process group (the manager restarts them; a restart
+  takes minutes on 2 shared cores, during which no flip can keep both pools, so kills
+  come late; the run then waits for the restarts before reading KV usage);
 - manual flips of random workers every `--flip-every` seconds, besides the
   controller's own flips.
 Every request ends as exactly one of: `completed` (200 and the whole answer),
@@ -158,7 +159,8 @@ class Chaos:
 
     def __init__(self, url: str, gateway_pid: int | None, *, duration_s: float,
                  concurrency: int, flip_every_s: float, fault_every_s: float, seed: int,
-                 api_key: str | None = None, max_model_len: int = 1024) -> None:
+                 api_key: str | None = None, max_model_len: int = 1024,
+                 kill_after: float = 0.0) -> None:
         self.url, self.gateway_pid, self.duration_s = url, gateway_pid, duration_s
         self.concurrency, self.flip_every_s, self.fault_every_s = (concurrency, flip_every_s,
                                                                    fault_every_s)
@@ -174,8 +176,11 @@ class Chaos:
         self.flip_records: dict[tuple, dict] = {}
         self.samples: list[dict] = []
         self.stopped: set[int] = set()  # process groups currently SIGSTOPped
-        self._planned = [(a, r) for a in ("SIGKILL", "SIGSTOP") for r in ("prefill", "decode")]
-        self.rng.shuffle(self._planned)
+        self.kill_after = kill_after
+        self._stops = [("SIGSTOP", r) for r in ("prefill", "decode")]
+        self._kills = [("SIGKILL", r) for r in ("prefill", "decode")]
+        self.rng.shuffle(self._stops)
+        self.rng.shuffle(self._kills)
 
     # -- admin ------------------------------------------------------------------------
     def admin(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
@@ -216,18 +221,20 @@ class Chaos:
 
     def _fault_loop(self) -> None:
         while not self.stop.wait(self.fault_every_s * self.rng.uniform(0.5, 1.5)):
-            if not self._all_ready():
-                continue  # one fault at a time: the last one's worker is still restarting
             try:
                 workers = self.workers()
             except httpx.HTTPError:
                 continue
             action, role = self._next_fault()
-            pool = [w for w in workers if w["role"] == role and w["pid"]]
-            if not pool:
+            ready = [w for w in workers if w["state"] == "ready" and w["pid"]]
+            if action == "SIGSTOP" and len(ready) < len(workers):
+                continue  # one hang at a time, and none while a killed worker restarts
+            pool = [w for w in ready if w["role"] == role]
+            if not pool or len(ready) < 2:  # never take the last ready worker down
                 continue
-            if self._planned:
-                self._planned.pop(0)
+            plan = self._stops if action == "SIGSTOP" else self._kills
+            if (action, role) in plan:
+                plan.remove((action, role))
             victim = self.rng.choice(pool)
             event = {"t": round(time.time() - self.t0, 1), "action": action,
                      "worker": victim["name"], "role": role}
@@ -250,11 +257,14 @@ class Chaos:
             self.faults.append(event)
 
     def _next_fault(self) -> tuple[str, str]:
-        """Each of the four (signal, role) faults once, in random order, then hangs only:
-        a killed worker restarts for ~100 s on 2 shared cores, and while it does no flip
-        can keep both pools, so more kills would mostly starve the flips."""
-        if self._planned:
-            return self._planned[0]
+        """A hang of each role first (random order), then hangs of random workers; from
+        `kill_after` of the run on, a SIGKILL of each role. A killed worker restarts for
+        minutes on 2 shared cores, and while it does no flip can keep both pools: kills
+        early in the run would starve the flips for most of it."""
+        if self._stops:
+            return self._stops[0]
+        if self._kills and time.time() - self.t0 >= self.kill_after * self.duration_s:
+            return self._kills[0]
         return "SIGSTOP", self.rng.choice(("prefill", "decode"))
 
     def _wait_out_of_rotation(self, name: str, hang_s: float) -> float | None:
@@ -312,7 +322,7 @@ class Chaos:
                 pass
         return self.report()
 
-    def settle(self, timeout_s: float = 300) -> dict[str, float]:
+    def settle(self, timeout_s: float = 600) -> dict[str, float]:
         """After the load: every worker ready, then its own KV-cache usage (vLLM gauge)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._all_ready():
@@ -478,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--flip-every", type=float, default=1.0)
+    parser.add_argument("--flip-every", type=float, default=0.5)
+    parser.add_argument("--kill-after", type=float, default=0.75,
+                        help="fraction of the run after which the two SIGKILLs come")
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=".fulcrum/chaos-logs")
@@ -488,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chaos = Chaos(url, proc.pid, duration_s=args.duration, concurrency=args.concurrency,
                       flip_every_s=args.flip_every, fault_every_s=args.fault_every,
-                      seed=args.seed)
+                      seed=args.seed, kill_after=args.kill_after)
         result = chaos.run()
         result["kv_usage_after"] = chaos.settle()
     finally:
