@@ -68,6 +68,9 @@ class DispatchConfig:
     # moves to another worker (0 turns this off; a hung worker's breaker moves it anyway)
     stall_factor: float = 30.0
     stall_min_s: float = 5.0
+    # a stream whose worker failed, with no other worker to take it, waits this long for
+    # one (a worker whose breaker opened under a load spike is back within a second or two)
+    rescue_wait_s: float = 5.0
 
 
 class UpstreamReply(Exception):
@@ -219,6 +222,16 @@ class Dispatcher:
             return self.driver.retry_decode(relay.info, snap, exclude)
         pool = snap.decode_candidates(exclude)
         return min(pool, key=lambda w: w.in_flight).name if pool else None
+
+    async def wait_for_rescue_target(self, relay: StreamRelay) -> str | None:
+        """Any ready decode worker for `relay` (its failed one included, once back in
+        rotation: the request there was aborted), waiting up to `rescue_wait_s`."""
+        deadline = time.monotonic() + self.config.rescue_wait_s
+        while True:
+            target = self.rescue_target(relay, frozenset())
+            if target is not None or time.monotonic() >= deadline:
+                return target
+            await asyncio.sleep(0.1)
 
     def token_gap(self, worker: str, gap_s: float) -> None:
         """Fold one gap between a worker's stream chunks into its moving average."""

@@ -149,6 +149,7 @@ class StreamRelay:
         self._chat_stamp: dict = {}  # created/model of the client's chat chunks
         self.migrations = 0
         self.restarts = 0  # resent whole to another worker (nothing had reached the client)
+        self.rescues = 0  # times the stream left a failed worker
         self._yielded = False  # the client got bytes of this stream
         self._evacuate_why: str | None = None  # set: leave the current worker now
         self.last_chunk_at: float | None = None  # when the relay last read bytes (monotonic)
@@ -294,11 +295,16 @@ class StreamRelay:
         tried = set() if self._evacuate_why is not None and self._may_stay else {failed}
         self._evacuate_why, self._may_stay = None, False
         last = f"worker {failed} failed mid-stream ({why})"
+        if self.rescues >= self.d.config.decode_attempts:
+            raise UpstreamStreamError(f"{last}; moved {self.rescues} times already")
+        self.rescues += 1
         for _ in range(self.d.config.decode_attempts):
             blocker = self.why_not_resumable()
             if blocker is not None:
                 raise UpstreamStreamError(f"{last}; the stream cannot move: {blocker}")
             target = self.d.rescue_target(self, frozenset(tried))
+            if target is None:
+                target = await self.d.wait_for_rescue_target(self)
             if target is None:
                 raise UpstreamStreamError(f"{last}; no other ready worker can continue it")
             tried.add(target)

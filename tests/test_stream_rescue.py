@@ -193,3 +193,29 @@ def test_with_no_other_worker_the_stream_ends_with_an_error_event(probed: Rig) -
     assert text == " t0 t1 t2"
     assert [e["code"] for e in errors] == ["upstream_stream_error"]
     assert "no other ready worker" in errors[0]["message"]
+
+
+def test_a_stream_waits_for_its_worker_to_come_back_when_none_other_is_there(
+        probed: Rig) -> None:
+    probed.cluster.remove("p0")
+    health = probed.gateway.state.health
+    decode = probed.decode.state.behaviour
+    decode.stall_after_tokens = 3
+
+    def resume_once_ejected() -> None:  # a load spike: out of rotation, then back
+        deadline = time.monotonic() + 10
+        while health.summary().get("d0", {}).get("breaker") != "open":
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        decode.stall_after_tokens = None
+        decode.hang = False
+
+    resumer = threading.Thread(target=resume_once_ejected)
+    resumer.start()
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10},
+                           _stop_after(probed, 3))
+    resumer.join()
+    assert errors == [] and text == WHOLE  # continued on d0 once it was back
+    assert health.breakers["d0"].trips == 1
+    assert _in_flight_zero(probed.cluster)
