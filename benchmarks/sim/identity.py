@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.arrivals import Phase, Trace, pair, phase_mix, poisson_times, synthetic_pool
-from benchmarks.dataset import approx_token_count, load_sharegpt, sample_requests
 from benchmarks.metrics import SLO
 from benchmarks.sim.engine import EngineConfig
 from benchmarks.sim.perf import roofline
 from benchmarks.sim.policies import make_control, make_routing
 from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
+from benchmarks.sim_speed import make_trace
 
 # what differs between two runs of the same simulation: the simulator's own cost
 VOLATILE = ("sim_wall_s", "sim_cpu_s", "sim_requests_per_cpu_s", "sim_events")
@@ -71,18 +70,6 @@ CASES = (
     Case("ares-phase-slai", 4, 4, "ares", "dopd", "phase-shift", 15.0, rewarm_s=2.0,
          slai=True),
 )
-
-
-def make_trace(kind: str, n: int, rate: float, seed: int = 0) -> Trace:
-    """ShareGPT prompts on Poisson arrivals, or prompt-heavy/output-heavy phases."""
-    if kind == "sharegpt":
-        pool = sample_requests(load_sharegpt(), approx_token_count, 5000, seed)
-        return pair(poisson_times(n, rate, seed), pool)
-    prompt_heavy = synthetic_pool(200, 3000, 60, seed=seed)
-    output_heavy = synthetic_pool(200, 150, 700, seed=seed + 1)
-    phase_s = n / rate / 4
-    return phase_mix([Phase(phase_s, rate, prompt_heavy), Phase(phase_s, rate, output_heavy)],
-                     cycles=2, seed=seed)
 
 
 def _digest(*arrays: Any) -> str:
