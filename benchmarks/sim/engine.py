@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -141,7 +142,8 @@ class Engine:
         # per-token timing (see module doc)
         self.tbt_limit_s = math.inf
         self.slow_steps = 0
-        self.gap_log: list[tuple[float, float, int]] = []  # (end, step_s, gaps)
+        # (end, step_s, gaps) rows, flat: one C array append per iteration, no tuples
+        self.gap_log = array("d")
 
     @property
     def n_running(self) -> int:
@@ -304,7 +306,7 @@ class Engine:
                 req.first_step_slow = slow
             n_tokens -= len(p.first_tokens)  # a first token ends no gap
         if n_tokens > 0:
-            self.gap_log.append((now, p.step_s, n_tokens))
+            self.gap_log.extend((now, p.step_s, n_tokens))
         prefilled: list[SimRequest] = []
         if p.chunks:
             done = 0

@@ -204,6 +204,8 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
+        self._mark = self._views.mark  # engine i changed: its view is rebuilt on next use
+        self._snap = self._views.get
         self.tbt_limit_s = config.slo.tbt_ms / 1000 if config.slo.tbt_ms else math.inf
         for e in self.engines:
             e.tbt_limit_s = self.tbt_limit_s
@@ -237,7 +239,7 @@ class Simulator:
         _heappush(self._heap, (t, seq, kind, a, b))
 
     def _changed(self, e: Engine) -> None:
-        self._views.mark(e.idx)
+        self._mark(e.idx)
 
     def _changed_role_or_state(self, e: Engine) -> None:
         self._views.mark_role_or_state(e.idx)
@@ -247,18 +249,25 @@ class Simulator:
         return self._views.get(now)
 
     def _kick(self, e: Engine, now: float) -> None:
-        if e.plan is None:
+        plan = e.plan
+        if plan is None:
             plan = e.start(now)
             if plan is not None:
                 if plan.first_tokens or plan.chunks:  # joins or KV reservations
-                    self._views.mark(e.idx)
+                    self._mark(e.idx)
                 seq = self._seq = self._seq + 1
                 _heappush(self._heap, (now + plan.steps * plan.step_s, seq, ITER_END, e,
                                        e.version))
-        else:
+        elif plan.steps > 1:  # a one-step plan already ends at the next boundary
             end = e.interrupt(now)
             if end is not None:
-                self._push(end, ITER_END, e, e.version)
+                seq = self._seq = self._seq + 1
+                _heappush(self._heap, (end, seq, ITER_END, e, e.version))
+
+    def _touch(self, e: Engine, now: float) -> None:
+        """Engine e changed (new work, KV freed): mark its view and plan its next step."""
+        self._mark(e.idx)
+        self._kick(e, now)
 
     def _record_roles(self, now: float) -> None:
         on = [e for e in self.engines if e.state != WorkerState.DEAD]
@@ -271,7 +280,7 @@ class Simulator:
                                               req.text)
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
-        route = self.driver.route(info, self.snapshot(now))
+        route = self.driver.route(info, self._snap(now))
         if route.decode is None:
             return self._fail(req)
         d = self.by_name[route.decode]
@@ -291,8 +300,7 @@ class Simulator:
         req.decode_worker = d.idx  # chosen now; confirmed when the KV is ready
         req.prefill_worker = e.idx
         e.enqueue_prefill(req, now)
-        self._changed(e)
-        self._kick(e, now)
+        self._touch(e, now)
 
     def _fail(self, req: SimRequest) -> None:
         req.failed = True
@@ -315,7 +323,7 @@ class Simulator:
         e.in_flight_prefill -= 1
         e.prefill_tokens_in_flight -= req.prompt
         dname = self.driver.decode_after_prefill(req.info, self.engines[req.decode_worker].name,
-                                                 self.snapshot(now))
+                                                 self._snap(now))
         if dname is None or dname == e.name:
             req.local_decode = True
             req.kv_held += req.output
@@ -363,14 +371,12 @@ class Simulator:
         src = self.engines[req.prefill_worker]
         src.kv_used -= req.kv_held
         req.kv_held = need
-        self._changed(src)
-        self._kick(src, now)  # its queue may have been waiting for KV room
+        self._touch(src, now)  # its queue may have been waiting for KV room
         self._check_drained(src, now)
         d = self.engines[req.decode_worker]
         d.transferring -= 1
         d.ready.append(req)
-        self._changed(d)
-        self._kick(d, now)
+        self._touch(d, now)
 
     def _finish(self, e: Engine, req: SimRequest, now: float) -> None:
         req.finish = now
@@ -401,7 +407,7 @@ class Simulator:
             if moving.finish != moving.finish:  # still running: not finished meanwhile
                 self._migrate(e, moving, target, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
-            self._views.mark(e.idx)
+            self._mark(e.idx)
         if finished and e.decode_wait:
             self._admit_pulls(e, now)
         self._kick(e, now)
@@ -427,7 +433,7 @@ class Simulator:
                     self._evictions and req.finish != req.finish and req.prefilled >= req.prompt
                     and any(entry[2] is req for entry in e.running))
 
-        decoders = [w.name for w in self.snapshot(now).routable(Role.DECODE)]
+        decoders = [w.name for w in self._snap(now).routable(Role.DECODE)]
         decision = driver.plan_migration(decoders, movable)
         if decision is None:
             return
@@ -461,8 +467,7 @@ class Simulator:
         dst.enqueue_prefill(req, now)
         self.migrations.append((now, req.info.request_id, src.name, dst.name))
         self.driver.migrated(req.info.request_id, dst.name)
-        self._changed(dst)
-        self._kick(dst, now)
+        self._touch(dst, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
@@ -500,7 +505,7 @@ class Simulator:
         span = min(self.config.window_s, now)
         slo = self.config.slo
         snap = ControlSnapshot(
-            time=now, cluster=self.snapshot(now),
+            time=now, cluster=self._snap(now),
             metrics={e.name: self._worker_metrics(e, now, interval) for e in self.engines},
             window_s=self.config.window_s,
             slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
@@ -678,6 +683,6 @@ class Simulator:
             prefill_done=np.array([r.prefill_done for r in reqs]),
             slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
             tbt_limit_s=self.tbt_limit_s,
-            gap_log=np.array([row for e in self.engines for row in e.gap_log],
-                             dtype=float).reshape(-1, 3),
+            gap_log=np.concatenate([np.frombuffer(e.gap_log, dtype=float)
+                                    for e in self.engines]).reshape(-1, 3),
             worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)

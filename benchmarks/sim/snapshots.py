@@ -18,6 +18,7 @@ from typing import Any
 from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 
 _new = object.__new__
+_set = object.__setattr__  # a frozen dataclass refuses its own __setattr__
 _ROLES = (Role.PREFILL, Role.DECODE)
 
 
@@ -25,9 +26,8 @@ class SimSnapshot(ClusterSnapshot):
     """A `ClusterSnapshot` with precomputed routable pools (values are identical)."""
 
     def routable(self, role: Role | None = None) -> tuple[WorkerView, ...]:
-        try:
-            pools: dict = self._pools  # type: ignore[attr-defined]
-        except AttributeError:  # built some other way (e.g. dataclasses.replace)
+        pools = self.__dict__.get("_pools")
+        if pools is None:  # built some other way (e.g. dataclasses.replace)
             return super().routable(role)
         pool = pools.get(role)
         if pool is None:
@@ -38,18 +38,26 @@ class SimSnapshot(ClusterSnapshot):
             pool = pools[role] = tuple([workers[i] for i in index[role]])
         return pool
 
+    def decode_candidates(self, exclude: frozenset[str] = frozenset()
+                          ) -> tuple[WorkerView, ...]:
+        if exclude or "_pools" not in self.__dict__:
+            return super().decode_candidates(exclude)
+        # nothing excluded: the decode pool itself, else every routable worker (equal
+        # tuples to the base class's filtered copies)
+        return self.routable(Role.DECODE) or self.routable()
+
 
 def make_view(e: Any) -> WorkerView:
     """A frozen `WorkerView` of a simulated engine, without dataclass __init__ overhead."""
     v = _new(WorkerView)
-    v.__dict__.update({
+    _set(v, "__dict__", {
         "name": e.name, "url": e.url, "role": e.role, "state": e.state,
         "in_flight_prefill": e.in_flight_prefill, "in_flight_decode": e.in_flight_decode,
         "prefill_tokens_in_flight": e.prefill_tokens_in_flight,
         "decode_tokens_in_flight": e.decode_tokens_in_flight,
         "kv_cache_usage": e.kv_used / e.kv_cap if e.kv_cap else 1.0,
         "num_running": len(e.running),
-        "num_waiting": e.num_waiting_prefills + len(e.decode_wait)})
+        "num_waiting": len(e.prefill_queue) + len(e.slai_waiting) + len(e.decode_wait)})
     return v
 
 
@@ -95,8 +103,10 @@ class SnapshotCache:
         index = self.index
         if index is None:
             index = self.index = self._build_index()
-        snap = _new(SimSnapshot)
-        snap.__dict__.update({"workers": tuple(views), "taken_at": now,
-                              "_pools": {}, "_index": index})
-        self.snapshot = snap
+        workers = tuple(views)
+        # the role pools every routing decision asks for, built here in one go
+        pools = {role: tuple([workers[i] for i in index[role]]) for role in _ROLES}
+        snap = self.snapshot = _new(SimSnapshot)
+        _set(snap, "__dict__", {"workers": workers, "taken_at": now, "_pools": pools,
+                                "_index": index})
         return snap
