@@ -84,6 +84,15 @@ def _results_digest(res: object) -> str:
     return h.hexdigest()[:24]
 
 
+def _clear_caches() -> None:
+    """Empty the memo caches of the routing code (e.g. the prompt classifier's), so
+    every run starts cold, as a single simulation would, whichever tree is measured."""
+    for module in [m for name, m in sys.modules.items() if name.startswith("router.")]:
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+
+
 def measure_here(sc: Scenario, n: int, repeats: int) -> dict:
     """`repeats` runs in this process (fresh policies each), on whatever tree is imported."""
     from benchmarks.sim.perf import roofline
@@ -94,6 +103,7 @@ def measure_here(sc: Scenario, n: int, repeats: int) -> dict:
     trace = make_trace(sc.trace, n, sc.rate)
     runs = []
     for _ in range(repeats):
+        _clear_caches()
         sim = Simulator(SimConfig(prefill=sc.prefill, decode=sc.decode), perf,
                         make_routing(sc.routing), make_control(sc.control))
         cpu0, wall0 = time.process_time(), time.perf_counter()

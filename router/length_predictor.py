@@ -92,17 +92,36 @@ ALL_TYPES: tuple[str, ...] = (*(t for t, _ in QUESTION_TYPES), NON_ENGLISH_TYPE,
 DEFAULT_PROMPT_EDGES: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
 
-@functools.lru_cache(maxsize=4096)  # a request's text is classified again at each refresh
 def question_type(text: str | None) -> str:
     """A coarse task category from keywords (cheap, deterministic, language-naive)."""
     if not text:
         return OTHER_TYPE
-    sample = text[:2000]
+    return _sample_type(text[:2000])
+
+
+# ASCII bytes that are not `\w` (letters, digits, underscore) become spaces
+_ASCII_NON_WORD = bytes(c if chr(c).isascii() and (chr(c).isalnum() or c == 95) else 32
+                        for c in range(256))
+
+
+def _words(text: str) -> set[str]:
+    r"""The set of `\w+` runs of `text`; for ASCII text by a byte translation and a split,
+    ~3x faster than the regex and the same set (ASCII `\w` is exactly [A-Za-z0-9_])."""
+    if text.isascii():
+        return set(text.encode("ascii").translate(_ASCII_NON_WORD).decode("ascii").split())
+    return set(_WORD.findall(text))
+
+
+# Keyed by the 2,000 characters read, so the cache holds at most ~16 MB of text however
+# long the prompts; large enough for a benchmark pool of a few thousand distinct prompts,
+# which an LRU smaller than the pool would miss on every cycle through it.
+@functools.lru_cache(maxsize=8192)
+def _sample_type(sample: str) -> str:
     non_ascii = len(sample) - len(sample.encode("ascii", "ignore"))
     if non_ascii > 0.3 * len(sample):
         return NON_ENGLISH_TYPE
     lowered = sample.lower()
-    words = set(_WORD.findall(lowered))
+    words = _words(lowered)
     for name, keywords, gates in _FAST_TYPES:
         if not words.isdisjoint(keywords):
             return name
