@@ -251,6 +251,8 @@ class Simulator:
     def _kick(self, e: Engine, now: float) -> None:
         plan = e.plan
         if plan is None:
+            if not (e.running or e.ready or e.prefill_queue or e.slai_waiting):
+                return  # idle: nothing to plan (what start would find)
             plan = e.start(now)
             if plan is not None:
                 if plan.first_tokens or plan.chunks:  # joins or KV reservations

@@ -12,7 +12,8 @@ immutable values as before: same type hierarchy, same fields, same `routable` re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
@@ -61,6 +62,16 @@ def make_view(e: Any) -> WorkerView:
     return v
 
 
+def _picker(indices: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """workers -> tuple of the workers at `indices` (a C-level itemgetter when it can)."""
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda workers: (workers[i],)
+    return lambda workers: ()
+
+
 class SnapshotCache:
     """Current views of a fixed list of engines; `mark(i)` after engine i changes."""
 
@@ -70,6 +81,7 @@ class SnapshotCache:
         self.dirty: list[int] = list(range(len(self.engines)))
         self.snapshot: SimSnapshot | None = None
         self.index: dict | None = None  # role (or None) -> routable worker indices
+        self.pickers: tuple = ()  # per role in _ROLES: workers -> that role's pool
 
     def mark(self, idx: int) -> None:
         views = self.views
@@ -103,9 +115,11 @@ class SnapshotCache:
         index = self.index
         if index is None:
             index = self.index = self._build_index()
+            self.pickers = tuple(_picker(index[role]) for role in _ROLES)
         workers = tuple(views)
         # the role pools every routing decision asks for, built here in one go
-        pools = {role: tuple([workers[i] for i in index[role]]) for role in _ROLES}
+        pick_p, pick_d = self.pickers
+        pools = {Role.PREFILL: pick_p(workers), Role.DECODE: pick_d(workers)}
         snap = self.snapshot = _new(SimSnapshot)
         _set(snap, "__dict__", {"workers": workers, "taken_at": now, "_pools": pools,
                                 "_index": index})
