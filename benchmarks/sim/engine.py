@@ -135,6 +135,9 @@ class Engine:
         # windowed observations for control policies
         self.samples_ttft: deque[tuple[float, float]] = deque()
         self.samples_itl: deque[tuple[float, float]] = deque()
+        # the same samples' values kept sorted as they come and go (no sort per tick)
+        self.sorted_ttft: list[float] = []
+        self.sorted_itl: list[float] = []
         self.prompt_tokens_done = 0
         self.tokens_generated = 0
         self.requests_finished = 0

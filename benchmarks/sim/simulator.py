@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,8 @@ class Simulator:
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
         # outputs are known when a request finishes (as the gateway's RequestMix sees them)
         self._recent_outputs: deque[tuple[float, int]] = deque()
+        self._recent_prompt_sum = 0  # sums of the two windows' token counts (ints)
+        self._recent_output_sum = 0
         pressure = routing.pressure_log()
         self._drain_pressure = pressure.drain if pressure is not None else None
         self._last_counters: dict[str, tuple[int, int, int]] = {}
@@ -282,6 +285,7 @@ class Simulator:
                                               req.text)
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
+            self._recent_prompt_sum += req.prompt
         route = self.driver.route(info, self._snap(now))
         if route.decode is None:
             return self._fail(req)
@@ -316,7 +320,9 @@ class Simulator:
             return
         req.prefill_done = now
         if self.control is not None:  # the prefill leg, as the prefill worker measures it
-            e.samples_ttft.append((now, now - req.arrival))
+            ttft = now - req.arrival
+            e.samples_ttft.append((now, ttft))
+            insort(e.sorted_ttft, ttft)
         if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
             self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
@@ -394,7 +400,9 @@ class Simulator:
         if self.control is not None:
             if per_token is not None:
                 e.samples_itl.append((now, per_token))
+                insort(e.sorted_itl, per_token)
             self._recent_outputs.append((now, total))
+            self._recent_output_sum += total
         self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
 
     def _iteration_end(self, e: Engine, now: float) -> None:
@@ -474,11 +482,11 @@ class Simulator:
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
         horizon = now - self.config.window_s
-        for samples in (e.samples_ttft, e.samples_itl):
+        for samples, ordered in ((e.samples_ttft, e.sorted_ttft), (e.samples_itl, e.sorted_itl)):
             while samples and samples[0][0] < horizon:
-                samples.popleft()
-        ttft = sorted([s[1] for s in e.samples_ttft]) if e.samples_ttft else None
-        itl = sorted([s[1] for s in e.samples_itl]) if e.samples_itl else None
+                del ordered[bisect_left(ordered, samples.popleft()[1])]  # one equal value
+        ttft = e.sorted_ttft
+        itl = e.sorted_itl
         prev = self._last_counters.get(e.name, (0, 0, 0))
         cur = (e.prompt_tokens_done, e.tokens_generated, e.requests_finished)
         self._last_counters[e.name] = cur
@@ -500,10 +508,10 @@ class Simulator:
         horizon = now - self.config.window_s
         recent = self._recent_prompts
         while recent and recent[0][0] < horizon:
-            recent.popleft()
+            self._recent_prompt_sum -= recent.popleft()[1]
         outputs = self._recent_outputs
         while outputs and outputs[0][0] < horizon:
-            outputs.popleft()
+            self._recent_output_sum -= outputs.popleft()[1]
         span = min(self.config.window_s, now)
         slo = self.config.slo
         snap = ControlSnapshot(
@@ -512,8 +520,10 @@ class Simulator:
             window_s=self.config.window_s,
             slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
                            tpot_s=(slo.tpot_ms or 100.0) / 1000),
-            mean_prompt_tokens=float(np.mean([r[1] for r in recent])) if recent else None,
-            mean_output_tokens=float(np.mean([r[1] for r in outputs])) if outputs else None,
+            # exact integer sums: the same float as np.mean of the window's integers
+            mean_prompt_tokens=float(self._recent_prompt_sum) / len(recent) if recent else None,
+            mean_output_tokens=float(self._recent_output_sum) / len(outputs) if outputs
+            else None,
             arrival_rate_per_s=len(recent) / span if span > 0 else None,
             pressure=tuple(self._drain_pressure()) if self._drain_pressure else ())
         for action in self.control.decide(snap):
