@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -145,8 +144,8 @@ class Engine:
         # per-token timing (see module doc)
         self.tbt_limit_s = math.inf
         self.slow_steps = 0
-        # (end, step_s, gaps) rows, flat: one C array append per iteration, no tuples
-        self.gap_log = array("d")
+        # (end, step_s, gaps) rows, flattened: one list extend per iteration
+        self.gap_log: list[float] = []
 
     @property
     def n_running(self) -> int:

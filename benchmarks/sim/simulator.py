@@ -37,6 +37,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -695,6 +696,7 @@ class Simulator:
             prefill_done=np.array([r.prefill_done for r in reqs]),
             slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
             tbt_limit_s=self.tbt_limit_s,
-            gap_log=np.concatenate([np.frombuffer(e.gap_log, dtype=float)
-                                    for e in self.engines]).reshape(-1, 3),
+            gap_log=np.fromiter(chain.from_iterable(e.gap_log for e in self.engines),
+                                dtype=float, count=sum(len(e.gap_log) for e in self.engines)
+                                ).reshape(-1, 3),
             worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)
