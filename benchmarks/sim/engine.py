@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks.sim.perf import PerfModel
@@ -287,7 +288,7 @@ class Engine:
         self.version += 1
         return p.start + done * p.step_s
 
-    def complete(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
+    def complete(self, now: float) -> tuple[Sequence[SimRequest], Sequence[SimRequest]]:
         """Finish the plan in flight: returns (prefills completed, decodes finished)."""
         p = self.plan
         assert p is not None
@@ -309,8 +310,9 @@ class Engine:
             n_tokens -= len(p.first_tokens)  # a first token ends no gap
         if n_tokens > 0:
             self.gap_log.extend((now, p.step_s, n_tokens))
-        prefilled: list[SimRequest] = []
+        prefilled: list[SimRequest] | tuple = _NONE  # shared empty: callers only read
         if p.chunks:
+            prefilled = []
             done = 0
             for req, chunk in p.chunks:
                 req.prefilled += chunk
@@ -321,8 +323,9 @@ class Engine:
             queue = self.prefill_queue
             for _ in prefilled:  # chunks are taken from the head, so finished ones lead
                 queue.popleft()
-        finished: list[SimRequest] = []
+        finished: list[SimRequest] | tuple = _NONE
         if running and running[0][0] <= step:
+            finished = []
             offset = self.ctx_offset
             slow_now = self.slow_steps
             while running and running[0][0] <= step:
