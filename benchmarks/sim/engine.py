@@ -51,7 +51,7 @@ class SimRequest:
     __slots__ = ("rid", "arrival", "prompt", "output", "prefilled", "local_decode",
                  "prefill_worker", "decode_worker", "first_token", "finish", "finish_step",
                  "kv_held", "failed", "info", "prefill_start", "max_tokens", "text", "moved",
-                 "prefill_done", "slow0", "first_step_slow", "slow_gaps")
+                 "prefill_done", "slow0", "first_step_slow", "slow_gaps", "decode_tokens")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int,
                  max_tokens: int | None = None, text: str | None = None) -> None:
@@ -77,6 +77,7 @@ class SimRequest:
         self.slow0 = 0           # engine's slow-step counter when decoding started
         self.first_step_slow = 0  # the step that made the first token was slow (P/D)
         self.slow_gaps = 0       # inter-token gaps above the tbt target
+        self.decode_tokens = 0   # its RequestInfo.decode_tokens, set at arrival
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Engine:
     def __init__(self, idx: int, name: str, role: Role, perf: PerfModel,
                  config: EngineConfig) -> None:
         self.idx, self.name, self.role, self.perf, self.config = idx, name, role, perf, config
+        self._step_time = perf.iteration_time
         self.url = f"sim://{name}"
         self.state = WorkerState.READY
         self.pending_role: Role | None = None
@@ -236,7 +238,7 @@ class Engine:
                 seqs += 1
             self.kv_used = kv_used
             if chunks:
-                step_s = self.perf.iteration_time(tokens, pairs, n,
+                step_s = self._step_time(tokens, pairs, n,
                                                   self.ctx_offset + n * self.step)
                 plan = self.plan = Plan(now, step_s, 1, chunks, first)
                 self.version += 1
@@ -244,7 +246,7 @@ class Engine:
         if n:
             k = running[0][0] - self.step
             ctx_mid = self.ctx_offset + n * self.step + n * (k - 1) / 2
-            step_s = self.perf.iteration_time(0, 0.0, n, ctx_mid)
+            step_s = self._step_time(0, 0.0, n, ctx_mid)
             plan = self.plan = Plan(now, step_s, k, _NO_CHUNKS, first)
             self.version += 1
             return plan

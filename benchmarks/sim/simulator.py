@@ -284,6 +284,7 @@ class Simulator:
     def _arrive(self, req: SimRequest, now: float) -> None:
         info = req.info = self.driver.request(str(req.rid), req.prompt, req.max_tokens, now,
                                               req.text)
+        req.decode_tokens = info.decode_tokens  # fixed for its life: read once
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
             self._recent_prompt_sum += req.prompt
@@ -297,7 +298,7 @@ class Simulator:
             if req.prompt + req.output > e.kv_cap:
                 return self._fail(req)
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += info.decode_tokens
+            e.decode_tokens_in_flight += req.decode_tokens
         else:
             e = self.by_name[route.prefill]
             if req.prompt > e.kv_cap:
@@ -338,7 +339,7 @@ class Simulator:
             req.kv_held += req.output
             e.kv_used += req.output
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.info.decode_tokens
+            e.decode_tokens_in_flight += req.decode_tokens
             req.decode_worker = e.idx
             self._start_local_decode(e, req, now)
             return
@@ -349,7 +350,7 @@ class Simulator:
             return
         req.decode_worker = d.idx
         d.in_flight_decode += 1
-        d.decode_tokens_in_flight += req.info.decode_tokens
+        d.decode_tokens_in_flight += req.decode_tokens
         d.decode_wait.append(req)
         self._changed(d)
         self._admit_pulls(d, now)
@@ -394,7 +395,7 @@ class Simulator:
         e.kv_used -= req.kv_held
         req.kv_held = 0
         e.in_flight_decode -= 1
-        e.decode_tokens_in_flight -= req.info.decode_tokens
+        e.decode_tokens_in_flight -= req.decode_tokens
         e.requests_finished += 1
         total = req.output + req.moved
         per_token = (now - req.first_token) / (total - 1) if total > 1 else None
@@ -465,7 +466,7 @@ class Simulator:
         if generated < 0:
             return
         src.in_flight_decode -= 1
-        src.decode_tokens_in_flight -= req.info.decode_tokens
+        src.decode_tokens_in_flight -= req.decode_tokens
         self._changed(src)
         req.moved += generated
         req.prompt += generated
@@ -474,7 +475,7 @@ class Simulator:
         req.local_decode = True
         req.prefill_worker = req.decode_worker = dst.idx
         dst.in_flight_decode += 1
-        dst.decode_tokens_in_flight += req.info.decode_tokens
+        dst.decode_tokens_in_flight += req.decode_tokens
         dst.enqueue_prefill(req, now)
         self.migrations.append((now, req.info.request_id, src.name, dst.name))
         self.driver.migrated(req.info.request_id, dst.name)
