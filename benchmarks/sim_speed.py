@@ -6,8 +6,9 @@ and reports requests and events per CPU second (`time.process_time` inside the s
 process, so other processes on a shared machine count less than with wall time).
 
 The baseline is another git revision (`--baseline`, default the commit before the speed
-work), exported with `git archive` into a temporary folder. Every measurement runs in a
-fresh child process on one tree or the other, alternating old and new (`--rounds` pairs,
+work), exported with `git archive` into a temporary folder; the new code is a copy of this
+checkout taken at the start (edits during the run do not leak in). Every measurement runs in
+a fresh child process on one tree or the other, alternating old and new (`--rounds` pairs,
 `--repeats` runs each, best CPU time kept), and each child also reports a digest of its
 results, so the JSON says whether both trees simulated exactly the same thing.
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,14 +117,15 @@ def measure_here(sc: Scenario, n: int, repeats: int) -> dict:
     return {"requests": len(trace), "runs": runs}
 
 
-def _child(tree: Path, sc: Scenario, n: int, repeats: int) -> dict:
+def _child(tree: Path, probe: Path, sc: Scenario, n: int, repeats: int) -> dict:
     """measure_here in a fresh interpreter that imports the simulator from `tree`; this
-    file itself is run there, so the old tree needs only the simulator's public API."""
+    file (`probe`, the new tree's copy of it) is run there, so the old tree needs only the
+    simulator's public API."""
     code = ("import runpy, sys, json; m = runpy.run_path(sys.argv[1]); "
             "sc = m['Scenario'](**json.loads(sys.argv[2])); "
             "print(json.dumps(m['measure_here'](sc, int(sys.argv[3]), int(sys.argv[4]))))")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", code, __file__, json.dumps(asdict(sc)),
+    out = subprocess.run([sys.executable, "-c", code, str(probe), json.dumps(asdict(sc)),
                           str(n), str(repeats)], cwd=tree, env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -136,6 +139,19 @@ def export_tree(rev: str, into: Path) -> str:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return commit
+
+
+def copy_worktree(into: Path) -> None:
+    """This checkout's files as they are now (tracked and untracked, not ignored) copied
+    under `into`, so edits made while the benchmark runs do not leak into it."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in files:
+        src = ROOT / name
+        if name and src.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, into / name)
 
 
 def _summary(requests: int, runs: list[dict]) -> dict:
@@ -156,7 +172,8 @@ def compare(sc: Scenario, trees: dict[str, Path], n: int, rounds: int, repeats: 
     for r in range(rounds):
         order = list(trees) if r % 2 == 0 else list(trees)[::-1]
         for label in order:
-            got = _child(trees[label], sc, n, repeats)
+            got = _child(trees[label], trees["new"] / "benchmarks" / "sim_speed.py", sc, n,
+                         repeats)
             requests = got["requests"]
             runs[label].extend(got["runs"])
     row: dict = {**asdict(sc), "requests": requests}
@@ -180,12 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated scenario names")
     args = parser.parse_args(argv)
     chosen = [s for s in SCENARIOS if args.only is None or s.name in args.only.split(",")]
-    with tempfile.TemporaryDirectory(prefix="fulcrum-baseline-") as tmp:
-        trees = {"new": ROOT}
+    with tempfile.TemporaryDirectory(prefix="fulcrum-sim-speed-") as tmp:
+        new = Path(tmp) / "new"
+        copy_worktree(new)
+        trees = {"new": new}
         commit = None
         if args.baseline != "none":
-            commit = export_tree(args.baseline, Path(tmp))
-            trees = {"old": Path(tmp), "new": ROOT}
+            (Path(tmp) / "old").mkdir()
+            commit = export_tree(args.baseline, Path(tmp) / "old")
+            trees = {"old": Path(tmp) / "old", "new": new}
         rows = []
         for sc in chosen:
             row = compare(sc, trees, args.num_requests, args.rounds, args.repeats)

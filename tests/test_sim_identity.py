@@ -34,3 +34,14 @@ def test_fingerprint_sees_a_changed_result() -> None:
     res.finish[7] += 1e-9  # one request finishing a nanosecond later
     after = identity.fingerprint(res, identity.SLO_8B)
     assert identity.differences({case.name: before}, {case.name: after})
+
+
+def test_speed_runs_repeat_the_same_results() -> None:
+    from benchmarks.sim_speed import SCENARIOS, measure_here
+
+    arrow = next(s for s in SCENARIOS if s.name == "arrow-4P4D")
+    got = measure_here(arrow, 400, 2)
+    assert got["requests"] == 400 and len(got["runs"]) == 2
+    first, second = got["runs"]
+    assert first["digest"] == second["digest"] and first["completed"] == 400
+    assert first["cpu_s"] > 0 and first["events"] >= 400
