@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.membership import RegistryError, WorkerMembership
 from core.workers import Role
-from router.worker_registry import RegistryError, WorkerRegistry
 
 log = logging.getLogger("fulcrum.ray")
 
@@ -184,7 +184,7 @@ class RayBackend:
 
     def __init__(self, registry: Any, template: WorkerTemplate,
                  options: RayOptions | None = None) -> None:
-        self._registry = registry  # a callable returning the gateway's WorkerRegistry
+        self._registry = registry  # a callable returning the gateway's WorkerMembership
         self.template = template
         self.options = options or RayOptions()
         self.slots: list[Slot] = []
@@ -195,7 +195,7 @@ class RayBackend:
         self._remote_cls: Any = None
 
     @property
-    def registry(self) -> WorkerRegistry:
+    def registry(self) -> WorkerMembership:
         return self._registry()
 
     # -- WorkerSupervisor -------------------------------------------------------------
