@@ -9,25 +9,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from benchmarks.fake_worker import create_fake_worker
 from core.workers import Role, WorkerState
 from deploy.gateway_app import build_gateway
 from instance_manager.controller.loop import Controller
 from router.app import GatewayConfig, create_app
 from router.cluster import Cluster
 from router.control_port import ControlConfig
-from tests.servers import serve_in_thread
+from tests.servers import fake_pd_cluster, serve_in_thread
 
 MODEL = "fake-model"
 
 
 @pytest.fixture()
 def cluster() -> Iterator[Cluster]:
-    p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
-    with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
-        cluster = Cluster()
-        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
-        cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+    with fake_pd_cluster(MODEL) as cluster:
         yield cluster
 
 
