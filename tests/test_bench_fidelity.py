@@ -55,7 +55,7 @@ def test_an_even_count_of_rounds_reports_the_lower_middle_round() -> None:
     rounds = [relative_errors({"p90_tpot_ms": 10.0}, {"p90_tpot_ms": sim})
               for sim in (13.0, 9.0, 12.0, 10.0)]
     out = summarize_runs(rounds)["p90_tpot_ms"]
-    assert out["round"] == 3 and out["sim"] == 10.0  # errors -10%, 0%, +20%, +30%
+    assert out["round"] == 3 and out["sim"] == 10.0  # of -10%, 0%, +20%, +30%: the 0%
 
 
 def test_a_stored_result_is_resummarized_from_its_rounds(tmp_path) -> None:  # noqa: ANN001
