@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,9 @@ class RayBackend:
     """Starts, registers, watches, restarts and stops Ray-placed workers
     (a gateway `WorkerSupervisor`, and the registry's owner of these workers)."""
 
-    def __init__(self, registry: Any, template: WorkerTemplate,
+    def __init__(self, registry: Callable[[], WorkerMembership], template: WorkerTemplate,
                  options: RayOptions | None = None) -> None:
-        self._registry = registry  # a callable returning the gateway's WorkerMembership
+        self._registry = registry  # the gateway's registry, once it exists
         self.template = template
         self.options = options or RayOptions()
         self.slots: list[Slot] = []
