@@ -92,6 +92,9 @@ PULL_DETAIL = (
     ("pull thread to producer serving it", "pull_start", "serve_start"),
     ("producer claim and reply", "serve_start", "pull_reply"),
     ("prefill done to lease held", "p_done", "hold"),
+    # with the first-token handoff, the rest of TTFT after the prefill: its reply, the
+    # gateway, the decode leg's headers, the relay
+    ("prefill done to first token at client", "p_done", "first"),
 )
 SEGMENTS_SINGLE_TRACED = (
     ("to admission", "t0", "admit"),

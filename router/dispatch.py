@@ -338,6 +338,14 @@ class Dispatcher:
                 finally:
                     upstream.release()
                     self.cluster.end(worker, Role.DECODE, tokens)
+                if 400 <= upstream.status < 500 and first is not None:
+                    # The continuation was refused (e.g. a prompt one token short of the
+                    # context: no room after the first token); the client's own request
+                    # behaves as on one instance.
+                    log.info("decode leg after the handoff refused for %s (HTTP %d); "
+                             "sending the request as written", request_id, upstream.status)
+                    first = None
+                    continue
                 if 400 <= upstream.status < 500:
                     raise UpstreamReply(upstream.status, content)
                 last_error = f"{worker}: HTTP {upstream.status} {content[:200]!r}"

@@ -151,6 +151,36 @@ def test_streamed_pd_hands_off_the_first_token_and_equals_single_instance(
         prompt_len + (1 if handed_off else 0)
 
 
+def test_prompt_one_token_short_of_the_context_equals_single_instance(
+        cluster: LiveCluster) -> None:
+    """One instance stops after one token (no room for more); the handed-off decode leg,
+    one token longer, is refused, and the gateway sends the request as written."""
+    decode = cluster.by_role("decode")
+    rng = random.Random(time.time_ns())
+    body = {"model": MODEL_NAME, "prompt": [rng.randrange(300, 8000)
+                                            for _ in range(MAX_MODEL_LEN - 1)],
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+
+    def run(url: str) -> tuple[list[int], list, dict]:
+        ids, finish, usage = [], [], {}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+            assert resp.status_code == 200, resp.read()
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    for choice in chunk["choices"]:
+                        ids.extend(choice.get("token_ids") or [])
+                        finish.append(choice.get("finish_reason"))
+                    usage = chunk.get("usage") or usage
+        return ids, [f for f in finish if f], usage
+
+    reference = run(cluster.worker_url(decode))
+    assert len(reference[0]) == 1 and reference[1] == ["length"]
+    assert run(cluster.url) == reference
+
+
 def _chat_stream(url: str, messages: list[dict], max_tokens: int) -> list[dict]:
     """The chunks of a greedy streamed chat completion, token ids asked for."""
     body = {"model": MODEL_NAME, "messages": messages, "max_completion_tokens": max_tokens,
