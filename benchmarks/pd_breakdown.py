@@ -546,10 +546,13 @@ def plot(result: dict, path: Path) -> None:
                 if "segments_ms" in (summary.get(target) or {}):
                     bars.append((f"{conn}\n{target}", summary[target]["segments_ms"]))
                     ttfts.append(summary[target]["ttft_ms"]["median"])
-        names = list(dict.fromkeys(n for _, segs in bars for n in segs))
-        cmap = plt.get_cmap("tab20")
-        color = {n: cmap(j % 20) for j, n in enumerate(names)}
-        color["rest of the stream"] = "#bbbbbb"
+        names = [n for n in dict.fromkeys(n for _, segs in bars for n in segs)
+                 if n != "rest of the stream"]
+        palette = [c for j, c in enumerate(plt.get_cmap("tab20").colors)
+                   if j not in (14, 15)]  # tab20's greys: grey is the rest of the stream
+        palette += list(plt.get_cmap("tab20b").colors)
+        color = {n: palette[j % len(palette)] for j, n in enumerate(names)}
+        color["rest of the stream"] = "#cccccc"
         labelled: set[str] = set()
         for i, (_, segs) in enumerate(bars):
             bottom = 0.0
