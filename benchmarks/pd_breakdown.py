@@ -14,12 +14,14 @@ Per request the client records send / prefill reply / first token / end times. W
 Fulcrum connector the workers also append per-transfer events to a trace file
 (``FULCRUM_KV_TRACE``, see :mod:`kv_transfer.fulcrum.trace`): when each engine admitted the
 request, when the prefill finished, when the decode worker started the pull, got the first
-byte, finished the copy and when the engine noticed. vLLM's own per-request histograms
-(queue, prefill, TTFT) are read as deltas of ``/metrics`` around every batch. Medians and
-p10/p90 over rounds go to JSON, the stacked median breakdown to a PNG.
+byte, finished the copy and when the engine noticed. vLLM's per-request timings (engine
+queue, scheduled to first token; the workers run with ``--enable-per-request-metrics``)
+split each leg where there is no trace (NIXL), and its per-request histograms are read as
+deltas of ``/metrics`` around every batch. Medians and p10/p90 over rounds go to JSON, the
+stacked median breakdown (one per bar) to a PNG.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.pd_breakdown            # tiny, 500 in, 64 out
-    ... -m benchmarks.pd_breakdown --model default --worker-arg=--dtype=float32 \\
+    ... -m benchmarks.pd_breakdown --model default --dtype float32 \\
         --prompt-tokens 2000 --out benchmarks/results/pd_breakdown_smollm2_2000.json
 """
 
