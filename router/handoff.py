@@ -112,8 +112,10 @@ def from_prefill_reply(req: ParsedRequest, reply: dict) -> FirstToken | None:
         return None
     if len(token_ids) != 1 or not prompt_ids or choice.get("finish_reason") != "length":
         return None  # EOS or a stop token: let the decode worker finish it the usual way
-    if text.endswith("\ufffd"):
-        return None  # inside a UTF-8 character: its text depends on the next token
+    if not text or text.endswith("\ufffd"):
+        # no text of its own (a skipped special token) or inside a UTF-8 character: what
+        # the worker streams for it depends on its detokenizer's state
+        return None
     return FirstToken(prompt_ids=prompt_ids, token_ids=token_ids, text=text,
                       logprobs=choice.get("logprobs"), stream_id=str(reply.get("id", "")),
                       created=int(reply.get("created") or 0),

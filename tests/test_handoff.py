@@ -63,7 +63,7 @@ def test_requests_whose_first_token_must_be_recomputed(body: dict, why: str) -> 
     assert from_prefill_reply(req, reply()) is None
 
 
-@pytest.mark.parametrize("bad", [reply(finish="stop"), reply(text="\ufffd"),
+@pytest.mark.parametrize("bad", [reply(finish="stop"), reply(text="\ufffd"), reply(text=""),
                                  reply(connector="nixl"), {"choices": []},
                                  {**reply(), "choices": [{"finish_reason": "length"}]}])
 def test_replies_that_cannot_hand_off(bad: dict) -> None:
@@ -134,6 +134,7 @@ def test_chat_first_events_are_the_role_chunk_then_the_token() -> None:
 @pytest.mark.parametrize("bad", [
     chat_reply(finish="stop"),
     chat_reply({"role": "assistant", "content": None, "reasoning": "hm"}),
+    chat_reply({"role": "assistant", "content": ""}),
     chat_reply({"role": "assistant", "content": "", "tool_calls": [{"id": "t"}]}),
     {**chat_reply(), "prompt_token_ids": None},
 ])
