@@ -605,10 +605,11 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
         cluster.wait_ready(args.start_timeout)
         template = make_template(cluster.workers["decode"], args.prompt_tokens - 7)
         out: dict[str, Any] = {}
-        for conc in args.concurrency:
+        for i, conc in enumerate(args.concurrency):
             rounds = args.rounds if conc == 1 else args.rounds_concurrent
+            warmup = args.warmup if i == 0 or args.warmup_later is None else args.warmup_later
             samples, hist = asyncio.run(run_rounds(cluster, connector, conc, rounds,
-                                                   args.warmup, template, args.max_tokens))
+                                                   warmup, template, args.max_tokens))
             time.sleep(0.5)  # let the last trace lines land
             traced = connector == "fulcrum"
             if traced:
@@ -641,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="rounds at concurrency 1")
     parser.add_argument("--rounds-concurrent", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup-later", type=int, default=None,
+                        help="warm-up rounds for the later concurrency levels (default: "
+                             "--warmup; the cluster is already warm then)")
     parser.add_argument("--connectors", nargs="+", default=["fulcrum", "nixl"])
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra vLLM argument for every worker, e.g. --dtype=float32")
@@ -663,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": args.model, "prompt_tokens": args.prompt_tokens,
                    "max_tokens": args.max_tokens, "rounds": args.rounds,
                    "rounds_concurrent": args.rounds_concurrent, "warmup": args.warmup,
+                   "warmup_later": args.warmup_later,
                    "dtype": args.dtype, "worker_args": args.worker_arg,
                    "cpus": os.cpu_count()},
         "runs": {},
