@@ -137,14 +137,27 @@ def test_arrow_flips_the_least_loaded_worker():
 
 
 def test_arrow_cooldown_blocks_a_second_flip():
-    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0,
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0, repeat_s=30.0,
                                          max_flips_per_decision=1))
     toy = ToyCluster(roles={f"w{i}": Role.PREFILL if i < 2 else Role.DECODE for i in range(6)})
     assert toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
     for t in (5, 10, 25):
         assert toy.apply(policy, toy.snapshot(t, *LONG_PROMPTS)) == []
-        assert "cooldown" in policy.last_note.summary
+        assert "before another move the same way" in policy.last_note.summary
     assert toy.apply(policy, toy.snapshot(31, *LONG_PROMPTS))
+
+
+def test_arrow_repeats_a_move_the_same_way_soon_but_reverses_only_after_cooldown():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0, repeat_s=2.0,
+                                         max_flips_per_decision=1))
+    toy = ToyCluster(roles={f"w{i}": Role.PREFILL if i < 2 else Role.DECODE for i in range(6)})
+    assert toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
+    assert toy.apply(policy, toy.snapshot(1, *LONG_PROMPTS)) == []  # within repeat_s
+    assert toy.apply(policy, toy.snapshot(3, *LONG_PROMPTS))
+    assert toy.count(Role.PREFILL) == 4
+    # the mix swings to long outputs: the reverse move waits for the cooldown
+    assert toy.apply(policy, toy.snapshot(5, *LONG_OUTPUTS)) == []
+    assert "cooldown" in policy.last_note.summary
 
 
 def test_arrow_holds_when_the_source_pool_would_overload():
@@ -322,7 +335,9 @@ def test_dopd_forecast_stays_with_the_data_after_a_gap():
 
 NEED_KNOBS = {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 100.0,
               "prefill_utilization": 1.0, "decode_utilization": 1.0, "hysteresis": 0.3,
-              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0, "warmup_s": 0.0}
+              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0, "warmup_s": 0.0,
+              "decode_estimate": "flow"}
+"""The flow estimate (rate x output length / capacity): the need math these tests check."""
 
 
 def eight(n_prefill: int, **views: dict) -> ToyCluster:
@@ -446,7 +461,8 @@ def quiet(toy: ToyCluster, t: float, **fields) -> ControlSnapshot:
 
 
 def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
-    policy = ArrowController(ArrowConfig(pressure_guard_s=2.0, cooldown_s=10.0))
+    policy = ArrowController(ArrowConfig(pressure_guard_s=2.0, cooldown_s=10.0,
+                                         inline_max_flips=1))
     toy = eight(4)
     assert toy.apply(policy, quiet(toy, 0.0)) == []
     moved = toy.apply(policy, quiet(toy, 1.0, pressure=pressure(Role.DECODE, 5)))
@@ -459,6 +475,11 @@ def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
     # the other way needs the cooldown: prefill misses 1 s later are held
     assert toy.apply(policy, quiet(toy, 6.0, pressure=pressure(Role.PREFILL, 5))) == []
     assert "other way" in policy.last_note.summary
+    # uncapped, misses at 3x target on a 4-worker pool move as many as prefill spares
+    wide = ArrowController(ArrowConfig())
+    toy = eight(4)
+    moved = toy.apply(wide, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 5, ratio=3.0)))
+    assert len(moved) == 3 and toy.count(Role.PREFILL) == 1
 
 
 def test_arrow_inline_needs_enough_signals_and_a_quiet_other_leg():

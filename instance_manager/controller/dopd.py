@@ -29,12 +29,12 @@ and ShareGPT traces. `target="share"` keeps the round-1 behaviour (a work-share 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
+    InFlightTrend,
     PolicyNote,
     describe_load,
     held,
@@ -220,18 +220,7 @@ class DOPDController:
         self._last_change_at: float | None = None
         self._last_direction: Role | None = None  # the pool that grew last time
         self._first_traffic_at: float | None = None
-        self._in_flight: deque[tuple[float, int]] = deque()  # (time, decodes in flight)
-
-    def _observe_in_flight(self, snapshot: ControlSnapshot) -> float:
-        """Record the decodes in flight on every worker (a relabel flip does not change
-        the total) and return their growth per second over `growth_window_s`."""
-        total = sum(w.in_flight_decode for w in snapshot.cluster.workers)
-        hist = self._in_flight
-        hist.append((snapshot.time, total))
-        while len(hist) > 2 and hist[1][0] <= snapshot.time - self.config.growth_window_s:
-            hist.popleft()
-        t0, n0 = hist[0]
-        return (total - n0) / (snapshot.time - t0) if snapshot.time > t0 else 0.0
+        self._in_flight = InFlightTrend(cfg.growth_window_s)
 
     # -- the cost model ---------------------------------------------------------------
     def prefill_seconds(self, prompt_tokens: float) -> float:
@@ -313,7 +302,7 @@ class DOPDController:
         n_p, n_d = len(pool(snapshot, Role.PREFILL)), len(pool(snapshot, Role.DECODE))
         total = n_p + n_d
         numbers: dict = {"prefill_workers": n_p, "decode_workers": n_d}
-        growth = self._observe_in_flight(snapshot)
+        growth = self._in_flight.observe(snapshot)
         isl, osl = snapshot.mean_prompt_tokens, snapshot.mean_output_tokens
         if isl is None or osl is None:
             self.last_note = PolicyNote("hold: no finished requests in the window", numbers)
