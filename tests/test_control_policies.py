@@ -541,3 +541,74 @@ def test_dopd_does_not_shrink_decode_on_the_first_short_outputs():
     assert policy.last_note.numbers["decode_need"] == pytest.approx(4.0)
     assert toy.apply(policy, need_snapshot(toy, 11.0, 10.0, 470, 2))  # warmed up: it moves
     assert toy.count(Role.PREFILL) == 5
+
+
+# -- DOPD and Arrow: the decodes in flight, read live ---------------------------------------
+
+OCCUPANCY_KNOBS = {**NEED_KNOBS, "decode_estimate": "occupancy", "decode_tokens_per_s": 1000.0,
+                   "decode_step_s": 0.1, "max_num_seqs": 100, "occupancy_horizon_s": 10.0}
+"""100 sequences per decode worker (the TPOT-bound batch 1000 tok/s x 0.1 s = slots)."""
+
+
+def decodes(toy: ToyCluster, per_worker: int, role: Role = Role.DECODE) -> dict:
+    return {n: {"in_flight_decode": per_worker} for n, r in toy.roles.items() if r == role}
+
+
+def test_dopd_grows_decode_while_decodes_pile_up_before_any_long_output_finishes():
+    for estimate, grows in (("occupancy", True), ("flow", False)):
+        policy = DOPDController(DOPDConfig(**{**OCCUPANCY_KNOBS, "decode_estimate": estimate}))
+        toy = eight(6)
+        # finished requests still say 10-token outputs; 40 decodes in flight: room to spare
+        assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 10,
+                                               **decodes(toy, 20))) == []
+        # 2 s later 120 in flight, growing 40/s: in 10 s 520, five workers' worth
+        moved = toy.apply(policy, need_snapshot(toy, 2.0, 10.0, 100, 10, **decodes(toy, 60)))
+        numbers = policy.last_note.numbers
+        if grows:
+            assert toy.count(Role.DECODE) == 6 and len(moved) == 4
+            assert numbers["decode_growth_per_s"] == pytest.approx(40.0)
+            assert numbers["decode_occupancy_need"] == pytest.approx(5.2)
+            assert numbers["decode_flow_need"] < 1  # the finished outputs still look short
+        else:
+            assert moved == [] and toy.count(Role.DECODE) == 2
+
+
+def test_dopd_decodes_finishing_on_relabelled_workers_do_not_hold_decode_workers():
+    policy = DOPDController(DOPDConfig(**OCCUPANCY_KNOBS))
+    toy = eight(1)
+    backlog = {"w0": {"in_flight_prefill": 10, "prefill_tokens_in_flight": 5000}}
+    # long outputs in flight on every decode worker (90 of 100 slots), 5 s of prompts
+    # queued on the one prefill worker: prefill gets the workers it needs
+    snap = need_snapshot(toy, 0.0, 10.0, 500, 1400, **decodes(toy, 90), **backlog)
+    flipped = toy.apply(policy, snap)
+    assert toy.count(Role.PREFILL) == 5
+    # the flipped workers keep finishing their 90 decodes each: only the 3 x 90 on the
+    # decode pool count, so the pool is not short (all workers' 630 would say 6.3 of 3)
+    held = {**decodes(toy, 90), **{n: {"in_flight_decode": 90} for n in flipped}}
+    assert toy.apply(policy, need_snapshot(toy, 3.0, 10.0, 500, 1400, **held)) == []
+    numbers = policy.last_note.numbers
+    assert numbers["decode_occupancy_need"] == pytest.approx(2.7)
+    assert numbers["decodes_queued"] == 0
+    assert toy.count(Role.PREFILL) == 5
+
+
+def test_arrow_counts_growing_decodes_in_flight_as_decode_load():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, decode_slots=100,
+                                         occupancy_horizon_s=10.0, growth_window_s=3.0))
+    toy = eight(6)
+    calm = {n: WorkerMetrics(n) for n in toy.roles}
+    first = replace(need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS, **decodes(toy, 20)),
+                    metrics=calm)
+    assert policy.decide(first) == []
+    # 60 per worker now and growing 40/s: (60 + 400 / 2) / 100 = 2.6 per worker
+    second = replace(need_snapshot(toy, 2.0, 1.0, *LONG_OUTPUTS, **decodes(toy, 60)),
+                     metrics=calm)
+    actions = policy.decide(second)
+    assert policy.last_note.numbers["decode_load"] == pytest.approx(2.6)
+    assert actions and all(a.to == Role.DECODE for a in actions) and len(actions) > 1
+    # without the projection the same pool is within target (60 of 100 slots)
+    still = ArrowController(ArrowConfig(sustain_ticks=1, decode_slots=100,
+                                        occupancy_horizon_s=0.0))
+    toy = eight(6)
+    assert still.decide(replace(need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS,
+                                              **decodes(toy, 60)), metrics=calm)) == []

@@ -342,7 +342,8 @@ def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int
 def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
          only_setups: Sequence[str] | None = None, pool=None,
          only_workloads: Sequence[str] | None = None,
-         only_systems: Sequence[str] | None = None) -> tuple[list[Task], dict]:
+         only_systems: Sequence[str] | None = None,
+         only_flips: Sequence[str] | None = None) -> tuple[list[Task], dict]:
     """Every task of the comparison, and per (setup, workload) its rate grid; the
     oracle's per-phase splits are measured here (on `pool` when given). `only_systems`
     keeps those systems' tasks; the grids depend only on setup and trace, so runs of
@@ -388,6 +389,8 @@ def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
                 flips = ("live",)
                 if sysdef.kind == "oracle" or sysdef.name in FLIP_VARIANT_SYSTEMS:
                     flips += setup.flip_variants.get(wname, ())
+                if only_flips:
+                    flips = tuple(f for f in flips if f in only_flips)
                 run_seeds = list(seeds) + ([calib_seed] if sysdef.kind == "static" else [])
                 for flip in flips:
                     for seed in run_seeds:
@@ -549,7 +552,8 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         calib_seed: int = 100, grid_points: int = 12, processes: int = 2,
         only_setups: Sequence[str] | None = None,
         only_workloads: Sequence[str] | None = None,
-        only_systems: Sequence[str] | None = None) -> dict:
+        only_systems: Sequence[str] | None = None,
+        only_flips: Sequence[str] | None = None) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
@@ -566,7 +570,7 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(processes, 2)) as pool:
             tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, pool,
-                                only_workloads, only_systems)
+                                only_workloads, only_systems, only_flips)
             print(f"{len(tasks)} tasks", file=sys.stderr, flush=True)
             for i, r in enumerate(pool.imap_unordered(run_task, tasks, chunksize=1)):
                 results.append(r)
@@ -575,7 +579,7 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                     save()
     else:
         tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, None,
-                            only_workloads, only_systems)
+                            only_workloads, only_systems, only_flips)
         for i, t in enumerate(tasks):
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
@@ -828,6 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", default=None, help="comma-separated trace names")
     parser.add_argument("--systems", default=None,
                         help="comma-separated system names: run only these (e.g. arrow,dopd)")
+    parser.add_argument("--flips", default=None,
+                        help="comma-separated flip costs to run (default: live plus each "
+                             "trace's variants; e.g. live)")
     parser.add_argument("--from-raw", type=Path, default=None,
                         help="re-summarise a sim_comparison_raw*.json instead of simulating")
     parser.add_argument("--merge-raw", type=Path, nargs="+", default=None, metavar="FILE",
@@ -860,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   min(2, max(1, args.processes)),
                   args.setups.split(",") if args.setups else None,
                   args.workloads.split(",") if args.workloads else None,
-                  args.systems.split(",") if args.systems else None)
+                  args.systems.split(",") if args.systems else None,
+                  args.flips.split(",") if args.flips else None)
     print(table(out))
     for sname, per_wl in out["results"].items():
         for wname in per_wl:
