@@ -88,8 +88,9 @@ class DOPDConfig:
     max_flips_per_decision: int = 0
     """Cap on workers moved at once (0 = jump straight to the target)."""
     warmup_s: float = 10.0
-    """For this long after the first traffic the decode pool moves only on a slot queue: the
-    first finished requests are the short ones, so the window's output length starts low."""
+    """For this long after the first traffic the decode pool does not shrink: the first
+    finished requests are the short ones, and the decodes in flight are still climbing to
+    their steady count, so both estimates start low."""
     max_extrapolation_s: float = 5.0
     """The trend extrapolates at most this far between two updates: after a gap (ticks
     that saw no finished request) a steep old trend must not fling the level past the
@@ -283,8 +284,9 @@ class DOPDController:
         backlog = backlog_s / snapshot.slo.ttft_s
         need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
         start = self._first_traffic_at
-        if start is None or snapshot.time - start < cfg.warmup_s:
-            flow = float(len(pool(snapshot, Role.DECODE)))  # neither shrink nor grow on it
+        warming = start is None or snapshot.time - start < cfg.warmup_s
+        if warming:
+            flow = float(n_d)  # neither shrink nor grow on it
         # Little's law on the decodes in flight reacts within seconds of a shift either
         # way: a relabelled worker keeps its decodes, so only the decode pool's count
         # matters, and while decodes arrive faster than they finish the pool must hold
@@ -293,6 +295,8 @@ class DOPDController:
         occupancy = projected / (slots * cfg.decode_utilization)
         need_d = {"flow": flow, "occupancy": occupancy,
                   "both": max(flow, occupancy)}[cfg.decode_estimate]
+        if warming:  # the decodes in flight have not yet reached their steady count
+            need_d = max(need_d, float(n_d))
         return Needs(need_p, max(need_d, queued), t_p, capacity, slots, backlog, queued > 0,
                      occupancy, flow, growth_per_s)
 
