@@ -612,3 +612,14 @@ def test_arrow_counts_growing_decodes_in_flight_as_decode_load():
     toy = eight(6)
     assert still.decide(replace(need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS,
                                               **decodes(toy, 60)), metrics=calm)) == []
+
+
+def test_dopd_does_not_shrink_decode_on_the_first_decodes_in_flight():
+    # right after start the decodes in flight are still climbing to their steady count:
+    # for warmup_s the decode pool keeps its workers (it may grow on a pile-up)
+    policy = DOPDController(DOPDConfig(**{**OCCUPANCY_KNOBS, "warmup_s": 10.0}))
+    toy = eight(4)
+    assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 470, 2, **decodes(toy, 1))) == []
+    assert policy.last_note.numbers["decode_need"] == pytest.approx(4.0)
+    assert toy.apply(policy, need_snapshot(toy, 11.0, 10.0, 470, 2, **decodes(toy, 1)))
+    assert toy.count(Role.PREFILL) == 5
