@@ -49,6 +49,9 @@ class Endpoint:
     ignore_eos: bool = False
     length_oracle: bool = False  # max_tokens = the true output length
     client_max_tokens: int | None = None  # hidden lengths: the client's cap (None: none)
+    # The trace's length goes to the engine (with ignore_eos), the client's cap to the
+    # gateway's policies (`X-Fulcrum-Client-Cap`): hidden lengths on a model that never stops.
+    engine_lengths: bool = False
     timeout_s: float = 600.0
     api_key: str | None = None
     headers: tuple[tuple[str, str], ...] = ()  # extra HTTP headers (`--header K=V`)
@@ -57,7 +60,16 @@ class Endpoint:
         out = dict(self.headers)
         if self.api_key:
             out["Authorization"] = f"Bearer {self.api_key}"
+        if self.engine_lengths and self.client_max_tokens is not None:
+            out["X-Fulcrum-Client-Cap"] = str(self.client_max_tokens)
         return out
+
+    @property
+    def lengths(self) -> str:
+        """What the router is told about output lengths, as the result JSON records it."""
+        if self.length_oracle:
+            return "oracle"
+        return "hidden, engine-enforced" if self.engine_lengths else "hidden"
 
     @property
     def path(self) -> str:
@@ -68,7 +80,8 @@ def request_body(endpoint: Endpoint, req: BenchRequest) -> dict:
     """The JSON body for one streamed request."""
     body: dict = {"model": endpoint.model, "stream": True,
                   "stream_options": {"include_usage": True}, "temperature": 0.0}
-    cap = req.output_tokens if endpoint.length_oracle else endpoint.client_max_tokens
+    engine_knows = endpoint.length_oracle or endpoint.engine_lengths
+    cap = req.output_tokens if engine_knows else endpoint.client_max_tokens
     if endpoint.chat:
         body["messages"] = [{"role": "user", "content": req.prompt}]
         if cap is not None:
@@ -77,7 +90,7 @@ def request_body(endpoint: Endpoint, req: BenchRequest) -> dict:
         body["prompt"] = req.prompt
         if cap is not None:
             body["max_tokens"] = cap
-    if endpoint.ignore_eos:
+    if endpoint.ignore_eos or endpoint.engine_lengths:
         body["ignore_eos"] = True
     return body
 
@@ -266,7 +279,7 @@ def result_header(args: argparse.Namespace, endpoint: Endpoint, rate: float,
         "dataset": args.dataset,
         "arrival": args.arrival,
         "seed": args.seed,
-        "lengths": "oracle" if endpoint.length_oracle else "hidden",
+        "lengths": endpoint.lengths,
         "client_max_tokens": None if endpoint.length_oracle else endpoint.client_max_tokens,
     }
     if args.arrival == "ramp":  # vLLM's ramp-up keys
@@ -382,6 +395,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     _resolve_tokenizer(args, model, root)
     endpoint = Endpoint(args.base_url, model, chat=args.chat, ignore_eos=args.ignore_eos,
                         length_oracle=args.length_oracle, client_max_tokens=args.client_max_tokens,
+                        engine_lengths=getattr(args, "engine_lengths", False),
                         timeout_s=args.request_timeout, api_key=api_key,
                         headers=extra_headers)
     slo = SLO.parse(options.goodput_items(args))

@@ -7,7 +7,6 @@ Run alone: `python -m benchmarks.fake_worker --port 9001 [--token-delay 0.01]`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from benchmarks.fake_worker_args import fake_worker_parser
 
 
 @dataclass
@@ -228,10 +229,7 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Run a fake vLLM worker for load tests.")
-    parser.add_argument("--port", type=int, default=9001)
-    parser.add_argument("--name", default="fake")
-    parser.add_argument("--model", default="fake-model")
+    parser = fake_worker_parser("Run a fake vLLM worker for load tests.")
     parser.add_argument("--token-delay", type=float, default=0.0)
     args = parser.parse_args()
     app = create_fake_worker(args.name, args.model)

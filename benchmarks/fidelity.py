@@ -9,9 +9,12 @@ One run, back to back on the same worker so that contention drifts as little as 
 3. `fulcrum sim` replays the very same trace (same workload arguments and seed) on one
    simulated aggregated worker whose performance model is fitted from step 1.
 p50/p90 TTFT and TPOT, throughput and SLO attainment are compared as relative errors
-(sim / real - 1); `--runs` rounds (default 3) of all three steps, reported as the median
-round. Writes benchmarks/results/sim_fidelity.json and .png. The issue's target is within
-10% on p50 TTFT and TPOT.
+(sim / real - 1); `--runs` rounds (default 3) of all three steps; per metric the round
+with the median error is reported, its live and simulated values side by side. Writes
+benchmarks/results/sim_fidelity.json and .png. The issue's target is within 10% on p50 TTFT
+and TPOT.
+
+    python -m benchmarks.fidelity --resummarize      # recompute the summary of a stored run
 """
 
 from __future__ import annotations
@@ -45,19 +48,43 @@ def workload_argv(args: argparse.Namespace) -> list[str]:
 
 
 def summarize_runs(runs: Sequence[dict]) -> dict:
-    """Per key, the median over runs of real, sim and rel_error, plus every run's error.
+    """Per key, the median round: the round whose relative error is the median (the lower
+    middle one for an even count), with that round's own live and simulated values and its
+    index, plus every round's values.
 
-    One run on a shared host is at the mercy of its neighbours (run-to-run spread of the
-    live p50 TTFT alone is ~15% here), so the headline number is the median run."""
+    Real and sim are taken from one round so that they describe one trace on one worker at
+    one time; medians taken separately would pair different rounds. One round on a shared
+    host is at the mercy of its neighbours (run-to-run spread of the live p50 TTFT alone is
+    ~15% here), so the headline is the median round."""
     out = {}
     for key in runs[0]:
-        errors = [r[key]["rel_error"] for r in runs if r.get(key)]
-        known = [e for e in errors if e is not None]
-        out[key] = {"real": statistics.median(r[key]["real"] for r in runs if r.get(key)),
-                    "sim": statistics.median(r[key]["sim"] for r in runs if r.get(key)),
-                    "rel_error": statistics.median(known) if known else None,
-                    "rel_errors": errors}
+        rounds = [(i, r[key]) for i, r in enumerate(runs) if r.get(key)]
+        known = [(i, m) for i, m in rounds if m["rel_error"] is not None]
+        if known:
+            middle = statistics.median_low(m["rel_error"] for _, m in known)
+            index, chosen = next((i, m) for i, m in known if m["rel_error"] == middle)
+        else:  # no live value to divide by in any round: the round of the median sim
+            middle = statistics.median_low(m["sim"] for _, m in rounds)
+            index, chosen = next((i, m) for i, m in rounds if m["sim"] == middle)
+        out[key] = {"round": index, "real": chosen["real"], "sim": chosen["sim"],
+                    "rel_error": chosen["rel_error"],
+                    "rel_errors": [m["rel_error"] for _, m in rounds],
+                    "rounds": [{"round": i, "real": m["real"], "sim": m["sim"],
+                                "rel_error": m["rel_error"]} for i, m in rounds]}
     return out
+
+
+ROUNDS_NOTE = ("{n} rounds of profile, bench, sim on the same worker; per metric, the round "
+               "whose relative error is the median, with that round's live and simulated "
+               "values (`round` is its index into `runs`)")
+
+
+def resummarize(path: Path) -> dict:
+    """Recompute `metrics` of a stored result from the rounds it keeps (no new run)."""
+    result = json.loads(path.read_text())
+    result["metrics"] = summarize_runs(result["runs"])
+    result["setup"]["rounds"] = ROUNDS_NOTE.format(n=len(result["runs"]))
+    return result
 
 
 def relative_errors(real: dict, sim: dict, keys: Sequence[str] = COMPARED) -> dict:
@@ -113,8 +140,7 @@ def run(args: argparse.Namespace, base_url: str) -> dict:
                      f"{args.num_prompts} requests, Poisson {args.request_rate} req/s, seed "
                      f"{args.seed}; the simulator rebuilt the same trace from the same args",
             "sim": "aggregated single worker (--prefill 0 --decode 1), --perf fitted",
-            "rounds": f"{args.runs} rounds of profile, bench, sim on the same worker; "
-                      "metrics are the median over rounds",
+            "rounds": ROUNDS_NOTE.format(n=args.runs),
             "load_average_before": args.load_before,
             "load_average_after": list(os.getloadavg()),
         },
@@ -162,13 +188,14 @@ def plot(result: dict, path: Path) -> None:
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [metrics[k]["real"] for k in keys], 0.4, label="live worker")
     ax.bar([x + 0.2 for x in xs], [metrics[k]["sim"] for k in keys], 0.4, label="simulator")
+    ax.set_xticks(list(xs), [f"{k.replace('_ms', '')}\n(round {metrics[k].get('round', '-')})"
+                             for k in keys])
     for x, k in zip(xs, keys, strict=True):
         err = metrics[k]["rel_error"]
         ax.annotate(f"{err:+.0%}" if err is not None else "-", (x, max(
             metrics[k]["real"], metrics[k]["sim"])), ha="center", va="bottom")
-    ax.set_xticks(list(xs), [k.replace("_ms", "") for k in keys])
     ax.set_ylabel("ms")
-    ax.set_title("Simulator vs live CPU worker on the same trace")
+    ax.set_title("Simulator vs live CPU worker on the same trace (median-error round)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,9 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-lengths", default="16,64,128,256,512,1024")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16")
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_fidelity.json")
+    parser.add_argument("--resummarize", action="store_true",
+                        help="recompute the summary of the rounds stored in --out; run nothing")
     args = parser.parse_args(argv)
     args.load_before = list(os.getloadavg())
-    if args.base_url:
+    if args.resummarize:
+        result = resummarize(args.out)
+    elif args.base_url:
         result = run(args, args.base_url)
     else:
         with tiny_worker(args.port, args.core, args.out.parent / "tmp" / "fidelity" /
@@ -206,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, m in result["metrics"].items():
         err = "-" if m["rel_error"] is None else f"{m['rel_error']:+.1%}"
         each = " ".join("-" if e is None else f"{e:+.0%}" for e in m["rel_errors"])
-        print(f"{key:<20} real {m['real']:10.2f}  sim {m['sim']:10.2f}  {err}  (rounds: {each})")
+        print(f"{key:<20} round {m['round']}: real {m['real']:10.2f}  sim {m['sim']:10.2f}  "
+              f"{err}  (rounds: {each})")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,60 +27,21 @@ from pathlib import Path
 
 import httpx
 
-from deploy.ports import free_port_block
+from benchmarks.live_cluster import UpCluster
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "tiny-llama"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
 
 
-class Cluster:
-    """A `fulcrum up` subprocess and its admin API."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port_block(4, 18700)
-        side = free_port_block(3, 26700)
-        cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny", "--workers", "3",
-               "--prefill-workers", "1", "--port", str(self.port), "--max-model-len", "512",
-               "--kv-cache-gib", "1", "--side-channel-base-port", str(side),
-               "--log-dir", str(log_dir), "--control-policy", "dopd", "--advisory",
-               "--control-interval", "1", "--control-window", "6",
-               "--control-knob", "adjustment_interval_s=5", "--control-knob",
-               "forecast_horizon_s=0"]
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(cmd, stdout=open(log_dir / "up.log", "wb"),  # noqa: SIM115
-                                     stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def admin(self, method: str, path: str, **body: object) -> dict:
-        r = httpx.request(method, self.url + "/admin" + path, json=body or None, timeout=300)
-        r.raise_for_status()
-        return r.json()
-
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("fulcrum up exited")
-            try:
-                ws = self.admin("GET", "/workers")["workers"]
-                if ws and all(w["state"] == "ready" for w in ws):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("cluster not ready")
-
-    def roles(self) -> dict[str, str]:
-        return {w["name"]: w["role"] for w in self.admin("GET", "/workers")["workers"]}
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def start_cluster(log_dir: Path) -> UpCluster:
+    """Three tiny workers (1 prefill), the dopd controller advising until the swing starts."""
+    return UpCluster(log_dir, 3, ["--prefill-workers", "1", "--max-model-len", "512",
+                                  "--kv-cache-gib", "1", "--control-policy", "dopd",
+                                  "--advisory", "--control-interval", "1",
+                                  "--control-window", "6", "--control-knob",
+                                  "adjustment_interval_s=5", "--control-knob",
+                                  "forecast_horizon_s=0"])
 
 
 class Load:
@@ -135,7 +95,7 @@ class Load:
             t.join(timeout=200)
 
 
-def _flip_cycle(cluster: Cluster, worker: str, repeats: int) -> list[float]:
+def _flip_cycle(cluster: UpCluster, worker: str, repeats: int) -> list[float]:
     durations = []
     for _ in range(repeats):
         for to in ("prefill", "decode"):
@@ -192,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "flip_bench.json")
     args = parser.parse_args(argv)
 
-    cluster = Cluster(Path(".fulcrum/flip_bench"))
+    cluster = start_cluster(Path(".fulcrum/flip_bench"))
     try:
         print("starting 3 workers ...", flush=True)
         cluster.wait_ready()

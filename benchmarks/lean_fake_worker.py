@@ -12,13 +12,14 @@ For fault injection and assertions use `benchmarks.fake_worker` instead.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
 import orjson
 import uvloop
 from aiohttp import web
+
+from benchmarks.fake_worker_args import fake_worker_parser
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -138,10 +139,7 @@ def make_app(name: str = "fake", model: str = "fake-model") -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a lean fake vLLM worker.")
-    parser.add_argument("--port", type=int, default=9001)
-    parser.add_argument("--name", default="fake")
-    parser.add_argument("--model", default="fake-model")
+    parser = fake_worker_parser("Run a lean fake vLLM worker.")
     args = parser.parse_args()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(make_app(args.name, args.model), host="127.0.0.1", port=args.port,

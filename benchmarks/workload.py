@@ -94,6 +94,11 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                    help="send each request's true output length as max_tokens (with "
                         "ignore_eos live): exact lengths, but the router sees them, which "
                         "real traffic does not give. Default: hidden lengths")
+    c.add_argument("--engine-lengths", action="store_true",
+                   help="live only: send the trace's output length to the engine (with "
+                        "ignore_eos) but tell the gateway's policies the client cap "
+                        "(header X-Fulcrum-Client-Cap): hidden lengths on a random-weight "
+                        "model, which never stops on its own")
     c.add_argument("--client-max-tokens", type=int, default=DEFAULT_CLIENT_MAX_TOKENS,
                    help="hidden lengths: the cap every client sends (default "
                         f"{DEFAULT_CLIENT_MAX_TOKENS}); only the engine knows when a "

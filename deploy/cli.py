@@ -56,7 +56,7 @@ def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
 
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
     from core.slo import SLOTargets
-    from router.app import ControlConfig
+    from router.control_port import ControlConfig
 
     knobs = []
     for item in args.control_knob:
@@ -304,8 +304,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from core.workers import Role, WorkerState
-    from router.app import ControlConfig, GatewayConfig, create_app
+    from deploy.gateway_app import build_gateway
+    from router.app import GatewayConfig
     from router.cluster import Cluster
+    from router.control_port import ControlConfig
 
     cluster = Cluster()
     for i, item in enumerate(args.worker):
@@ -327,7 +329,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
     app = None
     supervisor = None if args.follow else discovery_supervisor(args, lambda: app.state.registry)
-    app = create_app(config, cluster, supervisor=supervisor)
+    app = build_gateway(config, cluster, supervisor=supervisor)
     follower_args = [a for m in args.model for a in ("--model", m)]
     follower_args += ["--policy", args.policy] + (["--no-pd"] if args.no_pd else [])
     follower_args += _hardening_argv(args)

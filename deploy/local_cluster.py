@@ -10,13 +10,15 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from core.workers import Role
+from deploy.gateway_app import build_gateway
 from deploy.ports import busy_ports, kv_port_for
 from instance_manager.manager import InstanceManager, SupervisorConfig
 from instance_manager.worker_process import WorkerSpec, choose_dtype
 from kv_transfer.settings import worker_kv_settings
 from router.admission import AdmissionConfig
-from router.app import ControlConfig, GatewayConfig, create_app
+from router.app import GatewayConfig
 from router.cluster import Cluster
+from router.control_port import ControlConfig
 from router.dispatch import DispatchConfig
 from router.health import HealthConfig
 from router.peers import PeerConfig
@@ -160,7 +162,7 @@ def build_local_cluster(opts: ClusterOptions) -> tuple[FastAPI, InstanceManager]
                            admin_open=opts.host in LOOPBACK, control=opts.control,
                            max_body_mb=opts.max_body_mb, admission=opts.admission,
                            health=opts.health, auth=opts.auth, peers=opts.peers)
-    app = create_app(config, cluster, supervisor=manager)
+    app = build_gateway(config, cluster, supervisor=manager)
     app.state.manager = manager
     for spec in specs:  # `fulcrum worker remove` drains these, then the manager stops them
         app.state.registry.adopt(spec.name, source="local", owner=manager)

@@ -32,10 +32,11 @@ def run_ray(args: argparse.Namespace) -> int:
     import uvicorn
 
     from deploy.cli import _control_config, _served_name
+    from deploy.gateway_app import build_gateway
     from deploy.local_cluster import LOOPBACK
     from instance_manager.backends.ray_backend import RayBackend, RayOptions, WorkerTemplate
     from instance_manager.models import resolve_model
-    from router.app import GatewayConfig, create_app
+    from router.app import GatewayConfig
     from router.cluster import Cluster
     from router.dispatch import DispatchConfig
 
@@ -58,7 +59,7 @@ def run_ray(args: argparse.Namespace) -> int:
     cluster = Cluster()
     app = None
     backend = RayBackend(lambda: app.state.registry, template, options)
-    app = create_app(config, cluster, supervisor=backend)
+    app = build_gateway(config, cluster, supervisor=backend)
     app.state.backend = backend
     from instance_manager.controller.scaling import attach
 

@@ -12,15 +12,12 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
+from core.worker_table import WorkerTable
 from core.workers import Role, WorkerState
 from instance_manager.worker_process import WorkerSpec, kill_group, launch, log_tail, terminate
-
-if TYPE_CHECKING:  # the registry object is passed in; only its type is named here
-    from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.manager")
 
@@ -42,9 +39,9 @@ class WorkerFailedToStart(RuntimeError):
 
 
 class InstanceManager:
-    """Runs one supervising task per worker; registers them in the `Cluster`."""
+    """Runs one supervising task per worker; registers them in the gateway's worker table."""
 
-    def __init__(self, specs: list[WorkerSpec], roles: dict[str, Role], cluster: Cluster,
+    def __init__(self, specs: list[WorkerSpec], roles: dict[str, Role], cluster: WorkerTable,
                  config: SupervisorConfig | None = None) -> None:
         self.specs = {s.name: s for s in specs}
         self.roles = roles

@@ -2,8 +2,9 @@
 
 Mounted next to `router.admin` and guarded by the same `require_admin` (bearer token;
 off on a non-loopback bind without one). Reads `app.state.cluster`, `app.state.flips`
-(a `FlipCoordinator`) and `app.state.controller` (a `Controller`, optional: without it
-flips and drains still work, policy/explain answer 503).
+(a `core.flips.FlipCoordinator`) and `app.state.controller` (a
+`router.control_port.RoleController`, optional: without it flips and drains still work,
+policy/explain answer 503).
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from core.flips import FlipCoordinator, FlipRefused
 from core.workers import Role
-from instance_manager.controller.loop import Controller, worker_rows
-from instance_manager.controller.registry import (
-    CONTROL_POLICIES,
-    make_control_policy,
-    policy_knobs,
-)
-from instance_manager.flip import FlipCoordinator, FlipRefused
 from router.admin import require_admin
+from router.control_port import RoleController
 from router.errors import GatewayError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -62,7 +58,7 @@ def _flips(request: Request) -> FlipCoordinator:
     return flips
 
 
-def _controller(request: Request) -> Controller:
+def _controller(request: Request) -> RoleController:
     controller = getattr(request.app.state, "controller", None)
     if controller is None:
         raise GatewayError(503, "no controller is running on this gateway (start it with "
@@ -74,27 +70,13 @@ def _refused(exc: FlipRefused) -> GatewayError:
     return GatewayError(exc.status, str(exc), code="flip_refused")
 
 
-def policy_state(controller: Controller) -> dict[str, Any]:
-    return {
-        "name": controller.policy.name,
-        "knobs": dict(policy_knobs(controller.policy)),
-        "mode": "advisory" if controller.advisory else "act",
-        "interval_s": controller.interval_s,
-        "slo": {"ttft_s": controller.slo.ttft_s, "tpot_s": controller.slo.tpot_s},
-        "window_s": controller.collector.window_s,
-        "available": sorted(CONTROL_POLICIES),
-    }
-
-
 @router.get("/control")
 async def control_state(request: Request) -> dict:
     """Everything `fulcrum watch` shows: workers with their latest windowed metrics."""
     cluster = request.app.state.cluster.snapshot()
-    controller: Controller | None = getattr(request.app.state, "controller", None)
+    controller: RoleController | None = getattr(request.app.state, "controller", None)
     flips: FlipCoordinator | None = getattr(request.app.state, "flips", None)
-    scraped = {}
-    if controller is not None and controller.last_snapshot is not None:
-        scraped = {row["name"]: row for row in worker_rows(controller.last_snapshot)}
+    scraped = controller.latest_rows() if controller is not None else {}
     rows = []
     for view in cluster.workers:
         row = dict(scraped.get(view.name, {}))
@@ -103,13 +85,13 @@ async def control_state(request: Request) -> dict:
                    in_flight_decode=view.in_flight_decode,
                    flipping=flips is not None and view.name in flips.active)
         rows.append(row)
-    last = controller.decisions[-1].to_dict() if controller and controller.decisions else None
+    last = next(iter(controller.decision_log(1)), None) if controller else None
     return {
         "workers": rows,
         "pools": {role.value: len(cluster.routable(role)) for role in Role},
-        "controller": policy_state(controller) if controller else None,
+        "controller": controller.state() if controller else None,
         "last_decision": last,
-        "scrape_errors": dict(controller.collector.errors) if controller else {},
+        "scrape_errors": dict(controller.scrape_errors) if controller else {},
     }
 
 
@@ -145,7 +127,7 @@ async def undrain(body: WorkerBody, request: Request) -> dict:
 
 @router.get("/policy")
 async def get_policy(request: Request) -> dict:
-    return policy_state(_controller(request))
+    return _controller(request).state()
 
 
 @router.put("/policy")
@@ -157,11 +139,8 @@ async def set_policy(body: PolicyBody, request: Request) -> dict:
     """
     controller = _controller(request)
     if body.name is not None or body.knobs:
-        name = body.name or controller.policy.name
-        knobs = dict(policy_knobs(controller.policy)) if name == controller.policy.name else {}
-        knobs.update(body.knobs)
         try:
-            controller.set_policy(make_control_policy(name, **knobs))
+            controller.use_policy(body.name, body.knobs)
         except (ValueError, TypeError) as exc:
             raise GatewayError(400, str(exc), code="bad_policy") from None
     if body.ttft_s is not None or body.tpot_s is not None:
@@ -173,15 +152,14 @@ async def set_policy(body: PolicyBody, request: Request) -> dict:
         controller.advisory = body.advisory
     if body.interval_s is not None:
         controller.interval_s = body.interval_s
-    return policy_state(controller)
+    return controller.state()
 
 
 @router.get("/explain")
 async def explain(request: Request, limit: int = Query(default=10, ge=1, le=1000)) -> dict:
     """The controller's last decisions, newest last, with the numbers behind each."""
     controller = _controller(request)
-    return {"policy": policy_state(controller),
-            "decisions": [d.to_dict() for d in controller.decisions[-limit:]]}
+    return {"policy": controller.state(), "decisions": controller.decision_log(limit)}
 
 
 @router.get("/flips")

@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from instance_manager.flip import FlipCoordinator
+from core.flips import FlipCoordinator
+from core.membership import RegistryError
 from router.admin import require_admin
 from router.cluster import Cluster
 from router.errors import GatewayError
-from router.worker_registry import JoinConfig, RegistryError, WorkerRegistry
+from router.worker_registry import JoinConfig, WorkerRegistry
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 

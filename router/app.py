@@ -18,18 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from core.driver import PolicyDriver
-from core.slo import SLOTargets
+from core.flips import FlipCoordinator, FlipMetrics
 from core.workers import Role
-from instance_manager.controller.base import ControlSnapshot
-from instance_manager.controller.loop import Controller
-from instance_manager.controller.metrics import ControllerMetrics
-from instance_manager.controller.registry import make_control_policy
-from instance_manager.flip import FlipCoordinator, FlipMetrics
-from instance_manager.metrics_collector import MetricsCollector
 from router import admin, admin_control
 from router.admin_workers import install_worker_registry
 from router.admission import Admission, AdmissionCollector, AdmissionConfig
 from router.cluster import Cluster
+from router.control_port import ControlConfig, ControllerFactory, RoleController
 from router.dispatch import DispatchConfig, Dispatcher
 from router.engine_stats import poll_engine_stats
 from router.error_handlers import BodyLimitMiddleware, install_error_handlers
@@ -57,19 +52,6 @@ class WorkerSupervisor(Protocol):
 
 
 @dataclass(frozen=True)
-class ControlConfig:
-    """The role controller. `policy=None`: no automatic flips (manual ones still work)."""
-
-    policy: str | None = None
-    knobs: tuple[tuple[str, str], ...] = ()
-    slo: SLOTargets = field(default_factory=SLOTargets)
-    interval_s: float = 5.0
-    window_s: float = 20.0
-    advisory: bool = False
-    drain_timeout_s: float = 120.0
-
-
-@dataclass(frozen=True)
 class GatewayConfig:
     """Gateway settings; see `fulcrum up --help` for the user-facing names."""
 
@@ -92,23 +74,14 @@ class GatewayConfig:
         return int(self.max_body_mb * 2**20)
 
 
-def _make_controller(control: ControlConfig, flips: FlipCoordinator,
-                     mix: RequestMix) -> Controller | None:
-    if control.policy is None:
+def _make_controller(config: GatewayConfig, factory: ControllerFactory | None,
+                     flips: FlipCoordinator, mix: RequestMix) -> RoleController | None:
+    if config.control.policy is None:
         return None
-    policy = make_control_policy(control.policy, **dict(control.knobs))
-    collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
-    controller = Controller(collector, flips, policy, interval_s=control.interval_s,
-                            advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
-                            request_mix=mix.means)
-    controller.on_snapshot = lambda snap: _store_engine_gauges(flips.cluster, snap)
-    return controller
-
-
-def _store_engine_gauges(cluster: Cluster, snapshot: ControlSnapshot) -> None:
-    for name, m in snapshot.metrics.items():
-        cluster.set_engine_stats(name, kv_cache_usage=m.kv_cache_usage,
-                                 num_running=m.num_running, num_waiting=m.num_waiting)
+    if factory is None:
+        raise ValueError(f"control policy {config.control.policy!r} needs a controller: "
+                         "build the gateway with deploy.gateway_app.build_gateway")
+    return factory(config.control, flips, mix)
 
 
 class GatewayApp(FastAPI):
@@ -139,8 +112,10 @@ class _LeanPath(Response):
 
 
 def create_app(config: GatewayConfig, cluster: Cluster,
-               supervisor: WorkerSupervisor | None = None) -> GatewayApp:
-    """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers."""
+               supervisor: WorkerSupervisor | None = None,
+               controller: ControllerFactory | None = None) -> GatewayApp:
+    """Build a gateway over `cluster`; `supervisor` (optional) starts/stops workers;
+    `controller` builds the role controller when `config.control.policy` names one."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -216,10 +191,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.metrics.registry.register(AdmissionCollector(app.state.admission))
     app.state.metrics.registry.register(HealthCollector(app.state.health))
     app.state.request_mix = RequestMix()
-    app.state.controller = _make_controller(config.control, app.state.flips,
+    app.state.controller = _make_controller(config, controller, app.state.flips,
                                             app.state.request_mix)
-    app.state.metrics.registry.register(
-        ControllerMetrics(lambda: getattr(app.state, "controller", None)))
     app.include_router(admin.router)
     app.include_router(admin_control.router)
     install_worker_registry(app, cluster, app.state.flips, config.served_models[0])

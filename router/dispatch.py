@@ -217,7 +217,7 @@ class Dispatcher:
         `request_id` is the gateway's own unique id (the one workers see);
         `worker_headers` go to every worker request (e.g. `Authorization`)."""
         started = time.monotonic()
-        info = self.driver.request(request_id, req.prompt_tokens_estimate, req.max_tokens,
+        info = self.driver.request(request_id, req.prompt_tokens_estimate, req.policy_max_tokens,
                                    started, req.prompt_text)
         leg = _LegContext(client_request_id, worker_headers or {})
         try:

@@ -29,7 +29,7 @@ from router.limits import client_request_id, new_request_id, too_large
 from router.metrics import ERROR, GatewayMetrics
 from router.replies import JsonReply, Reply, StreamReply
 from router.security import AuthConfig
-from router.validation import CHAT, COMPLETIONS, parse_request
+from router.validation import CHAT, COMPLETIONS, parse_client_cap, parse_request
 
 log = logging.getLogger("fulcrum.gateway")
 
@@ -122,10 +122,12 @@ class OpenAIEndpoints:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = scope["path"]
-        raw_id = authorization = content_length = None
+        raw_id = authorization = content_length = client_cap = None
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 raw_id = value.decode("latin-1")
+            elif key == b"x-fulcrum-client-cap":
+                client_cap = parse_client_cap(value.decode("latin-1"))
             elif key == b"authorization":
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
@@ -142,7 +144,7 @@ class OpenAIEndpoints:
             admitted = True
             self.auth.check_client(authorization)
             body = await _read_body(receive, content_length, self.max_body_bytes)
-            parsed = parse_request(route, body, self.served_models)
+            parsed = parse_request(route, body, self.served_models, client_cap)
             model = parsed.model
             del body  # one copy of the body from here on: the parsed one
             if self.dispatcher is None:

@@ -28,6 +28,15 @@ class ParsedRequest:
     stream: bool
     max_tokens: int | None
     prompt_chars: int
+    # What routing and control policies are told the cap is. Only a benchmark sets it apart
+    # from `max_tokens` (`X-Fulcrum-Client-Cap`): a random-weight model never stops on its own,
+    # so the engine gets the trace's length while the policies see the client's large cap.
+    client_cap: int | None = None
+
+    @property
+    def policy_max_tokens(self) -> int | None:
+        """The cap policies see: the client's, unless a benchmark hides the engine's."""
+        return self.client_cap if self.client_cap is not None else self.max_tokens
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -79,7 +88,15 @@ def _prompt_chars(route: str, body: dict) -> int:
     return total
 
 
-def parse_request(route: str, raw: bytes, served_models: tuple[str, ...]) -> ParsedRequest:
+def parse_client_cap(raw: str | None) -> int | None:
+    """`X-Fulcrum-Client-Cap`: a positive integer, or None when absent or malformed."""
+    if raw is None or not raw.isdigit() or len(raw) > 9:
+        return None
+    return int(raw) or None
+
+
+def parse_request(route: str, raw: bytes, served_models: tuple[str, ...],
+                  client_cap: int | None = None) -> ParsedRequest:
     """Parse and check a request body; raise `GatewayError` with a 4xx on bad input."""
     body = loads_strict(raw)  # no NaN/Infinity, bounded depth: 400s, not encoder crashes
     if not isinstance(body, dict):
@@ -109,4 +126,5 @@ def parse_request(route: str, raw: bytes, served_models: tuple[str, ...]) -> Par
         raise GatewayError(400, "'kv_transfer_params' is set by the gateway, not by clients",
                            param="kv_transfer_params")
     return ParsedRequest(route=route, body=body, model=model, stream=stream,
-                         max_tokens=max_tokens, prompt_chars=_prompt_chars(route, body))
+                         max_tokens=max_tokens, prompt_chars=_prompt_chars(route, body),
+                         client_cap=client_cap)

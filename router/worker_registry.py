@@ -18,14 +18,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.flips import FlipCoordinator, FlipRefused
+from core.membership import RegistryError, WorkerBackend
 from core.workers import Role, WorkerState
-from instance_manager.flip import FlipCoordinator, FlipRefused
 from router.cluster import Cluster
 
 log = logging.getLogger("fulcrum.registry")
@@ -33,15 +33,6 @@ log = logging.getLogger("fulcrum.registry")
 KV_ENDPOINT_METRIC = "vllm:fulcrum_kv_endpoint_info"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-class RegistryError(Exception):
-    """A join or leave that must not happen; `status` is the HTTP status to answer."""
-
-    def __init__(self, message: str, *, status: int = 409, code: str = "registry_conflict"):
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -88,12 +79,6 @@ def check_worker_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-class WorkerBackend(Protocol):
-    """Whoever runs worker processes the registry may stop (Ray, the local manager)."""
-
-    async def stop_worker(self, name: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class JoinConfig:
     """How a joining worker is checked."""
@@ -119,7 +104,8 @@ class WorkerEntry:
 
 
 class WorkerRegistry:
-    """Adds and removes workers of a live `Cluster`."""
+    """Adds and removes workers of a live `Cluster` (the `core.membership.WorkerMembership`
+    that back ends use)."""
 
     def __init__(self, cluster: Cluster, flips: FlipCoordinator, served_model: str,
                  config: JoinConfig | None = None,

@@ -35,3 +35,18 @@ def serve_in_thread(app, port: int | None = None) -> Iterator[str]:  # noqa: ANN
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextmanager
+def fake_pd_cluster(model: str) -> Iterator:
+    """Two fake workers served here, registered READY as prefill `p0` and decode `d0`."""
+    from benchmarks.fake_worker import create_fake_worker
+    from core.workers import Role, WorkerState
+    from router.cluster import Cluster
+
+    with serve_in_thread(create_fake_worker("P", model)) as p_url, \
+            serve_in_thread(create_fake_worker("D", model)) as d_url:
+        cluster = Cluster()
+        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+        cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+        yield cluster

@@ -10,12 +10,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from core.flips import FlipCoordinator
 from core.slo import SLOTargets
 from core.workers import Role, WorkerState
 from deploy.operator_cli import register
 from instance_manager.controller.loop import Controller
 from instance_manager.controller.registry import make_control_policy
-from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
 from router import admin_control
 from router.cluster import Cluster

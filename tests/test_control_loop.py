@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from core.flips import FlipCoordinator
 from core.slo import SLOTargets
 from core.workers import Role, WorkerState
 from instance_manager.controller.arrow import ArrowConfig, ArrowController
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.loop import Controller
-from instance_manager.flip import FlipCoordinator
 from instance_manager.metrics_collector import MetricsCollector
 from router.cluster import Cluster
 from tests.test_collector import vllm_text

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from core.flips import FlipCoordinator, FlipMetrics, FlipOutcome, FlipRefused
 from core.workers import Role, WorkerState
-from instance_manager.flip import FlipCoordinator, FlipMetrics, FlipOutcome, FlipRefused
 from router.cluster import Cluster
 
 

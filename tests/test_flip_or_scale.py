@@ -170,8 +170,8 @@ def test_simulator_prices_start_up_and_counts_worker_seconds() -> None:
 
 
 def test_controller_hands_scale_actions_to_the_back_end() -> None:
+    from core.flips import FlipCoordinator
     from instance_manager.controller.loop import Controller
-    from instance_manager.flip import FlipCoordinator
     from router.cluster import Cluster
 
     class Backend:

@@ -17,7 +17,8 @@ import pytest
 
 from benchmarks.fake_worker import create_fake_worker
 from core.workers import Role, WorkerState
-from router.app import GatewayConfig, create_app
+from deploy.gateway_app import build_gateway
+from router.app import GatewayConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig
 from tests.servers import free_port, serve_in_thread
@@ -40,8 +41,8 @@ class Rig:
 def _gateway(cluster: Cluster, **cfg) -> object:
     dispatch = DispatchConfig(connect_timeout_s=1.0, prefill_timeout_s=5.0,
                               stream_idle_timeout_s=5.0, request_timeout_s=10.0)
-    return create_app(GatewayConfig(served_models=(MODEL,), dispatch=dispatch,
-                                    stats_interval_s=0.2, **cfg), cluster)
+    return build_gateway(GatewayConfig(served_models=(MODEL,), dispatch=dispatch,
+                                       stats_interval_s=0.2, **cfg), cluster)
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.worker_registry import RegistryError, WorkerRegistry
+from core.membership import RegistryError, WorkerMembership
 
 log = logging.getLogger("fulcrum.k8s")
 
@@ -65,7 +65,7 @@ def pod_worker(pod: Any, default_port: int) -> PodWorker | None:
 class PodDiscovery:
     """Keeps the registry equal to the Ready pods under a selector (a `WorkerSupervisor`)."""
 
-    def __init__(self, registry: Callable[[], WorkerRegistry], *, namespace: str,
+    def __init__(self, registry: Callable[[], WorkerMembership], *, namespace: str,
                  selector: str, port: int = 8000, api_client: Any = None,
                  watch_timeout_s: int = 300, retry_s: float = 2.0) -> None:
         self._registry = registry

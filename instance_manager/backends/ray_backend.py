@@ -18,12 +18,13 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.membership import RegistryError, WorkerMembership
 from core.workers import Role
-from router.worker_registry import RegistryError, WorkerRegistry
 
 log = logging.getLogger("fulcrum.ray")
 
@@ -182,9 +183,9 @@ class RayBackend:
     """Starts, registers, watches, restarts and stops Ray-placed workers
     (a gateway `WorkerSupervisor`, and the registry's owner of these workers)."""
 
-    def __init__(self, registry: Any, template: WorkerTemplate,
+    def __init__(self, registry: Callable[[], WorkerMembership], template: WorkerTemplate,
                  options: RayOptions | None = None) -> None:
-        self._registry = registry  # a callable returning the gateway's WorkerRegistry
+        self._registry = registry  # the gateway's registry, once it exists
         self.template = template
         self.options = options or RayOptions()
         self.slots: list[Slot] = []
@@ -195,7 +196,7 @@ class RayBackend:
         self._remote_cls: Any = None
 
     @property
-    def registry(self) -> WorkerRegistry:
+    def registry(self) -> WorkerMembership:
         return self._registry()
 
     # -- WorkerSupervisor -------------------------------------------------------------

@@ -18,11 +18,16 @@ from typing import Any
 import httpx
 
 from core.feedback import PolicyFeedback
+from core.flips import FlipCoordinator, FlipRefused
 from core.pressure import PressureLog, SLOPressure
 from core.slo import SLOTargets
 from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction
 from instance_manager.controller.common import PolicyNote
-from instance_manager.flip import FlipCoordinator, FlipRefused
+from instance_manager.controller.registry import (
+    CONTROL_POLICIES,
+    make_control_policy,
+    policy_knobs,
+)
 from instance_manager.metrics_collector import MetricsCollector
 
 log = logging.getLogger("fulcrum.controller")
@@ -119,9 +124,44 @@ class Controller:
         """Swap the policy; the new one starts with fresh state (no cooldown carried)."""
         self.policy = policy
 
+    def use_policy(self, name: str | None, knobs: Mapping[str, Any]) -> None:
+        """Switch to policy `name` (None: the current one) with `knobs`: knobs given for
+        the current policy are merged into its current ones; a new policy starts from its
+        defaults plus the knobs given. ValueError or TypeError for a bad name or knob."""
+        name = name or self.policy.name
+        merged = dict(policy_knobs(self.policy)) if name == self.policy.name else {}
+        merged.update(knobs)
+        self.set_policy(make_control_policy(name, **merged))
+
     @property
     def decisions(self) -> tuple[Decision, ...]:
         return tuple(self._decisions)
+
+    def decision_log(self, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` decisions as plain dicts, oldest first."""
+        return [d.to_dict() for d in list(self._decisions)[-limit:]] if limit > 0 else []
+
+    @property
+    def scrape_errors(self) -> Mapping[str, str]:
+        return dict(self.collector.errors)
+
+    def state(self) -> dict[str, Any]:
+        """The policy, its knobs, mode, interval, SLO and window, for the admin API."""
+        return {
+            "name": self.policy.name,
+            "knobs": dict(policy_knobs(self.policy)),
+            "mode": "advisory" if self.advisory else "act",
+            "interval_s": self.interval_s,
+            "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "window_s": self.collector.window_s,
+            "available": sorted(CONTROL_POLICIES),
+        }
+
+    def latest_rows(self) -> dict[str, dict[str, Any]]:
+        """Per worker, the numbers of the last scrape (empty before the first tick)."""
+        if self.last_snapshot is None:
+            return {}
+        return {row["name"]: row for row in worker_rows(self.last_snapshot)}
 
     async def tick(self, client: httpx.AsyncClient) -> Decision:
         """One scrape-decide-act round."""

@@ -1,5 +1,6 @@
-"""Role flips as transactions on the gateway's `Cluster`, shared by the controller and
-manual `fulcrum flip` / `drain` / `undrain`.
+"""Role flips as transactions on the gateway's worker table, shared by the controller
+(`instance_manager`), manual `fulcrum flip` / `drain` / `undrain` and workers leaving the
+gateway (`router`).
 
 A flip is: check (never empty a pool) -> DRAINING (routing only uses READY workers, so
 new assignments stop) -> wait until the worker's in-flight legs of its old role, and any
@@ -17,15 +18,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from core.worker_table import WorkerTable
 from core.workers import Role, WorkerState, WorkerView
-
-if TYPE_CHECKING:  # the registry object is passed in; only its type is named here
-    from router.cluster import Cluster
 
 FLIP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -82,9 +80,9 @@ def legs_of(view: WorkerView, role: Role) -> int:
 
 
 class FlipCoordinator:
-    """Runs flips and drains against one `Cluster`; keeps their history and tallies."""
+    """Runs flips and drains against one worker table; keeps their history and tallies."""
 
-    def __init__(self, cluster: Cluster, *, drain_timeout_s: float = 120.0,
+    def __init__(self, cluster: WorkerTable, *, drain_timeout_s: float = 120.0,
                  poll_interval_s: float = 0.1, history_size: int = 200,
                  kv_pulls_pending: Callable[[str], int] | None = None,
                  on_switch: Callable[[str, Role], Awaitable[None]] | None = None,

@@ -1,0 +1,263 @@
+"""Adaptive against static and aggregated serving on real vLLM CPU workers, phase trace.
+
+    flock /tmp/fulcrum-vllm.lock python -m benchmarks.live_phase          # ~70 min
+    python -m benchmarks.live_phase --minutes 2 --systems half,arrow      # a short check
+
+Every system gets a fresh `fulcrum up --model tiny --workers 4` and the same trace: phases of
+long prompts (512 in / 8 out) and long outputs (32 in / 192 out) alternating at one request
+rate, `--minutes` long. Systems: the half split (2P2D), the other static splits (1P3D, 3P1D;
+the best of them chosen after the fact, per seed), aggregated serving (no KV connector, every
+worker serves whole requests), `arrow` (Arrow routing and controller) and `dopd` (DOPD-match
+routing and the DOPD controller), both starting at the half split and calibrated from one
+`fulcrum profile` of a worker taken at the start (`--control-profile`).
+
+Lengths stay hidden from the router: a random-weight model never stops on its own, so the
+trace's output length goes to the engine (`max_tokens` with `ignore_eos`) while the gateway's
+policies are told the client's cap (`X-Fulcrum-Client-Cap`, 4096), as `fulcrum bench
+--engine-lengths` does. Per system: goodput (requests/s meeting the TTFT and TPOT SLO), SLO
+attainment, failures, latency percentiles, and the pools sampled every second.
+Writes benchmarks/results/live_phase.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.arrivals import Phase, phase_mix, synthetic_pool
+from benchmarks.bench import Endpoint, run_trace
+from benchmarks.live_cluster import UpCluster
+from benchmarks.metrics import SLO, summarize
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "tiny-llama"
+WORKERS = 4
+CLIENT_CAP = 4096
+
+# name -> `fulcrum up` options (every cluster also gets the common ones in `up_options`)
+SYSTEMS: dict[str, tuple[str, ...]] = {
+    "half": ("--prefill-workers", "2"),
+    "static-1P3D": ("--prefill-workers", "1"),
+    "static-3P1D": ("--prefill-workers", "3"),
+    "aggregated": ("--kv-connector", "none"),
+    "arrow": ("--prefill-workers", "2", "--policy", "arrow", "--control-policy", "arrow"),
+    "dopd": ("--prefill-workers", "2", "--policy", "dopd-match", "--control-policy", "dopd"),
+}
+STATIC = ("half", "static-1P3D", "static-3P1D")
+ADAPTIVE = ("arrow", "dopd")
+
+
+def build_trace(rate: float, phase_s: float, cycles: int, seed: int) -> list:
+    prompts = synthetic_pool(200, 512, 8, seed=seed)
+    outputs = synthetic_pool(200, 32, 192, seed=seed + 1)
+    phases = [Phase(phase_s, rate, prompts, "long-prompt"),
+              Phase(phase_s, rate, outputs, "long-output")]
+    return phase_mix(phases, cycles, seed)
+
+
+def up_options(system: str, slo: SLO, profile: Path | None) -> list[str]:
+    opts = ["--max-model-len", "1024", "--kv-cache-gib", "1",
+            "--slo-ttft-ms", f"{slo.ttft_ms:g}", "--slo-tpot-ms", f"{slo.tpot_ms:g}",
+            "--control-interval", "1", "--control-window", "6", *SYSTEMS[system]]
+    if system in ADAPTIVE and profile is not None:
+        opts += ["--control-profile", str(profile)]
+    return opts
+
+
+class PoolSampler:
+    """Samples the number of workers per role once a second."""
+
+    def __init__(self, cluster: UpCluster) -> None:
+        self.cluster = cluster
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                roles = list(self.cluster.roles().values())
+            except httpx.HTTPError:
+                continue
+            self.samples.append({"t": time.time(), "prefill": roles.count("prefill"),
+                                 "decode": roles.count("decode"), "both": roles.count("both")})
+
+    def __enter__(self) -> PoolSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def profile_worker(cluster: UpCluster, out: Path) -> Path:
+    """One `fulcrum profile` of a worker, for the adaptive controllers' calibration."""
+    import subprocess
+
+    url = cluster.workers()[0]["url"]
+    subprocess.run([sys.executable, "-m", "benchmarks.profiler", "--base-url", url,
+                    "--prompt-lengths", "16,64,256,512", "--batch-sizes", "1,4,16",
+                    "--repeats", "2", "--out", str(out)], check=True, timeout=900)
+    return out
+
+
+def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
+               log_dir: Path) -> dict:
+    cluster = UpCluster(log_dir / system, WORKERS, up_options(system, slo, profile))
+    try:
+        cluster.wait_ready()
+        endpoint = Endpoint(cluster.url, MODEL, engine_lengths=True,
+                            client_max_tokens=CLIENT_CAP, timeout_s=300)
+        asyncio.run(run_trace(trace[:4], endpoint, progress=False))  # warm-up
+        started = time.time()
+        with PoolSampler(cluster) as pools:
+            timelines, duration = asyncio.run(run_trace(trace, endpoint, progress=False))
+        flips = cluster.admin("GET", "/flips").get("flips", [])
+    finally:
+        cluster.stop()
+    summary = summarize(timelines, duration, slo)
+    keep = ("completed", "failed", "request_throughput", "request_goodput", "slo_attainment",
+            "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms",
+            "p99_tpot_ms", "median_e2el_ms")
+    errors = sorted({t.error[:120] for t in timelines if not t.success and t.error})
+    return {"system": system, "started": started,
+            **{k: summary.get(k) for k in keep},
+            "errors": errors[:10],
+            "pools": [{**s, "t": round(s["t"] - started, 2)} for s in pools.samples],
+            "flips": [f for f in flips if f.get("outcome") == "done"],
+            "flip_count": sum(1 for f in flips if f.get("outcome") == "done")}
+
+
+def ratios(runs: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """Each system's goodput over the half split, the best static split and aggregated."""
+    def goodput(name: str) -> float | None:
+        return runs[name]["request_goodput"] if name in runs else None
+
+    statics = [g for g in (goodput(s) for s in STATIC) if g is not None]
+    base = {"half split": goodput("half"), "best static": max(statics) if statics else None,
+            "aggregated": goodput("aggregated")}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, run in runs.items():
+        out[name] = {k: (run["request_goodput"] / v if v else None) for k, v in base.items()}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed_runs = result["seeds"][0]["runs"]
+    fig, (pools_ax, bar_ax) = plt.subplots(2, 1, figsize=(11, 7))
+    phase_s = result["setup"]["phase_s"]
+    total = result["setup"]["minutes"] * 60
+    for i in range(int(total // phase_s)):
+        pools_ax.axvspan(i * phase_s, (i + 1) * phase_s, alpha=0.08,
+                         color="tab:blue" if i % 2 == 0 else "tab:orange")
+    markers = "os^vDP"
+    for i, name in enumerate(n for n in seed_runs if n in ADAPTIVE + ("half",)):
+        samples = seed_runs[name]["pools"]
+        pools_ax.step([s["t"] for s in samples], [s["prefill"] for s in samples], where="post",
+                      label=name, marker=markers[i], markevery=30, markersize=4)
+    pools_ax.set_ylabel("prefill workers (of 4)")
+    pools_ax.set_xlabel("time (s); blue: long prompts, orange: long outputs")
+    pools_ax.legend(loc="upper right")
+    names = list(result["goodput"])
+    means = [result["goodput"][n]["mean"] for n in names]
+    spans = [(result["goodput"][n]["mean"] - result["goodput"][n]["min"],
+              result["goodput"][n]["max"] - result["goodput"][n]["mean"]) for n in names]
+    bar_ax.bar(names, means, yerr=list(zip(*spans, strict=True)), capsize=4,
+               color=[f"C{i}" for i in range(len(names))])
+    bar_ax.set_ylabel("goodput (req/s meeting the SLO)")
+    slo = result["setup"]["slo"]
+    fig.suptitle(f"live, 4 tiny-model vLLM CPU workers, phase trace at "
+                 f"{result['setup']['rate']} req/s; SLO TTFT {slo['ttft']:g} ms, "
+                 f"TPOT {slo['tpot']:g} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--rate", type=float, default=8.0, help="requests/s in every phase")
+    parser.add_argument("--minutes", type=float, default=10.0, help="trace length")
+    parser.add_argument("--phase-s", type=float, default=60.0)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "live_phase.json")
+    args = parser.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+    slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    cycles = max(1, round(args.minutes * 60 / (2 * args.phase_s)))
+    log_dir = Path(".fulcrum/live_phase")
+    profile = None
+    if any(s in ADAPTIVE for s in systems):
+        probe = UpCluster(log_dir / "profile", 1, ["--kv-connector", "none",
+                                                   "--max-model-len", "1024"])
+        try:
+            probe.wait_ready()
+            profile = profile_worker(probe, log_dir / "profile.json")
+        finally:
+            probe.stop()
+    seeds = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        trace = build_trace(args.rate, args.phase_s, cycles, seed)
+        runs = {}
+        for system in systems:
+            print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
+            runs[system] = run_system(system, trace, slo, profile, log_dir)
+            r = runs[system]
+            print(f"  goodput {r['request_goodput']:.2f} req/s, attainment "
+                  f"{r['slo_attainment']:.2f}, failed {r['failed']}, flips {r['flip_count']}",
+                  file=sys.stderr, flush=True)
+        seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
+                      "ratios": ratios(runs)})
+    goodput = {name: {"mean": statistics.mean(s["runs"][name]["request_goodput"] for s in seeds),
+                      "min": min(s["runs"][name]["request_goodput"] for s in seeds),
+                      "max": max(s["runs"][name]["request_goodput"] for s in seeds)}
+               for name in systems}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+        "load_average_after": list(os.getloadavg()),
+        "setup": {"workers": WORKERS, "model": "tiny random Llama (tests' model), vLLM CPU",
+                  "rate": args.rate, "minutes": args.minutes, "phase_s": args.phase_s,
+                  "phases": "long-prompt 512 in / 8 out, long-output 32 in / 192 out "
+                            "(uniform +-25%)",
+                  "lengths": "hidden from the router (engine-enforced, client cap "
+                             f"{CLIENT_CAP})",
+                  "slo": slo.as_dict(), "profile": str(profile) if profile else None},
+        "goodput": goodput,
+        "ratios_mean": {name: {k: statistics.mean(s["ratios"][name][k] for s in seeds
+                                                  if s["ratios"][name][k] is not None)
+                               if any(s["ratios"][name][k] is not None for s in seeds) else None
+                               for k in ("half split", "best static", "aggregated")}
+                        for name in systems},
+        "seeds": seeds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps({"goodput": goodput, "ratios_mean": result["ratios_mean"]}, indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
