@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if log is not None:
         moved = [t for t in log.ticks if t["moved"]]
         for t in moved:
-            print(f"  [{t['t']:>6.1f}] {t['note'][:300]}")
+            print(f"  [{t['t']:>6.1f}] {t['moved']} to {t['to']}: {t['note'][:300]}")
         held = [t for t in log.ticks if not t["moved"]]
         if args.notes and held:
             for t in held[::max(1, len(held) // args.notes)]:
