@@ -107,3 +107,17 @@ def test_only_some_systems_run_on_the_same_grid_and_merged_raw_files_later_win(t
     assert by == {"arrow": 0.95, "static-2P2D": 0.9}
     with pytest.raises(ValueError, match="rate grids differ"):
         merge_raw([first, dict(second, grids={"8b-h100/phase-1400": [1.0, 3.0]})])
+
+
+def test_diagnose_runs_one_point_as_the_comparison_does_and_slices_it():
+    from benchmarks.sim import diagnose
+    from benchmarks.sim.compare import setups
+
+    setup = setups(True)[0]
+    sysdef = diagnose.find_system(setup, "dopd", True)
+    res, log, m = diagnose.run_one(setup, "phase-1400", sysdef, 20.0, 0, quick=True)
+    rows = diagnose.slices(res, setup, 3.0)
+    assert sum(r["requests"] for r in rows) == res.arrival.size
+    assert log is not None and log.ticks and all("note" in t for t in log.ticks)
+    assert sum(t["moved"] for t in log.ticks) == len(res.flips)
+    assert 0.0 <= m["slo_attainment"] <= 1.0
