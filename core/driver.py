@@ -48,7 +48,10 @@ _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(RequestInfo))
 # skips the per-field object.__setattr__ of its __init__, ~4x cheaper per request in the
 # simulator's hot loop
 assert "__slots__" not in vars(RequestInfo) and not hasattr(RequestInfo, "__post_init__")
+assert _INFO_FIELDS == ("request_id", "prompt_tokens", "max_tokens", "arrival_time",
+                        "tbt_target_s", "prompt_text")  # the fields `request` fills
 _new = object.__new__
+_set = object.__setattr__  # a frozen dataclass refuses its own __setattr__
 
 
 class MigrationChoice(Protocol):
@@ -111,9 +114,9 @@ class PolicyDriver:
                 arrival_time: float, prompt_text: str | None = None) -> RequestInfo:
         """A request arrived: what the policy may know of it (and `observe_prompt`)."""
         info = _new(RequestInfo)
-        info.__dict__.update(zip(_INFO_FIELDS, (request_id, prompt_tokens, max_tokens,
-                                                arrival_time, self.tbt_target_s, prompt_text),
-                                 strict=True))
+        _set(info, "__dict__", {"request_id": request_id, "prompt_tokens": prompt_tokens,
+                                "max_tokens": max_tokens, "arrival_time": arrival_time,
+                                "tbt_target_s": self.tbt_target_s, "prompt_text": prompt_text})
         if self.learns_prompts:
             self._safely(self.policy.observe_prompt, prompt_tokens)
         return info

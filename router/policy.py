@@ -8,6 +8,8 @@ drive the very same objects through `router.driver.PolicyDriver`.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from core.request import RequestInfo
 from core.routing import RoutingPolicy
 from core.workers import ClusterSnapshot, Role, WorkerView
@@ -15,15 +17,15 @@ from router.policies.ares import AresDecodePolicy
 from router.policies.arrow import ArrowRouting
 from router.policies.dopd_match import DOPDMatchPolicy
 
+# sort keys as C-level getters (the simulator calls these per request)
+_PREFILL_KEY = attrgetter("prefill_tokens_in_flight", "in_flight", "num_waiting", "name")
+_DECODE_KEY = attrgetter("in_flight_decode", "decode_tokens_in_flight", "kv_cache_usage", "name")
+
 
 def _least_loaded(candidates: tuple[WorkerView, ...], leg: Role) -> WorkerView | None:
     if not candidates:
         return None
-    if leg == Role.PREFILL:
-        key = lambda w: (w.prefill_tokens_in_flight, w.in_flight, w.num_waiting, w.name)  # noqa: E731
-    else:
-        key = lambda w: (w.in_flight_decode, w.decode_tokens_in_flight, w.kv_cache_usage, w.name)  # noqa: E731
-    return min(candidates, key=key)
+    return min(candidates, key=_PREFILL_KEY if leg == Role.PREFILL else _DECODE_KEY)
 
 
 class LeastLoadedPolicy(RoutingPolicy):

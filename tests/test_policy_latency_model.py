@@ -56,3 +56,43 @@ def test_book_keeps_workers_apart():
         book.decode("slow").observe(b, 1.0)
     assert book.decode("slow").predict(10) == pytest.approx(1.0)
     assert book.decode("fast").predict(10) == pytest.approx(0.01)
+
+
+def _solve_reference(aug):
+    """The straightforward elimination `_solve` replaced (generators, key functions)."""
+    n = len(aug)
+    tol = 1e-12 * max(abs(v) for row in aug for v in row[:n])
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(aug[r][col]))
+        if abs(aug[pivot][col]) <= tol:
+            return None
+        aug[col], aug[pivot] = aug[pivot], aug[col]
+        head = aug[col]
+        for r in range(col + 1, n):
+            factor = aug[r][col] / head[col]
+            if factor:
+                row = aug[r]
+                for c in range(col, n + 1):
+                    row[c] -= factor * head[c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        row = aug[r]
+        acc = row[n] - sum(row[c] * out[c] for c in range(r + 1, n))
+        out[r] = acc / row[r]
+    return out
+
+
+def test_solver_is_bit_identical_to_the_plain_elimination():
+    import random
+
+    from router.policies.latency_model import _solve
+
+    rng = random.Random(3)
+    for trial in range(3000):
+        n = rng.choice((1, 2, 3, 4))
+        aug = [[rng.choice((0.0, 1.0, -2.5, rng.uniform(-1e3, 1e3), rng.gauss(0, 1e-9)))
+                for _ in range(n + 1)] for _ in range(n)]
+        if trial % 7 == 0:
+            aug[-1] = list(aug[0])  # singular
+        got, want = _solve([list(r) for r in aug]), _solve_reference([list(r) for r in aug])
+        assert repr(got) == repr(want), aug  # repr: -0.0 and nan count too

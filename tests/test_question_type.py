@@ -43,3 +43,14 @@ def test_same_answers_on_sharegpt() -> None:
              for turn in entry.get("conversations", [])]
     assert len(texts) > 3000
     assert [lp.question_type(t) for t in texts] == [reference(t) for t in texts]
+
+
+def test_ascii_word_split_equals_the_regex() -> None:
+    import random
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(128)]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert lp._words(text) == set(lp._WORD.findall(text)), repr(text)
+    assert lp._words("naïve café_1 x") == {"naïve", "café_1", "x"}  # non-ASCII: the regex

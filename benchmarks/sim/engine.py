@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks.sim.perf import PerfModel
@@ -50,7 +51,7 @@ class SimRequest:
     __slots__ = ("rid", "arrival", "prompt", "output", "prefilled", "local_decode",
                  "prefill_worker", "decode_worker", "first_token", "finish", "finish_step",
                  "kv_held", "failed", "info", "prefill_start", "max_tokens", "text", "moved",
-                 "prefill_done", "slow0", "first_step_slow", "slow_gaps")
+                 "prefill_done", "slow0", "first_step_slow", "slow_gaps", "decode_tokens")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int,
                  max_tokens: int | None = None, text: str | None = None) -> None:
@@ -76,6 +77,7 @@ class SimRequest:
         self.slow0 = 0           # engine's slow-step counter when decoding started
         self.first_step_slow = 0  # the step that made the first token was slow (P/D)
         self.slow_gaps = 0       # inter-token gaps above the tbt target
+        self.decode_tokens = 0   # its RequestInfo.decode_tokens, set at arrival
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Engine:
     def __init__(self, idx: int, name: str, role: Role, perf: PerfModel,
                  config: EngineConfig) -> None:
         self.idx, self.name, self.role, self.perf, self.config = idx, name, role, perf, config
+        self._step_time = perf.iteration_time
         self.url = f"sim://{name}"
         self.state = WorkerState.READY
         self.pending_role: Role | None = None
@@ -134,6 +137,9 @@ class Engine:
         # windowed observations for control policies
         self.samples_ttft: deque[tuple[float, float]] = deque()
         self.samples_itl: deque[tuple[float, float]] = deque()
+        # the same samples' values kept sorted as they come and go (no sort per tick)
+        self.sorted_ttft: list[float] = []
+        self.sorted_itl: list[float] = []
         self.prompt_tokens_done = 0
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -141,7 +147,8 @@ class Engine:
         # per-token timing (see module doc)
         self.tbt_limit_s = math.inf
         self.slow_steps = 0
-        self.gap_log: list[tuple[float, float, int]] = []  # (end, step_s, gaps)
+        # (end, step_s, gaps) rows, flattened: one list extend per iteration
+        self.gap_log: list[float] = []
 
     @property
     def n_running(self) -> int:
@@ -231,7 +238,7 @@ class Engine:
                 seqs += 1
             self.kv_used = kv_used
             if chunks:
-                step_s = self.perf.iteration_time(tokens, pairs, n,
+                step_s = self._step_time(tokens, pairs, n,
                                                   self.ctx_offset + n * self.step)
                 plan = self.plan = Plan(now, step_s, 1, chunks, first)
                 self.version += 1
@@ -239,7 +246,7 @@ class Engine:
         if n:
             k = running[0][0] - self.step
             ctx_mid = self.ctx_offset + n * self.step + n * (k - 1) / 2
-            step_s = self.perf.iteration_time(0, 0.0, n, ctx_mid)
+            step_s = self._step_time(0, 0.0, n, ctx_mid)
             plan = self.plan = Plan(now, step_s, k, _NO_CHUNKS, first)
             self.version += 1
             return plan
@@ -283,7 +290,7 @@ class Engine:
         self.version += 1
         return p.start + done * p.step_s
 
-    def complete(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
+    def complete(self, now: float) -> tuple[Sequence[SimRequest], Sequence[SimRequest]]:
         """Finish the plan in flight: returns (prefills completed, decodes finished)."""
         p = self.plan
         assert p is not None
@@ -304,9 +311,10 @@ class Engine:
                 req.first_step_slow = slow
             n_tokens -= len(p.first_tokens)  # a first token ends no gap
         if n_tokens > 0:
-            self.gap_log.append((now, p.step_s, n_tokens))
-        prefilled: list[SimRequest] = []
+            self.gap_log.extend((now, p.step_s, n_tokens))
+        prefilled: list[SimRequest] | tuple = _NONE  # shared empty: callers only read
         if p.chunks:
+            prefilled = []
             done = 0
             for req, chunk in p.chunks:
                 req.prefilled += chunk
@@ -317,8 +325,9 @@ class Engine:
             queue = self.prefill_queue
             for _ in prefilled:  # chunks are taken from the head, so finished ones lead
                 queue.popleft()
-        finished: list[SimRequest] = []
+        finished: list[SimRequest] | tuple = _NONE
         if running and running[0][0] <= step:
+            finished = []
             offset = self.ctx_offset
             slow_now = self.slow_steps
             while running and running[0][0] <= step:

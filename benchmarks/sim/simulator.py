@@ -33,9 +33,11 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -204,6 +206,8 @@ class Simulator:
         self._heap: list[tuple] = []
         self._seq = 0
         self._views = SnapshotCache(self.engines)
+        self._mark = self._views.mark  # engine i changed: its view is rebuilt on next use
+        self._snap = self._views.get
         self.tbt_limit_s = config.slo.tbt_ms / 1000 if config.slo.tbt_ms else math.inf
         for e in self.engines:
             e.tbt_limit_s = self.tbt_limit_s
@@ -227,6 +231,8 @@ class Simulator:
         self._recent_prompts: deque[tuple[float, int, int]] = deque()
         # outputs are known when a request finishes (as the gateway's RequestMix sees them)
         self._recent_outputs: deque[tuple[float, int]] = deque()
+        self._recent_prompt_sum = 0  # sums of the two windows' token counts (ints)
+        self._recent_output_sum = 0
         pressure = routing.pressure_log()
         self._drain_pressure = pressure.drain if pressure is not None else None
         self._last_counters: dict[str, tuple[int, int, int]] = {}
@@ -237,7 +243,7 @@ class Simulator:
         _heappush(self._heap, (t, seq, kind, a, b))
 
     def _changed(self, e: Engine) -> None:
-        self._views.mark(e.idx)
+        self._mark(e.idx)
 
     def _changed_role_or_state(self, e: Engine) -> None:
         self._views.mark_role_or_state(e.idx)
@@ -247,18 +253,27 @@ class Simulator:
         return self._views.get(now)
 
     def _kick(self, e: Engine, now: float) -> None:
-        if e.plan is None:
+        plan = e.plan
+        if plan is None:
+            if not (e.running or e.ready or e.prefill_queue or e.slai_waiting):
+                return  # idle: nothing to plan (what start would find)
             plan = e.start(now)
             if plan is not None:
                 if plan.first_tokens or plan.chunks:  # joins or KV reservations
-                    self._views.mark(e.idx)
+                    self._mark(e.idx)
                 seq = self._seq = self._seq + 1
                 _heappush(self._heap, (now + plan.steps * plan.step_s, seq, ITER_END, e,
                                        e.version))
-        else:
+        elif plan.steps > 1:  # a one-step plan already ends at the next boundary
             end = e.interrupt(now)
             if end is not None:
-                self._push(end, ITER_END, e, e.version)
+                seq = self._seq = self._seq + 1
+                _heappush(self._heap, (end, seq, ITER_END, e, e.version))
+
+    def _touch(self, e: Engine, now: float) -> None:
+        """Engine e changed (new work, KV freed): mark its view and plan its next step."""
+        self._mark(e.idx)
+        self._kick(e, now)
 
     def _record_roles(self, now: float) -> None:
         on = [e for e in self.engines if e.state != WorkerState.DEAD]
@@ -269,9 +284,11 @@ class Simulator:
     def _arrive(self, req: SimRequest, now: float) -> None:
         info = req.info = self.driver.request(str(req.rid), req.prompt, req.max_tokens, now,
                                               req.text)
+        req.decode_tokens = info.decode_tokens  # fixed for its life: read once
         if self.control is not None:
             self._recent_prompts.append((now, req.prompt, req.output))
-        route = self.driver.route(info, self.snapshot(now))
+            self._recent_prompt_sum += req.prompt
+        route = self.driver.route(info, self._snap(now))
         if route.decode is None:
             return self._fail(req)
         d = self.by_name[route.decode]
@@ -281,7 +298,7 @@ class Simulator:
             if req.prompt + req.output > e.kv_cap:
                 return self._fail(req)
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += info.decode_tokens
+            e.decode_tokens_in_flight += req.decode_tokens
         else:
             e = self.by_name[route.prefill]
             if req.prompt > e.kv_cap:
@@ -291,8 +308,7 @@ class Simulator:
         req.decode_worker = d.idx  # chosen now; confirmed when the KV is ready
         req.prefill_worker = e.idx
         e.enqueue_prefill(req, now)
-        self._changed(e)
-        self._kick(e, now)
+        self._touch(e, now)
 
     def _fail(self, req: SimRequest) -> None:
         req.failed = True
@@ -306,7 +322,9 @@ class Simulator:
             return
         req.prefill_done = now
         if self.control is not None:  # the prefill leg, as the prefill worker measures it
-            e.samples_ttft.append((now, now - req.arrival))
+            ttft = now - req.arrival
+            e.samples_ttft.append((now, ttft))
+            insort(e.sorted_ttft, ttft)
         if self.driver.learns_prefill and req.prefill_start == req.prefill_start:
             self.driver.prefilled(e.name, req.prompt, now - req.prefill_start)
         if req.local_decode:  # aggregated: the prefill iteration emits the first token
@@ -315,13 +333,13 @@ class Simulator:
         e.in_flight_prefill -= 1
         e.prefill_tokens_in_flight -= req.prompt
         dname = self.driver.decode_after_prefill(req.info, self.engines[req.decode_worker].name,
-                                                 self.snapshot(now))
+                                                 self._snap(now))
         if dname is None or dname == e.name:
             req.local_decode = True
             req.kv_held += req.output
             e.kv_used += req.output
             e.in_flight_decode += 1
-            e.decode_tokens_in_flight += req.info.decode_tokens
+            e.decode_tokens_in_flight += req.decode_tokens
             req.decode_worker = e.idx
             self._start_local_decode(e, req, now)
             return
@@ -332,7 +350,7 @@ class Simulator:
             return
         req.decode_worker = d.idx
         d.in_flight_decode += 1
-        d.decode_tokens_in_flight += req.info.decode_tokens
+        d.decode_tokens_in_flight += req.decode_tokens
         d.decode_wait.append(req)
         self._changed(d)
         self._admit_pulls(d, now)
@@ -363,14 +381,12 @@ class Simulator:
         src = self.engines[req.prefill_worker]
         src.kv_used -= req.kv_held
         req.kv_held = need
-        self._changed(src)
-        self._kick(src, now)  # its queue may have been waiting for KV room
+        self._touch(src, now)  # its queue may have been waiting for KV room
         self._check_drained(src, now)
         d = self.engines[req.decode_worker]
         d.transferring -= 1
         d.ready.append(req)
-        self._changed(d)
-        self._kick(d, now)
+        self._touch(d, now)
 
     def _finish(self, e: Engine, req: SimRequest, now: float) -> None:
         req.finish = now
@@ -379,14 +395,16 @@ class Simulator:
         e.kv_used -= req.kv_held
         req.kv_held = 0
         e.in_flight_decode -= 1
-        e.decode_tokens_in_flight -= req.info.decode_tokens
+        e.decode_tokens_in_flight -= req.decode_tokens
         e.requests_finished += 1
         total = req.output + req.moved
         per_token = (now - req.first_token) / (total - 1) if total > 1 else None
         if self.control is not None:
             if per_token is not None:
                 e.samples_itl.append((now, per_token))
+                insort(e.sorted_itl, per_token)
             self._recent_outputs.append((now, total))
+            self._recent_output_sum += total
         self.driver.finished(req.info.request_id, e.name, e.decode_tokens_in_flight, per_token)
 
     def _iteration_end(self, e: Engine, now: float) -> None:
@@ -401,7 +419,7 @@ class Simulator:
             if moving.finish != moving.finish:  # still running: not finished meanwhile
                 self._migrate(e, moving, target, now)
         if prefilled or finished or (plan is not None and plan.first_tokens):
-            self._views.mark(e.idx)
+            self._mark(e.idx)
         if finished and e.decode_wait:
             self._admit_pulls(e, now)
         self._kick(e, now)
@@ -427,7 +445,7 @@ class Simulator:
                     self._evictions and req.finish != req.finish and req.prefilled >= req.prompt
                     and any(entry[2] is req for entry in e.running))
 
-        decoders = [w.name for w in self.snapshot(now).routable(Role.DECODE)]
+        decoders = [w.name for w in self._snap(now).routable(Role.DECODE)]
         decision = driver.plan_migration(decoders, movable)
         if decision is None:
             return
@@ -448,7 +466,7 @@ class Simulator:
         if generated < 0:
             return
         src.in_flight_decode -= 1
-        src.decode_tokens_in_flight -= req.info.decode_tokens
+        src.decode_tokens_in_flight -= req.decode_tokens
         self._changed(src)
         req.moved += generated
         req.prompt += generated
@@ -457,21 +475,20 @@ class Simulator:
         req.local_decode = True
         req.prefill_worker = req.decode_worker = dst.idx
         dst.in_flight_decode += 1
-        dst.decode_tokens_in_flight += req.info.decode_tokens
+        dst.decode_tokens_in_flight += req.decode_tokens
         dst.enqueue_prefill(req, now)
         self.migrations.append((now, req.info.request_id, src.name, dst.name))
         self.driver.migrated(req.info.request_id, dst.name)
-        self._changed(dst)
-        self._kick(dst, now)
+        self._touch(dst, now)
 
     # ---- control -----------------------------------------------------------------------
     def _worker_metrics(self, e: Engine, now: float, interval: float) -> WorkerMetrics:
         horizon = now - self.config.window_s
-        for samples in (e.samples_ttft, e.samples_itl):
+        for samples, ordered in ((e.samples_ttft, e.sorted_ttft), (e.samples_itl, e.sorted_itl)):
             while samples and samples[0][0] < horizon:
-                samples.popleft()
-        ttft = sorted([s[1] for s in e.samples_ttft]) if e.samples_ttft else None
-        itl = sorted([s[1] for s in e.samples_itl]) if e.samples_itl else None
+                del ordered[bisect_left(ordered, samples.popleft()[1])]  # one equal value
+        ttft = e.sorted_ttft
+        itl = e.sorted_itl
         prev = self._last_counters.get(e.name, (0, 0, 0))
         cur = (e.prompt_tokens_done, e.tokens_generated, e.requests_finished)
         self._last_counters[e.name] = cur
@@ -493,20 +510,22 @@ class Simulator:
         horizon = now - self.config.window_s
         recent = self._recent_prompts
         while recent and recent[0][0] < horizon:
-            recent.popleft()
+            self._recent_prompt_sum -= recent.popleft()[1]
         outputs = self._recent_outputs
         while outputs and outputs[0][0] < horizon:
-            outputs.popleft()
+            self._recent_output_sum -= outputs.popleft()[1]
         span = min(self.config.window_s, now)
         slo = self.config.slo
         snap = ControlSnapshot(
-            time=now, cluster=self.snapshot(now),
+            time=now, cluster=self._snap(now),
             metrics={e.name: self._worker_metrics(e, now, interval) for e in self.engines},
             window_s=self.config.window_s,
             slo=SLOTargets(ttft_s=(slo.ttft_ms or 1000.0) / 1000,
                            tpot_s=(slo.tpot_ms or 100.0) / 1000),
-            mean_prompt_tokens=float(np.mean([r[1] for r in recent])) if recent else None,
-            mean_output_tokens=float(np.mean([r[1] for r in outputs])) if outputs else None,
+            # exact integer sums: the same float as np.mean of the window's integers
+            mean_prompt_tokens=float(self._recent_prompt_sum) / len(recent) if recent else None,
+            mean_output_tokens=float(self._recent_output_sum) / len(outputs) if outputs
+            else None,
             arrival_rate_per_s=len(recent) / span if span > 0 else None,
             pressure=tuple(self._drain_pressure()) if self._drain_pressure else ())
         for action in self.control.decide(snap):
@@ -678,6 +697,7 @@ class Simulator:
             prefill_done=np.array([r.prefill_done for r in reqs]),
             slow_gaps=np.array([r.slow_gaps for r in reqs], dtype=np.int64),
             tbt_limit_s=self.tbt_limit_s,
-            gap_log=np.array([row for e in self.engines for row in e.gap_log],
-                             dtype=float).reshape(-1, 3),
+            gap_log=np.fromiter(chain.from_iterable(e.gap_log for e in self.engines),
+                                dtype=float, count=sum(len(e.gap_log) for e in self.engines)
+                                ).reshape(-1, 3),
             worker_seconds=self.worker_seconds, scales=self.scales, migrations=self.migrations)

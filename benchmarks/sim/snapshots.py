@@ -12,12 +12,14 @@ immutable values as before: same type hierarchy, same fields, same `routable` re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from core.workers import ClusterSnapshot, Role, WorkerState, WorkerView
 
 _new = object.__new__
+_set = object.__setattr__  # a frozen dataclass refuses its own __setattr__
 _ROLES = (Role.PREFILL, Role.DECODE)
 
 
@@ -25,9 +27,8 @@ class SimSnapshot(ClusterSnapshot):
     """A `ClusterSnapshot` with precomputed routable pools (values are identical)."""
 
     def routable(self, role: Role | None = None) -> tuple[WorkerView, ...]:
-        try:
-            pools: dict = self._pools  # type: ignore[attr-defined]
-        except AttributeError:  # built some other way (e.g. dataclasses.replace)
+        pools = self.__dict__.get("_pools")
+        if pools is None:  # built some other way (e.g. dataclasses.replace)
             return super().routable(role)
         pool = pools.get(role)
         if pool is None:
@@ -38,19 +39,37 @@ class SimSnapshot(ClusterSnapshot):
             pool = pools[role] = tuple([workers[i] for i in index[role]])
         return pool
 
+    def decode_candidates(self, exclude: frozenset[str] = frozenset()
+                          ) -> tuple[WorkerView, ...]:
+        if exclude or "_pools" not in self.__dict__:
+            return super().decode_candidates(exclude)
+        # nothing excluded: the decode pool itself, else every routable worker (equal
+        # tuples to the base class's filtered copies)
+        return self.routable(Role.DECODE) or self.routable()
+
 
 def make_view(e: Any) -> WorkerView:
     """A frozen `WorkerView` of a simulated engine, without dataclass __init__ overhead."""
     v = _new(WorkerView)
-    v.__dict__.update({
+    _set(v, "__dict__", {
         "name": e.name, "url": e.url, "role": e.role, "state": e.state,
         "in_flight_prefill": e.in_flight_prefill, "in_flight_decode": e.in_flight_decode,
         "prefill_tokens_in_flight": e.prefill_tokens_in_flight,
         "decode_tokens_in_flight": e.decode_tokens_in_flight,
         "kv_cache_usage": e.kv_used / e.kv_cap if e.kv_cap else 1.0,
         "num_running": len(e.running),
-        "num_waiting": e.num_waiting_prefills + len(e.decode_wait)})
+        "num_waiting": len(e.prefill_queue) + len(e.slai_waiting) + len(e.decode_wait)})
     return v
+
+
+def _picker(indices: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """workers -> tuple of the workers at `indices` (a C-level itemgetter when it can)."""
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda workers: (workers[i],)
+    return lambda workers: ()
 
 
 class SnapshotCache:
@@ -62,6 +81,7 @@ class SnapshotCache:
         self.dirty: list[int] = list(range(len(self.engines)))
         self.snapshot: SimSnapshot | None = None
         self.index: dict | None = None  # role (or None) -> routable worker indices
+        self.pickers: tuple = ()  # per role in _ROLES: workers -> that role's pool
 
     def mark(self, idx: int) -> None:
         views = self.views
@@ -95,8 +115,12 @@ class SnapshotCache:
         index = self.index
         if index is None:
             index = self.index = self._build_index()
-        snap = _new(SimSnapshot)
-        snap.__dict__.update({"workers": tuple(views), "taken_at": now,
-                              "_pools": {}, "_index": index})
-        self.snapshot = snap
+            self.pickers = tuple(_picker(index[role]) for role in _ROLES)
+        workers = tuple(views)
+        # the role pools every routing decision asks for, built here in one go
+        pick_p, pick_d = self.pickers
+        pools = {Role.PREFILL: pick_p(workers), Role.DECODE: pick_d(workers)}
+        snap = self.snapshot = _new(SimSnapshot)
+        _set(snap, "__dict__", {"workers": workers, "taken_at": now, "_pools": pools,
+                                "_index": index})
         return snap

@@ -65,7 +65,13 @@ class OnlinePolyFit:
                 y0, y1 = self._xty
                 return [(y0 * mom[2] - y1 * mom[1]) / det,
                         (mom[0] * y1 - mom[1] * y0) / det / self.x_scale]
-        coef = _solve([[mom[i + j] for j in range(n)] + [self._xty[i]] for i in range(n)])
+        if n == 3:  # the prefill model
+            m0, m1, m2, m3, m4 = mom
+            y0, y1, y2 = self._xty
+            aug = [[m0, m1, m2, y0], [m1, m2, m3, y1], [m2, m3, m4, y2]]
+        else:
+            aug = [[mom[i + j] for j in range(n)] + [self._xty[i]] for i in range(n)]
+        coef = _solve(aug)
         if coef is None:  # numerically singular: fall back to a minimum-norm solution
             xtx = np.array([[mom[i + j] for j in range(n)] for i in range(n)])
             coef = list(np.linalg.lstsq(xtx, np.array(self._xty), rcond=None)[0])
@@ -75,12 +81,24 @@ class OnlinePolyFit:
 
 def _solve(aug: list[list[float]]) -> list[float] | None:
     """Gaussian elimination with partial pivoting on an n x (n+1) augmented matrix;
-    None when a pivot is negligible against the matrix's scale."""
+    None when a pivot is negligible against the matrix's scale. (Loops, not generators
+    or key functions: Arrow refits a 3x3 system per observed prefill.)"""
     n = len(aug)
-    tol = 1e-12 * max(abs(v) for row in aug for v in row[:n])
+    scale = 0.0
+    first = True
+    for row in aug:
+        for v in row[:n]:
+            a = abs(v)
+            if first or a > scale:  # max(): the first of equal maxima, NaN as max() does
+                scale, first = a, False
+    tol = 1e-12 * scale
     for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(aug[r][col]))
-        if abs(aug[pivot][col]) <= tol:
+        pivot, best = col, abs(aug[col][col])
+        for r in range(col + 1, n):
+            a = abs(aug[r][col])
+            if a > best:
+                pivot, best = r, a
+        if best <= tol:
             return None
         aug[col], aug[pivot] = aug[pivot], aug[col]
         head = aug[col]
@@ -93,8 +111,10 @@ def _solve(aug: list[list[float]]) -> list[float] | None:
     out = [0.0] * n
     for r in range(n - 1, -1, -1):
         row = aug[r]
-        acc = row[n] - sum(row[c] * out[c] for c in range(r + 1, n))
-        out[r] = acc / row[r]
+        acc = 0  # sum()'s start, so the rounding is the same
+        for c in range(r + 1, n):
+            acc = acc + row[c] * out[c]
+        out[r] = (row[n] - acc) / row[r]
     return out
 
 
@@ -199,3 +219,12 @@ class LatencyModelBook:
             model = DecodeLatencyModel(p.decode_m, p.decode_c0, p.forget)
             self._decode[worker] = model
         return model
+
+    def best_fitted(self, kind: str, min_samples: int) -> PrefillLatencyModel | \
+            DecodeLatencyModel | None:
+        """The `kind` ("prefill" or "decode") model with the most samples, if it has at
+        least `min_samples`: a stand-in for a worker whose own model has seen too little."""
+        models = self._prefill if kind == "prefill" else self._decode
+        best = max(models.values(), key=lambda m: m.samples, default=None)
+        return best if best is not None and best.samples >= min_samples else None
+
