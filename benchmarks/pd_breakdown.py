@@ -14,12 +14,14 @@ Per request the client records send / prefill reply / first token / end times. W
 Fulcrum connector the workers also append per-transfer events to a trace file
 (``FULCRUM_KV_TRACE``, see :mod:`kv_transfer.fulcrum.trace`): when each engine admitted the
 request, when the prefill finished, when the decode worker started the pull, got the first
-byte, finished the copy and when the engine noticed. vLLM's own per-request histograms
-(queue, prefill, TTFT) are read as deltas of ``/metrics`` around every batch. Medians and
-p10/p90 over rounds go to JSON, the stacked median breakdown to a PNG.
+byte, finished the copy and when the engine noticed. vLLM's per-request timings (engine
+queue, scheduled to first token; the workers run with ``--enable-per-request-metrics``)
+split each leg where there is no trace (NIXL), and its per-request histograms are read as
+deltas of ``/metrics`` around every batch. Medians and p10/p90 over rounds go to JSON, the
+stacked median breakdown (one per bar) to a PNG.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.pd_breakdown            # tiny, 500 in, 64 out
-    ... -m benchmarks.pd_breakdown --model default --worker-arg=--dtype=float32 \\
+    ... -m benchmarks.pd_breakdown --model default --dtype float32 \\
         --prompt-tokens 2000 --out benchmarks/results/pd_breakdown_smollm2_2000.json
 """
 
@@ -92,10 +94,33 @@ PULL_DETAIL = (
     ("pull thread to producer serving it", "pull_start", "serve_start"),
     ("producer claim and reply", "serve_start", "pull_reply"),
     ("prefill done to lease held", "p_done", "hold"),
+    # with the first-token handoff, the rest of TTFT after the prefill: its reply, the
+    # gateway, the decode leg's headers, the relay
+    ("prefill done to first token at client", "p_done", "first"),
 )
 SEGMENTS_SINGLE_TRACED = (
     ("to admission", "t0", "admit"),
     ("prefill + first token to client", "admit", "first"),
+    ("rest of the stream", "first", "end"),
+)
+# Without the connector's trace (NIXL), vLLM's own per-request timings split each leg
+# (workers run with --enable-per-request-metrics): engine queue (arrival in the engine core
+# to first scheduled; a decode leg also waits there for its KV) and scheduled to first
+# token. What is left of a leg is HTTP, tokenising and the way back to the client.
+SEGMENTS_SINGLE_ENGINE = (
+    ("to engine: HTTP, tokenise (+ token out)", "t0", "e_queued"),
+    ("engine queue", "e_queued", "e_sched"),
+    ("engine: scheduled to first token", "e_sched", "first"),
+    ("rest of the stream", "first", "end"),
+)
+SEGMENTS_PD_ENGINE = (
+    ("prefill leg: HTTP, tokenise, reply", "t0", "ep_queued"),
+    ("prefill leg: engine queue", "ep_queued", "ep_sched"),
+    ("prefill leg: scheduled to token", "ep_sched", "p_reply"),
+    ("gap between legs", "p_reply", "d_send"),
+    ("decode leg: HTTP, tokenise (+ token out)", "d_send", "e_queued"),
+    ("decode leg: engine queue (KV wait)", "e_queued", "e_sched"),
+    ("decode leg: scheduled to first token", "e_sched", "first"),
     ("rest of the stream", "first", "end"),
 )
 SEGMENTS_PD_CLIENT = (
@@ -120,6 +145,7 @@ class Sample:
     output_tokens: int = 0
     error: str | None = None
     worker_id: str = ""  # the request id the workers saw (the gateway may assign its own)
+    engine: dict[str, dict] = field(default_factory=dict)  # vLLM's per-request metrics, by leg
 
 
 # --- the cluster ------------------------------------------------------------------------
@@ -136,7 +162,7 @@ class Cluster:
                "--port", str(self.port), "--worker-base-port", str(self.port + 1),
                "--side-channel-base-port", str(side), "--kv-connector", connector,
                "--max-model-len", str(args.max_model_len), "--kv-cache-gib", "1",
-               "--log-dir", str(self.log_dir)]
+               "--log-dir", str(self.log_dir), "--dtype", args.dtype]
         cmd += [f"--worker-arg={extra}" for extra in args.worker_arg]  # values start with --
         env = dict(os.environ)
         env.update(kv.split("=", 1) for kv in args.env)
@@ -227,6 +253,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, key
             if chunk.get("usage"):
                 sample.prompt_tokens = chunk["usage"]["prompt_tokens"]
                 sample.output_tokens = chunk["usage"]["completion_tokens"]
+            if isinstance(chunk.get("metrics"), dict):
+                sample.engine["decode"] = chunk["metrics"]
     sample.marks["end"] = time.time()
 
 
@@ -252,13 +280,30 @@ async def one_request(client: httpx.AsyncClient, cluster: Cluster, target: str, 
             if resp.status_code != 200:
                 sample.error = f"prefill HTTP {resp.status_code}"
                 return sample
-            params = resp.json().get("kv_transfer_params")
+            reply = resp.json()
+            params = reply.get("kv_transfer_params")
+            if isinstance(reply.get("metrics"), dict):
+                sample.engine["prefill"] = reply["metrics"]
             await stream_completion(client, cluster.workers["decode"],
                                     {**body, "kv_transfer_params": params}, key, sample,
                                     "d_send")
     except (httpx.HTTPError, ValueError) as exc:
         sample.error = repr(exc)[:200]
+    engine_marks(sample)
     return sample
+
+
+def engine_marks(sample: Sample) -> None:
+    """Place vLLM's per-request queue and scheduled-to-first-token times back from the
+    client's mark of that token (prefill leg: its reply): ``e_queued``/``e_sched`` for the
+    stream's leg, ``ep_queued``/``ep_sched`` for the prefill leg."""
+    for leg, end, prefix in (("decode", "first", "e_"), ("prefill", "p_reply", "ep_")):
+        m = sample.engine.get(leg) or {}
+        queue, ttft = m.get("queue_time_ms"), m.get("time_to_first_token_ms")
+        if end in sample.marks and isinstance(queue, int | float) \
+                and isinstance(ttft, int | float):
+            sample.marks[prefix + "sched"] = sample.marks[end] - ttft / 1e3
+            sample.marks[prefix + "queued"] = sample.marks[prefix + "sched"] - queue / 1e3
 
 
 def scrape(url: str) -> dict[str, tuple[float, float]]:
@@ -361,17 +406,39 @@ def trace_marks(samples: list[Sample], events: list[dict]) -> None:
                 s.marks.setdefault(e["ev"], e["t"])
 
 
-def segments_for(target: str, marks: dict[str, float], traced: bool
-                 ) -> tuple[tuple[str, str, str], ...]:
+Table = tuple[tuple[str, str, str], ...]
+
+
+def tables_for(target: str, marks: dict[str, float], traced: bool) -> list[Table]:
+    """The breakdowns this request's marks could fill, finest first."""
+    out: list[Table] = []
     if traced:
         table = {"single": SEGMENTS_SINGLE_TRACED, "pd_direct": SEGMENTS_PD_TRACED,
                  "pd_gateway": SEGMENTS_GATEWAY_TRACED}[target]
-        if target == "pd_gateway" and handed_off(marks):
-            table = SEGMENTS_GATEWAY_HANDOFF
-        if all(a in marks and b in marks for _, a, b in table):
-            return table
-    return {"single": SEGMENTS_SINGLE_CLIENT, "pd_direct": SEGMENTS_PD_CLIENT,
-            "pd_gateway": SEGMENTS_GATEWAY_CLIENT}[target]
+        out.append(SEGMENTS_GATEWAY_HANDOFF if target == "pd_gateway" and handed_off(marks)
+                   else table)
+    engine = {"single": SEGMENTS_SINGLE_ENGINE, "pd_direct": SEGMENTS_PD_ENGINE}.get(target)
+    if engine:
+        out.append(engine)
+    out.append({"single": SEGMENTS_SINGLE_CLIENT, "pd_direct": SEGMENTS_PD_CLIENT,
+                "pd_gateway": SEGMENTS_GATEWAY_CLIENT}[target])
+    return out
+
+
+def fills(table: Table, marks: dict[str, float]) -> bool:
+    return all(a in marks and b in marks for _, a, b in table)
+
+
+def pick_table(target: str, samples: list[Sample], traced: bool) -> Table:
+    """One breakdown per target (mixing tables would stack overlapping segments): the
+    finest one that most of its requests fill."""
+    votes: dict[Table, int] = {}
+    for s in samples:
+        for table in tables_for(target, s.marks, traced):
+            if fills(table, s.marks):
+                votes[table] = votes.get(table, 0) + 1
+                break
+    return max(votes, key=lambda t: votes[t]) if votes else tables_for(target, {}, False)[-1]
 
 
 def handed_off(marks: dict[str, float]) -> bool:
@@ -400,11 +467,13 @@ def summarise(samples: list[Sample], hist: list[dict], traced: bool) -> dict[str
         if not ok:
             out[target] = {"errors": errors[:5], "failed": len(errors)}
             continue
-        by_name: dict[str, list[float]] = {}
-        for s in ok:
-            for name, a, b in segments_for(target, s.marks, traced):
-                if a in s.marks and b in s.marks:
-                    by_name.setdefault(name, []).append(1e3 * (s.marks[b] - s.marks[a]))
+        table = pick_table(target, ok, traced)
+        filled = [s for s in ok if fills(table, s.marks)]
+        by_name = {name: [1e3 * (s.marks[b] - s.marks[a]) for s in filled]
+                   for name, a, b in table}
+        engine_table = {"single": SEGMENTS_SINGLE_ENGINE,
+                        "pd_direct": SEGMENTS_PD_ENGINE}.get(target)
+        engine_ok = [s for s in ok if engine_table and fills(engine_table, s.marks)]
         entry: dict[str, Any] = {
             "requests": len(ok), "failed": len(errors), "errors": errors[:5],
             "ttft_ms": quantiles([1e3 * (s.marks["first"] - s.marks["t0"]) for s in ok]),
@@ -412,7 +481,12 @@ def summarise(samples: list[Sample], hist: list[dict], traced: bool) -> dict[str
             "prompt_tokens": statistics.median(s.prompt_tokens for s in ok),
             "output_tokens": statistics.median(s.output_tokens for s in ok),
             "segments_ms": {name: quantiles(xs) for name, xs in by_name.items()},
+            "segments_from": f"{len(filled)} of {len(ok)} requests",
         }
+        if engine_ok and engine_table is not table:  # vLLM's split too, beside the trace
+            entry["engine_segments_ms"] = {
+                name: quantiles([1e3 * (s.marks[b] - s.marks[a]) for s in engine_ok])
+                for name, a, b in engine_table}
         if target == "pd_gateway" and traced:
             entry["first_token_handed_off"] = sum(handed_off(s.marks) for s in ok)
         if traced and target != "single":
@@ -474,10 +548,13 @@ def plot(result: dict, path: Path) -> None:
                 if "segments_ms" in (summary.get(target) or {}):
                     bars.append((f"{conn}\n{target}", summary[target]["segments_ms"]))
                     ttfts.append(summary[target]["ttft_ms"]["median"])
-        names = list(dict.fromkeys(n for _, segs in bars for n in segs))
-        cmap = plt.get_cmap("tab20")
-        color = {n: cmap(j % 20) for j, n in enumerate(names)}
-        color["rest of the stream"] = "#bbbbbb"
+        names = [n for n in dict.fromkeys(n for _, segs in bars for n in segs)
+                 if n != "rest of the stream"]
+        palette = [c for j, c in enumerate(plt.get_cmap("tab20").colors)
+                   if j not in (14, 15)]  # tab20's greys: grey is the rest of the stream
+        palette += list(plt.get_cmap("tab20b").colors)
+        color = {n: palette[j % len(palette)] for j, n in enumerate(names)}
+        color["rest of the stream"] = "#cccccc"
         labelled: set[str] = set()
         for i, (_, segs) in enumerate(bars):
             bottom = 0.0
@@ -495,7 +572,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("median ms per request (segments stacked)")
         ax.set_title(label)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"P/D breakdown: {result['config']['model']}, "
+    fig.suptitle(f"P/D breakdown: {result['config']['model']} "
+                 f"({result['config'].get('dtype', 'auto')}), "
                  f"{result['config']['prompt_tokens']} prompt tokens, "
                  f"{result['config']['max_tokens']} out")
     fig.tight_layout()
@@ -527,10 +605,11 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
         cluster.wait_ready(args.start_timeout)
         template = make_template(cluster.workers["decode"], args.prompt_tokens - 7)
         out: dict[str, Any] = {}
-        for conc in args.concurrency:
+        for i, conc in enumerate(args.concurrency):
             rounds = args.rounds if conc == 1 else args.rounds_concurrent
+            warmup = args.warmup if i == 0 or args.warmup_later is None else args.warmup_later
             samples, hist = asyncio.run(run_rounds(cluster, connector, conc, rounds,
-                                                   args.warmup, template, args.max_tokens))
+                                                   warmup, template, args.max_tokens))
             time.sleep(0.5)  # let the last trace lines land
             traced = connector == "fulcrum"
             if traced:
@@ -539,6 +618,7 @@ def run_connector(connector: str, args: argparse.Namespace, work: Path) -> dict[
             out[f"c{conc}"]["raw"] = [
                 {"key": s.key, "target": s.target, "error": s.error,
                  "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens,
+                 "engine": s.engine,
                  "marks": {k: round(v, 6) for k, v in s.marks.items()}} for s in samples]
             print_table(f"{connector}, concurrency {conc}", out[f"c{conc}"])
         return out
@@ -556,10 +636,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--dtype", default="auto",
+                        help="the workers' dtype (fulcrum up --dtype), e.g. float32")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=20, help="rounds at concurrency 1")
     parser.add_argument("--rounds-concurrent", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup-later", type=int, default=None,
+                        help="warm-up rounds for the later concurrency levels (default: "
+                             "--warmup; the cluster is already warm then)")
     parser.add_argument("--connectors", nargs="+", default=["fulcrum", "nixl"])
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra vLLM argument for every worker, e.g. --dtype=float32")
@@ -582,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": args.model, "prompt_tokens": args.prompt_tokens,
                    "max_tokens": args.max_tokens, "rounds": args.rounds,
                    "rounds_concurrent": args.rounds_concurrent, "warmup": args.warmup,
-                   "worker_args": args.worker_arg, "cpus": os.cpu_count()},
+                   "warmup_later": args.warmup_later,
+                   "dtype": args.dtype, "worker_args": args.worker_arg,
+                   "cpus": os.cpu_count()},
         "runs": {},
     }
     if args.append and args.out.exists():

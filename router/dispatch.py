@@ -15,8 +15,9 @@ Failure rules:
   the client get an OpenAI-style error event and [DONE];
 - a worker's 4xx (bad sampling params, prompt too long) goes to the client as is.
 
-First-token handoff (`router.handoff`): where a stream could migrate, the prefill leg's
-token is streamed to the client first and the decode leg continues after it.
+First-token handoff (`router.handoff`): where a stream could migrate (completions and
+chat), the prefill leg's token is streamed to the client first and the decode leg
+continues after it as a completion of the prompt's token ids.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
 from router.upstream import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
-from router.validation import ParsedRequest
+from router.validation import COMPLETIONS, ParsedRequest
 
 log = logging.getLogger("fulcrum.dispatch")
 
@@ -372,17 +373,17 @@ class Dispatcher:
         last_error = "no attempt made"
         tokens = info.decode_tokens
         for _ in range(self.config.decode_attempts):
-            body = dict(req.body)
+            body, route = dict(req.body), req.route
             if kv_params:
                 body["kv_transfer_params"] = kv_params
-                if first is not None:
-                    body = decode_body(body, first, req.max_tokens or 16)
+                if first is not None:  # continues after the first token, as a completion
+                    body, route = decode_body(body, first, req.max_tokens or 16), COMPLETIONS
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
             if migratable(req):  # token ids let the stream continue on another worker
                 body["return_token_ids"] = True
-            url = self.cluster.view(worker).url + req.route
+            url = self.cluster.view(worker).url + route
             timeouts = self.stream_timeout if req.stream else self.request_timeout
             self.cluster.begin(worker, Role.DECODE, tokens)
             try:
@@ -412,6 +413,14 @@ class Dispatcher:
                 finally:
                     upstream.release()
                     self.cluster.end(worker, Role.DECODE, tokens)
+                if 400 <= upstream.status < 500 and first is not None:
+                    # The continuation was refused (e.g. a prompt one token short of the
+                    # context: no room after the first token); the client's own request
+                    # behaves as on one instance.
+                    log.info("decode leg after the handoff refused for %s (HTTP %d); "
+                             "sending the request as written", request_id, upstream.status)
+                    first = None
+                    continue
                 if 400 <= upstream.status < 500:
                     raise UpstreamReply(upstream.status, content)
                 last_error = f"{worker}: HTTP {upstream.status} {content[:200]!r}"

@@ -114,7 +114,7 @@ def migratable(req: ParsedRequest) -> bool:
     return migration_blocker(req) is None
 
 
-def _as_completion_body(chat_body: dict) -> dict:
+def as_completion_body(chat_body: dict) -> dict:
     """A chat request's sampling parameters, as a /v1/completions body (prompt not set)."""
     body = {k: v for k, v in chat_body.items() if k not in _CHAT_ONLY_FIELDS}
     body.pop("response_format", None)  # only {"type": "text"} gets here
@@ -147,6 +147,9 @@ class StreamRelay:
         self.generated_ids: list[int] = []
         self.stream_id: str | None = None
         self._chat_stamp: dict = {}  # created/model of the client's chat chunks
+        # A chat stream's current worker answers /v1/completions (after a migration, or
+        # after a first-token handoff): its chunks are rewritten into chat chunks.
+        self._worker_speaks_completion = False
         self.migrations = 0
         self.restarts = 0  # resent whole to another worker (nothing had reached the client)
         self.rescues = 0  # times the stream left a failed worker
@@ -206,7 +209,7 @@ class StreamRelay:
         self._completion_before = len(self.generated_ids)
         body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
         if "messages" in body:  # a chat stream continues as a completion of its token ids
-            body = _as_completion_body(body)
+            body = as_completion_body(body)
         body.update(prompt=self.prompt_ids + self.generated_ids, max_tokens=self._remaining(),
                     stream=True, return_token_ids=True,
                     stream_options={**(body.get("stream_options") or {}), "include_usage": True})
@@ -215,6 +218,7 @@ class StreamRelay:
         if isinstance(min_tokens, int):
             body["min_tokens"] = max(0, min_tokens - self._completion_before)
         source = self.worker
+        self._worker_speaks_completion = self.is_chat
         self.migrations += 1
         await self._resend(target, COMPLETIONS, body, f"m{self.migrations}")
         if self.upstream.status != 200:
@@ -248,6 +252,7 @@ class StreamRelay:
         self.mode = LOCAL
         self.restarts += 1
         self.stream_id = None
+        self._worker_speaks_completion = self.is_chat and "messages" not in body
         await self._resend(target, self.req.route, body, f"r{self.restarts}")
         if self.upstream.status != 200:
             detail = (await self.upstream.read())[:200]
@@ -396,7 +401,7 @@ class StreamRelay:
         """Keep a chat stream looking like one: completion chunks from a migration target
         become chat chunks; token ids show only if the client asked (otherwise the keys are
         dropped, even vLLM's nulls: they are not part of OpenAI's chunk)."""
-        if not self.migrations:  # still the chat worker's own stream
+        if not self._worker_speaks_completion:  # the chat worker's own stream (or primer)
             if not self._chat_stamp:
                 self._chat_stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             self._check_chat_choices(chunk)
@@ -453,6 +458,8 @@ class StreamRelay:
                 if out:
                     self._yielded = True
                     yield b"".join(out)
+            if self.is_chat and "messages" not in self.body:  # handed off: a completion
+                self._worker_speaks_completion = True
             while True:
                 try:
                     async for data in self.upstream.iter_chunks():

@@ -58,8 +58,12 @@ def test_profile_file_and_sim_cli(tmp_path):
     assert derived["hysteresis"] == "0.5"  # the user's knob wins
     none = argparse.Namespace(control_policy="static", control_knob=[], max_num_seqs=256)
     assert control_knobs(none, fitted(), SLO.parse(["tpot:45"])) == {}
+    # Arrow's decode slots: the largest batch whose step meets TPOT (a step of
+    # 5 ms + 1 ms per sequence meets 45 ms up to 40), capped by max_num_seqs
     arrow = argparse.Namespace(control_policy="arrow", control_knob=[], max_num_seqs=64)
-    assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 64
+    assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 40
+    arrow.max_num_seqs = 16
+    assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 16
 
 
 def test_fulcrum_up_derives_dopd_knobs_from_a_profile(tmp_path):

@@ -137,14 +137,27 @@ def test_arrow_flips_the_least_loaded_worker():
 
 
 def test_arrow_cooldown_blocks_a_second_flip():
-    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0,
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0, repeat_s=30.0,
                                          max_flips_per_decision=1))
     toy = ToyCluster(roles={f"w{i}": Role.PREFILL if i < 2 else Role.DECODE for i in range(6)})
     assert toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
     for t in (5, 10, 25):
         assert toy.apply(policy, toy.snapshot(t, *LONG_PROMPTS)) == []
-        assert "cooldown" in policy.last_note.summary
+        assert "before another move the same way" in policy.last_note.summary
     assert toy.apply(policy, toy.snapshot(31, *LONG_PROMPTS))
+
+
+def test_arrow_repeats_a_move_the_same_way_soon_but_reverses_only_after_cooldown():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, cooldown_s=30.0, repeat_s=2.0,
+                                         max_flips_per_decision=1))
+    toy = ToyCluster(roles={f"w{i}": Role.PREFILL if i < 2 else Role.DECODE for i in range(6)})
+    assert toy.apply(policy, toy.snapshot(0, *LONG_PROMPTS))
+    assert toy.apply(policy, toy.snapshot(1, *LONG_PROMPTS)) == []  # within repeat_s
+    assert toy.apply(policy, toy.snapshot(3, *LONG_PROMPTS))
+    assert toy.count(Role.PREFILL) == 4
+    # the mix swings to long outputs: the reverse move waits for the cooldown
+    assert toy.apply(policy, toy.snapshot(5, *LONG_OUTPUTS)) == []
+    assert "cooldown" in policy.last_note.summary
 
 
 def test_arrow_holds_when_the_source_pool_would_overload():
@@ -322,7 +335,9 @@ def test_dopd_forecast_stays_with_the_data_after_a_gap():
 
 NEED_KNOBS = {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 100.0,
               "prefill_utilization": 1.0, "decode_utilization": 1.0, "hysteresis": 0.3,
-              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0, "warmup_s": 0.0}
+              "adjustment_interval_s": 2.0, "reverse_hold_s": 10.0, "warmup_s": 0.0,
+              "decode_estimate": "flow"}
+"""The flow estimate (rate x output length / capacity): the need math these tests check."""
 
 
 def eight(n_prefill: int, **views: dict) -> ToyCluster:
@@ -446,7 +461,8 @@ def quiet(toy: ToyCluster, t: float, **fields) -> ControlSnapshot:
 
 
 def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
-    policy = ArrowController(ArrowConfig(pressure_guard_s=2.0, cooldown_s=10.0))
+    policy = ArrowController(ArrowConfig(pressure_guard_s=2.0, cooldown_s=10.0,
+                                         inline_max_flips=1))
     toy = eight(4)
     assert toy.apply(policy, quiet(toy, 0.0)) == []
     moved = toy.apply(policy, quiet(toy, 1.0, pressure=pressure(Role.DECODE, 5)))
@@ -459,6 +475,11 @@ def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
     # the other way needs the cooldown: prefill misses 1 s later are held
     assert toy.apply(policy, quiet(toy, 6.0, pressure=pressure(Role.PREFILL, 5))) == []
     assert "other way" in policy.last_note.summary
+    # uncapped, misses at 3x target on a 4-worker pool move as many as prefill spares
+    wide = ArrowController(ArrowConfig())
+    toy = eight(4)
+    moved = toy.apply(wide, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 5, ratio=3.0)))
+    assert len(moved) == 3 and toy.count(Role.PREFILL) == 1
 
 
 def test_arrow_inline_needs_enough_signals_and_a_quiet_other_leg():
@@ -519,4 +540,86 @@ def test_dopd_does_not_shrink_decode_on_the_first_short_outputs():
     assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 470, 2)) == []
     assert policy.last_note.numbers["decode_need"] == pytest.approx(4.0)
     assert toy.apply(policy, need_snapshot(toy, 11.0, 10.0, 470, 2))  # warmed up: it moves
+    assert toy.count(Role.PREFILL) == 5
+
+
+# -- DOPD and Arrow: the decodes in flight, read live ---------------------------------------
+
+OCCUPANCY_KNOBS = {**NEED_KNOBS, "decode_estimate": "occupancy", "decode_tokens_per_s": 1000.0,
+                   "decode_step_s": 0.1, "max_num_seqs": 100, "occupancy_horizon_s": 10.0}
+"""100 sequences per decode worker (the TPOT-bound batch 1000 tok/s x 0.1 s = slots)."""
+
+
+def decodes(toy: ToyCluster, per_worker: int, role: Role = Role.DECODE) -> dict:
+    return {n: {"in_flight_decode": per_worker} for n, r in toy.roles.items() if r == role}
+
+
+def test_dopd_grows_decode_while_decodes_pile_up_before_any_long_output_finishes():
+    for estimate, grows in (("occupancy", True), ("flow", False)):
+        policy = DOPDController(DOPDConfig(**{**OCCUPANCY_KNOBS, "decode_estimate": estimate}))
+        toy = eight(6)
+        # finished requests still say 10-token outputs; 40 decodes in flight: room to spare
+        assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 10,
+                                               **decodes(toy, 20))) == []
+        # 2 s later 120 in flight, growing 40/s: in 10 s 520, five workers' worth
+        moved = toy.apply(policy, need_snapshot(toy, 2.0, 10.0, 100, 10, **decodes(toy, 60)))
+        numbers = policy.last_note.numbers
+        if grows:
+            assert toy.count(Role.DECODE) == 6 and len(moved) == 4
+            assert numbers["decode_growth_per_s"] == pytest.approx(40.0)
+            assert numbers["decode_occupancy_need"] == pytest.approx(5.2)
+            assert numbers["decode_flow_need"] < 1  # the finished outputs still look short
+        else:
+            assert moved == [] and toy.count(Role.DECODE) == 2
+
+
+def test_dopd_decodes_finishing_on_relabelled_workers_do_not_hold_decode_workers():
+    policy = DOPDController(DOPDConfig(**OCCUPANCY_KNOBS))
+    toy = eight(1)
+    backlog = {"w0": {"in_flight_prefill": 10, "prefill_tokens_in_flight": 5000}}
+    # long outputs in flight on every decode worker (90 of 100 slots), 5 s of prompts
+    # queued on the one prefill worker: prefill gets the workers it needs
+    snap = need_snapshot(toy, 0.0, 10.0, 500, 1400, **decodes(toy, 90), **backlog)
+    flipped = toy.apply(policy, snap)
+    assert toy.count(Role.PREFILL) == 5
+    # the flipped workers keep finishing their 90 decodes each: only the 3 x 90 on the
+    # decode pool count, so the pool is not short (all workers' 630 would say 6.3 of 3)
+    held = {**decodes(toy, 90), **{n: {"in_flight_decode": 90} for n in flipped}}
+    assert toy.apply(policy, need_snapshot(toy, 3.0, 10.0, 500, 1400, **held)) == []
+    numbers = policy.last_note.numbers
+    assert numbers["decode_occupancy_need"] == pytest.approx(2.7)
+    assert numbers["decodes_queued"] == 0
+    assert toy.count(Role.PREFILL) == 5
+
+
+def test_arrow_counts_growing_decodes_in_flight_as_decode_load():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, decode_slots=100,
+                                         occupancy_horizon_s=10.0, growth_window_s=3.0))
+    toy = eight(6)
+    calm = {n: WorkerMetrics(n) for n in toy.roles}
+    first = replace(need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS, **decodes(toy, 20)),
+                    metrics=calm)
+    assert policy.decide(first) == []
+    # 60 per worker now and growing 40/s: (60 + 400 / 2) / 100 = 2.6 per worker
+    second = replace(need_snapshot(toy, 2.0, 1.0, *LONG_OUTPUTS, **decodes(toy, 60)),
+                     metrics=calm)
+    actions = policy.decide(second)
+    assert policy.last_note.numbers["decode_load"] == pytest.approx(2.6)
+    assert actions and all(a.to == Role.DECODE for a in actions) and len(actions) > 1
+    # without the projection the same pool is within target (60 of 100 slots)
+    still = ArrowController(ArrowConfig(sustain_ticks=1, decode_slots=100,
+                                        occupancy_horizon_s=0.0))
+    toy = eight(6)
+    assert still.decide(replace(need_snapshot(toy, 0.0, 1.0, *LONG_OUTPUTS,
+                                              **decodes(toy, 60)), metrics=calm)) == []
+
+
+def test_dopd_does_not_shrink_decode_on_the_first_decodes_in_flight():
+    # right after start the decodes in flight are still climbing to their steady count:
+    # for warmup_s the decode pool keeps its workers (it may grow on a pile-up)
+    policy = DOPDController(DOPDConfig(**{**OCCUPANCY_KNOBS, "warmup_s": 10.0}))
+    toy = eight(4)
+    assert toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 470, 2, **decodes(toy, 1))) == []
+    assert policy.last_note.numbers["decode_need"] == pytest.approx(4.0)
+    assert toy.apply(policy, need_snapshot(toy, 11.0, 10.0, 470, 2, **decodes(toy, 1)))
     assert toy.count(Role.PREFILL) == 5

@@ -146,3 +146,24 @@ def test_decode_without_kv_room_queues():
     reported_full = WorkerView("d1", "u", Role.DECODE, kv_cache_usage=0.99)
     assert policy.predicted_tpot(reported_full, 100, 64) > policy.predicted_tpot(
         replace(reported_full, kv_cache_usage=0.5), 100, 64)
+
+
+def test_a_worker_without_samples_is_predicted_with_the_best_fitted_model():
+    slow_prior = LatencyPriors(decode_m=1e-5, decode_c0=0.03)
+    cluster = snap(WorkerView("d1", "u", Role.DECODE, in_flight_decode=30,
+                              decode_tokens_in_flight=3000),
+                   WorkerView("d2", "u", Role.DECODE))
+
+    def fitted(targets: ArrowTargets) -> ArrowRouting:
+        policy = ArrowRouting(targets, slow_prior)
+        for i in range(30):  # d1 measured at 5 ms + 1 us per resident token
+            b = 100 * (i + 1)
+            policy.observe_decode("d1", b, 0.005 + 1e-6 * b)
+        return policy
+
+    # borrowing d1's fit, the empty d2 is the faster worker and gets the request
+    assert fitted(ArrowTargets(tpot_s=0.05)).pick_decode(req(100), cluster) == "d2"
+    # on its prior alone d2 looks slower than the loaded d1, so it would never get work
+    # (and never the samples to look better)
+    never = fitted(ArrowTargets(tpot_s=0.05, min_fit_samples=1000))
+    assert never.pick_decode(req(100), cluster) == "d1"

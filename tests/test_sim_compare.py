@@ -84,3 +84,40 @@ def test_quick_comparison_writes_json_table_and_plots(tmp_path):
     assert "oracle-schedule" not in saved["results"]["8b-h100"]["sharegpt-poisson"]["systems"]
     assert (tmp_path / "sim_8b-h100_phase-1400_attainment.png").exists()
     assert "| phase-1400 |" in table(out)
+
+
+def test_only_some_systems_run_on_the_same_grid_and_merged_raw_files_later_win(tmp_path):
+    from benchmarks.sim.compare import merge_raw, plan
+
+    full, grids = plan(True, (0,), 100, 3)
+    some, grids_some = plan(True, (0,), 100, 3, only_systems=["arrow", "static-2P2D"])
+    assert grids_some == grids  # the grid does not depend on which systems run
+    assert {t.system.name for t in some} == {"arrow", "static-2P2D"}
+    assert len(some) < len(full)
+    with pytest.raises(ValueError, match="unknown systems"):
+        plan(True, (0,), 100, 3, only_systems=["arow"])
+    first = {"grids": {"8b-h100/phase-1400": [1.0, 2.0]}, "results": [
+        {"setup": "8b-h100", "workload": "phase-1400", "system": s, "seed": 0, "flip": "live",
+         "points": [{"request_rate": 1.0, "slo_attainment": a}], "error": None, "roles": None,
+         "cpu_s": 1.0} for s, a in (("arrow", 0.5), ("static-2P2D", 0.9))]}
+    second = {"grids": {"8b-h100/phase-1400": [1.0, 2.0]}, "results": [
+        dict(first["results"][0], points=[{"request_rate": 1.0, "slo_attainment": 0.95}])]}
+    merged = merge_raw([first, second])
+    by = {r["system"]: r["points"][0]["slo_attainment"] for r in merged["results"]}
+    assert by == {"arrow": 0.95, "static-2P2D": 0.9}
+    with pytest.raises(ValueError, match="rate grids differ"):
+        merge_raw([first, dict(second, grids={"8b-h100/phase-1400": [1.0, 3.0]})])
+
+
+def test_diagnose_runs_one_point_as_the_comparison_does_and_slices_it():
+    from benchmarks.sim import diagnose
+    from benchmarks.sim.compare import setups
+
+    setup = setups(True)[0]
+    sysdef = diagnose.find_system(setup, "dopd", True)
+    res, log, m = diagnose.run_one(setup, "phase-1400", sysdef, 20.0, 0, quick=True)
+    rows = diagnose.slices(res, setup, 3.0)
+    assert sum(r["requests"] for r in rows) == res.arrival.size
+    assert log is not None and log.ticks and all("note" in t for t in log.ticks)
+    assert sum(t["moved"] for t in log.ticks) == len(res.flips)
+    assert 0.0 <= m["slo_attainment"] <= 1.0

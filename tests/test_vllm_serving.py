@@ -151,6 +151,79 @@ def test_streamed_pd_hands_off_the_first_token_and_equals_single_instance(
         prompt_len + (1 if handed_off else 0)
 
 
+def test_prompt_one_token_short_of_the_context_equals_single_instance(
+        cluster: LiveCluster) -> None:
+    """One instance stops after one token (no room for more); the handed-off decode leg,
+    one token longer, is refused, and the gateway sends the request as written."""
+    decode = cluster.by_role("decode")
+    rng = random.Random(time.time_ns())
+    body = {"model": MODEL_NAME, "prompt": [rng.randrange(300, 8000)
+                                            for _ in range(MAX_MODEL_LEN - 1)],
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+
+    def run(url: str) -> tuple[list[int], list, dict]:
+        ids, finish, usage = [], [], {}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+            assert resp.status_code == 200, resp.read()
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    for choice in chunk["choices"]:
+                        ids.extend(choice.get("token_ids") or [])
+                        finish.append(choice.get("finish_reason"))
+                    usage = chunk.get("usage") or usage
+        return ids, [f for f in finish if f], usage
+
+    reference = run(cluster.worker_url(decode))
+    assert len(reference[0]) == 1 and reference[1] == ["length"]
+    assert run(cluster.url) == reference
+
+
+def _chat_stream(url: str, messages: list[dict], max_tokens: int) -> list[dict]:
+    """The chunks of a greedy streamed chat completion, token ids asked for."""
+    body = {"model": MODEL_NAME, "messages": messages, "max_completion_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert all("error" not in c for c in chunks), chunks
+    return chunks
+
+
+def test_streamed_chat_pd_hands_off_the_first_token_and_equals_single_instance(
+        cluster: LiveCluster) -> None:
+    """A chat stream through P/D: with Fulcrum's connector the prefill leg's token comes
+    first and the decode leg continues as a completion of the templated prompt's ids
+    (rewritten into chat chunks); the client sees the same tokens, text, usage and chunk
+    shapes as from one instance."""
+    decode = cluster.by_role("decode")
+    messages = [{"role": "user", "content": unique_prompt(60, 32)}]
+    reference = _chat_stream(cluster.worker_url(decode), messages, 10)
+    prompt_sum = cluster.metric(decode, "vllm:request_prompt_tokens_sum")
+    via_pd = _chat_stream(cluster.url, messages, 10)
+
+    def ids(chunks: list[dict]) -> list[int]:
+        return [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
+
+    assert ids(via_pd) == ids(reference) and len(ids(reference)) == 10
+    assert _chat_text(via_pd) == _chat_text(reference)
+    assert via_pd[-1]["usage"] == reference[-1]["usage"]
+    assert via_pd[0]["prompt_token_ids"] == reference[0]["prompt_token_ids"]
+    assert via_pd[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({c["id"] for c in via_pd}) == 1
+    assert {c["object"] for c in via_pd} == {"chat.completion.chunk"}
+    assert len({(c["created"], c["model"]) for c in via_pd}) == 1
+    assert _chunk_shapes(via_pd) == _chunk_shapes([_openai_chunk(c) for c in reference])
+    prompt_len = reference[-1]["usage"]["prompt_tokens"]
+    handed_off = cluster.metric(decode, "vllm:fulcrum_kv_pulls_total") > 0  # our connector
+    assert cluster.metric(decode, "vllm:request_prompt_tokens_sum") - prompt_sum == \
+        prompt_len + (1 if handed_off else 0)
+
+
 def _post(cluster: LiveCluster, route: str, payload: bytes | dict) -> httpx.Response:
     content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return httpx.post(cluster.url + route, content=content,

@@ -341,9 +341,13 @@ def phase_best_split(args: tuple[Setup, str, float, int, bool]) -> dict[str, int
 # ---- the whole run ---------------------------------------------------------------------
 def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
          only_setups: Sequence[str] | None = None, pool=None,
-         only_workloads: Sequence[str] | None = None) -> tuple[list[Task], dict]:
+         only_workloads: Sequence[str] | None = None,
+         only_systems: Sequence[str] | None = None,
+         only_flips: Sequence[str] | None = None) -> tuple[list[Task], dict]:
     """Every task of the comparison, and per (setup, workload) its rate grid; the
-    oracle's per-phase splits are measured here (on `pool` when given)."""
+    oracle's per-phase splits are measured here (on `pool` when given). `only_systems`
+    keeps those systems' tasks; the grids depend only on setup and trace, so runs of
+    different systems merge point for point (`merge_raw`)."""
     tasks: list[Task] = []
     grids: dict = {}
     chosen = [s for s in setups(quick) if not only_setups or s.name in only_setups]
@@ -358,9 +362,15 @@ def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
             wl = _workload(wname, quick)
             grids[(setup.name, wname)] = tuple(rate_grid(
                 capacity_estimate(perf, wl, setup.workers, setup.slo), points))
+    wanted = None if not only_systems else set(only_systems)
+    if wanted is not None:
+        known = {s.name for setup in chosen for s in systems(setup.workers, True, setup.reduced)}
+        if wanted - known:
+            raise ValueError(f"unknown systems {sorted(wanted - known)}; known: {sorted(known)}")
     jobs = [(setup, wname, r, calib_seed, quick) for setup in chosen
             for wname in setup.workloads if _workload(wname, quick).schedule
-            for r in grids[(setup.name, wname)]]
+            for r in grids[(setup.name, wname)]] \
+        if wanted is None or "oracle-schedule" in wanted else []
     splits = list((pool.map if pool is not None else map)(phase_best_split, jobs))
     best = {(j[0].name, j[1], j[2]): b for j, b in zip(jobs, splits, strict=True)}
     for setup in chosen:
@@ -369,14 +379,18 @@ def plan(quick: bool, seeds: Sequence[int], calib_seed: int, grid_points: int,
             rates = grids[(setup.name, wname)]
             with_oracle = bool(wl.schedule)
             schedule_by_rate: dict[float, tuple] = {}
-            if with_oracle:
+            if with_oracle and jobs:
                 for r in rates:
                     schedule_by_rate[r] = tuple((t, best[(setup.name, wname, r)][p])
                                                 for t, p in wl.schedule)
             for sysdef in systems(setup.workers, with_oracle, setup.reduced):
+                if wanted is not None and sysdef.name not in wanted:
+                    continue
                 flips = ("live",)
                 if sysdef.kind == "oracle" or sysdef.name in FLIP_VARIANT_SYSTEMS:
                     flips += setup.flip_variants.get(wname, ())
+                if only_flips:
+                    flips = tuple(f for f in flips if f in only_flips)
                 run_seeds = list(seeds) + ([calib_seed] if sysdef.kind == "static" else [])
                 for flip in flips:
                     for seed in run_seeds:
@@ -537,7 +551,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         calib_seed: int = 100, grid_points: int = 12, processes: int = 2,
         only_setups: Sequence[str] | None = None,
-        only_workloads: Sequence[str] | None = None) -> dict:
+        only_workloads: Sequence[str] | None = None,
+        only_systems: Sequence[str] | None = None,
+        only_flips: Sequence[str] | None = None) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / ("sim_comparison_raw_quick.json" if quick else "sim_comparison_raw.json")
@@ -554,7 +570,7 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(processes, 2)) as pool:
             tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, pool,
-                                only_workloads)
+                                only_workloads, only_systems, only_flips)
             print(f"{len(tasks)} tasks", file=sys.stderr, flush=True)
             for i, r in enumerate(pool.imap_unordered(run_task, tasks, chunksize=1)):
                 results.append(r)
@@ -563,13 +579,37 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                     save()
     else:
         tasks, grids = plan(quick, seeds, calib_seed, grid_points, only_setups, None,
-                            only_workloads)
+                            only_workloads, only_systems, only_flips)
         for i, t in enumerate(tasks):
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
     save()
     return finish(out_dir, _merge_oracle(results), grids, quick, seeds, calib_seed, wall0,
                   cpu0)
+
+
+def task_key(result: dict) -> tuple:
+    """What identifies one task's result across runs."""
+    return (result["setup"], result["workload"], result["system"], result["seed"],
+            result["flip"])
+
+
+def merge_raw(raws: Sequence[dict]) -> dict:
+    """Raw result files combined: per task key the later file's result wins; grids are
+    united (a trace whose grid differs between files is an error: its points would not
+    pair up)."""
+    results: dict[tuple, dict] = {}
+    grids: dict[str, list] = {}
+    wall = 0.0
+    for raw in raws:
+        for key, grid in raw.get("grids", {}).items():
+            if key in grids and [float(r) for r in grids[key]] != [float(r) for r in grid]:
+                raise ValueError(f"rate grids differ for {key}: {grids[key]} vs {grid}")
+            grids[key] = grid
+        for r in _merge_oracle(raw["results"]):
+            results[task_key(r)] = r
+        wall += raw.get("wall_s", 0.0)
+    return {"results": list(results.values()), "grids": grids, "wall_s": round(wall, 1)}
 
 
 def finish(out_dir: Path, results: list[dict], grids: dict, quick: bool, seeds: Sequence[int],
@@ -790,14 +830,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="at most 2")
     parser.add_argument("--setups", default=None, help="comma-separated setup names")
     parser.add_argument("--workloads", default=None, help="comma-separated trace names")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated system names: run only these (e.g. arrow,dopd)")
+    parser.add_argument("--flips", default=None,
+                        help="comma-separated flip costs to run (default: live plus each "
+                             "trace's variants; e.g. live)")
     parser.add_argument("--from-raw", type=Path, default=None,
                         help="re-summarise a sim_comparison_raw*.json instead of simulating")
+    parser.add_argument("--merge-raw", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="combine raw files (a later file wins per task) and summarise "
+                             "them as --from-raw does; the merged raw goes to --out too")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else \
         ([0, 1] if args.quick else [0, 1, 2])
     points = args.grid_points or (5 if args.quick else 12)
-    if args.from_raw:
-        raw = json.loads(args.from_raw.read_text())
+    if args.from_raw or args.merge_raw:
+        if args.merge_raw:
+            raw = merge_raw([json.loads(f.read_text()) for f in args.merge_raw])
+            args.out.mkdir(parents=True, exist_ok=True)
+            name = "sim_comparison_raw_quick.json" if args.quick else "sim_comparison_raw.json"
+            if any(f.resolve() == (args.out / name).resolve() for f in args.merge_raw):
+                name = name.replace("_raw", "_raw_merged")
+            (args.out / name).write_text(json.dumps(raw, default=str))
+        else:
+            raw = json.loads(args.from_raw.read_text())
         if args.workloads:  # e.g. only the traces a run cut short had finished
             keep = args.workloads.split(",")
             raw["results"] = [r for r in raw["results"] if r["workload"] in keep]
@@ -810,7 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args.out, args.quick, seeds, args.calibration_seed, points,
                   min(2, max(1, args.processes)),
                   args.setups.split(",") if args.setups else None,
-                  args.workloads.split(",") if args.workloads else None)
+                  args.workloads.split(",") if args.workloads else None,
+                  args.systems.split(",") if args.systems else None,
+                  args.flips.split(",") if args.flips else None)
     print(table(out))
     for sname, per_wl in out["results"].items():
         for wname in per_wl:

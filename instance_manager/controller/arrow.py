@@ -8,8 +8,12 @@ Loads follow Arrow §5.5 (as reconstructed in notes/papers.md §1.3):
 * decode load of a worker = windowed inter-token latency p90 / TPOT target;
 * a pool's load is the mean over its READY workers.
 
-A decode worker's load also counts its batch slots (`in-flight decodes / decode_slots`):
-a full batch can meet TPOT while new requests queue for a slot.
+A decode worker's load also counts its batch slots: in-flight decodes, plus the pool's
+growth in decodes in flight over `occupancy_horizon_s` (shared evenly), over the
+sequences it can run (`decode_slots`, the largest batch meeting TPOT, and the sequences
+its KV cache holds at its current mix). A full batch can meet TPOT while new requests
+queue for a slot, and after a shift to long outputs the decodes in flight grow for a whole
+output's duration before any TPOT or finished-request signal shows it.
 
 Two paths move workers from pool S to pool T:
 
@@ -20,7 +24,8 @@ Two paths move workers from pool S to pool T:
   flip needs the decode side to be free of pressure (the paper flips D->P only when decode
   load is low);
 * reactive (Algorithm 2): T's load has stayed above `expand` for `sustain_ticks` ticks,
-  and `cooldown_s` has passed since the last flip.
+  and `cooldown_s` has passed since the last flip (`repeat_s` when the last flip went to
+  T too).
 
 Either way S must stay below `expand` after giving up workers (`L_S · n_S / (n_S − k)`),
 so a flip never just moves the problem, and S is never emptied. Far past target several
@@ -38,10 +43,12 @@ from core.pressure import SLOPressure
 from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction, WorkerMetrics
 from instance_manager.controller.common import (
+    InFlightTrend,
     PolicyNote,
     describe_load,
     held,
     hold_reason_while_draining,
+    kv_slots,
     metrics_of,
     pool,
     role_load_key,
@@ -57,14 +64,23 @@ class ArrowConfig:
     sustain_ticks: int = 2
     """Consecutive ticks of pressure before a flip (filters one-tick spikes)."""
     cooldown_s: float = 10.0
-    """No flip for this long after one; keep it near the metrics window so the next
-    decision sees the effect of the last one."""
+    """No flip the other way for this long after one; keep it near the metrics window so
+    the next decision sees the effect of the last one."""
+    repeat_s: float = 2.0
+    """A further move the same way (the pool still over target) waits this long: decode
+    slot load is read live, so the effect of the last move shows at once."""
     min_samples: int = 3
     """A worker's latency percentile counts only with this many samples in the window
     (a producer that reports no sample count, i.e. 0 with a percentile, is trusted)."""
     decode_slots: int = 256
-    """Batch slots per decode worker (vLLM's max_num_seqs): in-flight decodes beyond it
-    queue for admission."""
+    """Sequences per decode worker: the largest batch whose step meets TPOT, capped by
+    vLLM's max_num_seqs (`calibrate.arrow_knobs` derives it); in-flight decodes beyond it
+    queue for admission or miss TPOT."""
+    occupancy_horizon_s: float = 10.0
+    """How far ahead the growth of decodes in flight counts toward decode load
+    (0 = count only the decodes in flight now)."""
+    growth_window_s: float = 3.0
+    """The growth of decodes in flight is measured over this many seconds of ticks."""
     inline_flips: bool = True
     """Act on the routing policy's SLO-pressure signals (Algorithm 1 step 3)."""
     pressure_signals: int = 3
@@ -76,9 +92,9 @@ class ArrowConfig:
     prefill_tokens_per_s: float = 0.0
     """One worker's prefill throughput for that busy fraction (0 = estimate it from TTFT);
     `calibrate.arrow_knobs` derives it from a performance model or profile."""
-    inline_max_flips: int = 1
-    """Workers one inline flip moves (the measured loads that bound a multi-worker move
-    lag a shift; the reactive path moves several)."""
+    inline_max_flips: int = 0
+    """Cap on the workers one inline flip moves (0 = as many as the predicted miss ratio
+    or the measured load asks for, within what the source pool can spare)."""
     pressure_guard_s: float = 2.0
     """No inline flip sooner than this after any flip."""
     max_flips_per_decision: int = 0
@@ -102,9 +118,10 @@ def decode_latency_s(m: WorkerMetrics, min_samples: int) -> float:
 
 
 def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int,
-              decode_slots: int = 0) -> tuple[float, float]:
+              decode_slots: int = 0, growth: float = 0.0) -> tuple[float, float]:
     """(mean latency in seconds, mean load = latency / target) over a role's READY pool;
-    a decode worker's load counts slot occupancy when `decode_slots` is set."""
+    a decode worker's load counts slot occupancy when `decode_slots` is set, with the
+    pool's `growth` in decodes in flight (already times the horizon) shared evenly."""
     members = pool(snapshot, role)
     if not members:
         return 0.0, 0.0
@@ -121,7 +138,8 @@ def pool_load(snapshot: ControlSnapshot, role: Role, min_samples: int,
             # that wait counts against TTFT, so it is decode pressure too.
             wait = m.num_waiting / m.requests_finished_per_s \
                 if m.requests_finished_per_s > 0 else 0.0
-            slots = w.in_flight_decode / decode_slots if decode_slots > 0 else 0.0
+            slots = (w.in_flight_decode + max(0.0, growth) / len(members)) / \
+                kv_slots(m, decode_slots) if decode_slots > 0 else 0.0
             loads.append(max(itl / snapshot.slo.tpot_s, wait / snapshot.slo.ttft_s, slots))
         return sum(lat) / len(lat), sum(loads) / len(loads)
     mean = sum(lat) / len(lat)
@@ -149,7 +167,8 @@ def prefill_utilization(snapshot: ControlSnapshot, min_samples: int,
 
 
 ROUND1_KNOBS = {"inline_flips": False, "max_flips_per_decision": 1, "decode_slots": 0,
-                "cooldown_s": 10.0, "max_prefill_utilization": 0.0}
+                "cooldown_s": 10.0, "repeat_s": 10.0, "max_prefill_utilization": 0.0,
+                "occupancy_horizon_s": 0.0}
 """Knobs that reproduce the round-1 policy (measured misses only, one flip per cooldown)."""
 
 
@@ -178,12 +197,15 @@ class ArrowController:
         self._last_flip_at: float | None = None
         self._last_target: Role | None = None
         self._last_tick_at: float | None = None
+        self._in_flight = InFlightTrend(self.config.growth_window_s)
 
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
         cfg = self.config
         n = {r: len(pool(snapshot, r)) for r in Role}
         lat_p, load_p = pool_load(snapshot, Role.PREFILL, cfg.min_samples)
-        lat_d, load_d = pool_load(snapshot, Role.DECODE, cfg.min_samples, cfg.decode_slots)
+        growth = self._in_flight.observe(snapshot)
+        lat_d, load_d = pool_load(snapshot, Role.DECODE, cfg.min_samples, cfg.decode_slots,
+                                  growth * cfg.occupancy_horizon_s)
         load = {Role.PREFILL: load_p, Role.DECODE: load_d}
         for role in Role:
             self._streak[role] = self._streak[role] + 1 if load[role] > cfg.expand else 0
@@ -195,6 +217,7 @@ class ArrowController:
             "tpot_target_s": snapshot.slo.tpot_s, "decode_load": round(load_d, 3),
             "expand": cfg.expand, "prefill_pressure": len(signals[Role.PREFILL]),
             "decode_pressure": len(signals[Role.DECODE]),
+            "decode_growth_per_s": round(growth, 2),
         }
         facts = (f"prefill: TTFT incl. queue {lat_p:.3f}s vs target {snapshot.slo.ttft_s:.3f}s "
                  f"(load {load_p:.2f}, {n[Role.PREFILL]} workers); decode: ITL p90 "
@@ -216,15 +239,22 @@ class ArrowController:
         inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
         if inline is not None:
             target, ratio, why = inline
-            want = cfg.inline_max_flips
+            # the predicted miss says how far past target the leg is; the measured load
+            # lags a shift, so the larger of the two sizes the move
+            want = wanted_workers(max(load[target], ratio), n[target], cfg.expand)
+            if cfg.inline_max_flips > 0:
+                want = min(want, cfg.inline_max_flips)
             if since is not None and since < cfg.pressure_guard_s:
                 return hold(f"{why}, guard {cfg.pressure_guard_s - since:.1f}s left")
             if since is not None and target != self._last_target and since < cfg.cooldown_s:
                 return hold(f"{why}, but the last flip went the other way {since:.1f}s ago")
         else:
-            if since is not None and since < cfg.cooldown_s:
-                return hold(f"cooldown, {cfg.cooldown_s - since:.0f}s left")
             hot = [r for r in Role if load[r] > cfg.expand]
+            if since is not None and since < cfg.cooldown_s and (
+                    len(hot) != 1 or hot[0] != self._last_target):
+                return hold(f"cooldown, {cfg.cooldown_s - since:.0f}s left")
+            if since is not None and since < cfg.repeat_s:
+                return hold(f"{cfg.repeat_s - since:.0f}s before another move the same way")
             if not hot:
                 return hold("both pools within target")
             if len(hot) == 2:
@@ -239,6 +269,11 @@ class ArrowController:
         if n[source] < 2:
             return hold(f"the {source.value} pool has one worker and is never emptied")
         spare = spare_workers(load[source], n[source], cfg.expand)
+        if source == Role.DECODE and growth <= 0:
+            # a relabelled worker takes its decodes along, and none are arriving faster
+            # than they finish: the rest keep their slot load; only latency spreads
+            _, lat_load = pool_load(snapshot, Role.DECODE, cfg.min_samples)
+            spare = spare_workers(lat_load, n[source], cfg.expand)
         if source == Role.PREFILL and cfg.max_prefill_utilization > 0:
             busy = prefill_utilization(snapshot, cfg.min_samples, cfg.prefill_tokens_per_s)
             if busy is not None:

@@ -95,8 +95,15 @@ def dopd_knobs_from_profile(path: Path | str, tpot_s: float, max_num_seqs: int =
 
 
 def arrow_knobs(perf: StepTimeModel, tpot_s: float, max_num_seqs: int = 256,
-                prompt_tokens: int = 2048) -> dict[str, float]:
+                prompt_tokens: int = 2048, decode_context: float = 1000.0) -> dict[str, float]:
     """Arrow's capacity knobs on `perf`: one worker's prefill throughput at a typical
-    prompt (for the prefill pool's busy fraction) and its batch slots."""
+    prompt (for the prefill pool's busy fraction) and its decode slots: the largest batch
+    (up to `max_num_seqs`) whose step at `decode_context` tokens per sequence meets
+    `tpot_s` (a bigger batch misses TPOT even with slots free)."""
     seconds = perf.iteration_time(prompt_tokens, prompt_tokens * prompt_tokens / 2, 0, 0.0)
-    return {"prefill_tokens_per_s": prompt_tokens / seconds, "decode_slots": int(max_num_seqs)}
+    best = 1
+    for batch in range(1, max_num_seqs + 1):
+        if perf.iteration_time(0, 0.0, batch, batch * decode_context) > tpot_s:
+            break
+        best = batch
+    return {"prefill_tokens_per_s": prompt_tokens / seconds, "decode_slots": int(best)}

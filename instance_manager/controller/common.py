@@ -3,6 +3,7 @@ a policy leaves behind for `fulcrum explain`."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -76,3 +77,33 @@ def describe_load(worker: WorkerView) -> str:
 
 def fmt_s(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.0f} ms"
+
+
+class InFlightTrend:
+    """Growth per second of the decodes in flight on every worker, over a few seconds of
+    ticks. The total is what the gateway counts live; a relabel flip does not change it,
+    so a positive slope means decodes arrive faster than they finish (longer outputs than
+    the finished requests show)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._history: deque[tuple[float, int]] = deque()
+
+    def observe(self, snapshot: ControlSnapshot) -> float:
+        total = sum(w.in_flight_decode for w in snapshot.cluster.workers)
+        hist = self._history
+        if hist and snapshot.time <= hist[-1][0]:
+            hist.clear()  # a clock that went back: start over
+        hist.append((snapshot.time, total))
+        while len(hist) > 2 and hist[1][0] <= snapshot.time - self.window_s:
+            hist.popleft()
+        t0, n0 = hist[0]
+        return (total - n0) / (snapshot.time - t0) if snapshot.time > t0 else 0.0
+
+
+def kv_slots(metrics: WorkerMetrics, limit: float) -> float:
+    """Sequences a worker's KV cache holds at its current mix (running / KV usage, where it
+    reports enough usage to tell), at most `limit`."""
+    if metrics.num_running > 0 and metrics.kv_cache_usage > 0.05:
+        return min(limit, metrics.num_running / metrics.kv_cache_usage)
+    return limit

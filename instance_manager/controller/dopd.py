@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from core.workers import Role
 from instance_manager.controller.base import ControlSnapshot, FlipAction
 from instance_manager.controller.common import (
+    InFlightTrend,
     PolicyNote,
     describe_load,
     held,
@@ -87,16 +88,29 @@ class DOPDConfig:
     max_flips_per_decision: int = 0
     """Cap on workers moved at once (0 = jump straight to the target)."""
     warmup_s: float = 10.0
-    """For this long after the first traffic the decode pool moves only on a slot queue: the
-    first finished requests are the short ones, so the window's output length starts low."""
+    """For this long after the first traffic the decode pool does not shrink: the first
+    finished requests are the short ones, and the decodes in flight are still climbing to
+    their steady count, so both estimates start low."""
     max_extrapolation_s: float = 5.0
     """The trend extrapolates at most this far between two updates: after a gap (ticks
     that saw no finished request) a steep old trend must not fling the level past the
     data."""
+    decode_estimate: str = "occupancy"
+    """How the decode need is read: "occupancy" (the decodes in flight on the decode pool
+    now, plus their growth over `occupancy_horizon_s`, over the slots a worker runs:
+    Little's law, live), "flow" (arrival rate x mean output of finished requests over
+    capacity: lags a shift by a whole output's duration), or "both" (the larger)."""
+    occupancy_horizon_s: float = 10.0
+    """How far ahead the growth of in-flight decodes is projected (a flip must land
+    before the slots run out)."""
+    growth_window_s: float = 3.0
+    """The growth of in-flight decodes is measured over this many seconds of ticks."""
 
     def __post_init__(self) -> None:
         if self.target not in ("need", "share"):
             raise ValueError("target must be 'need' or 'share'")
+        if self.decode_estimate not in ("occupancy", "flow", "both"):
+            raise ValueError("decode_estimate must be 'occupancy', 'flow' or 'both'")
         if self.forecast not in ("last", "holt"):
             raise ValueError("forecast must be 'last' or 'holt'")
 
@@ -149,6 +163,12 @@ class Needs:
     """Workers that clear the prompts queued now within one TTFT target."""
     decode_queued: bool = False
     """Decodes are waiting for a batch slot (more in flight than the pool holds)."""
+    decode_occupancy: float = 0.0
+    """Workers the decodes in flight on the decode pool fill, projected ahead."""
+    decode_flow: float = 0.0
+    """Workers the arrival rate times the finished requests' mean output needs."""
+    decode_growth_per_s: float = 0.0
+    """Growth of the decodes in flight (all workers), per second."""
 
 
 def choose_target(n_p: int, n_d: int, need_p: float, need_d: float,
@@ -201,6 +221,7 @@ class DOPDController:
         self._last_change_at: float | None = None
         self._last_direction: Role | None = None  # the pool that grew last time
         self._first_traffic_at: float | None = None
+        self._in_flight = InFlightTrend(cfg.growth_window_s)
 
     # -- the cost model ---------------------------------------------------------------
     def prefill_seconds(self, prompt_tokens: float) -> float:
@@ -233,8 +254,10 @@ class DOPDController:
             slots = min(slots, cfg.decode_tokens_per_s * cfg.decode_step_s)
         return max(1.0, slots)
 
-    def needs(self, snapshot: ControlSnapshot, rate: float, isl: float, osl: float) -> Needs:
-        """Workers each pool needs at `rate` requests/s of the given mean lengths."""
+    def needs(self, snapshot: ControlSnapshot, rate: float, isl: float, osl: float,
+              growth_per_s: float = 0.0) -> Needs:
+        """Workers each pool needs at `rate` requests/s of the given mean lengths, with the
+        decodes in flight growing by `growth_per_s`."""
         cfg = self.config
         t_p = self.prefill_seconds(isl)
         slots = self.decode_slots(snapshot, isl + osl / 2)
@@ -246,8 +269,13 @@ class DOPDController:
         # outputs the flow estimate lags by a whole output's duration; decodes queued for a
         # slot (more in flight than the pool holds) show the shortage at once. Running
         # decodes alone do not: a flipped worker finishes those in place.
-        held = sum(w.in_flight_decode for w in snapshot.cluster.workers) / slots
-        queued = held if held > len(pool(snapshot, Role.DECODE)) else 0.0
+        n_d = len(pool(snapshot, Role.DECODE))
+        on_pool = sum(w.in_flight_decode for w in pool(snapshot, Role.DECODE))
+        if cfg.decode_estimate == "flow":
+            held = sum(w.in_flight_decode for w in snapshot.cluster.workers) / slots
+        else:  # a relabelled worker finishes its decodes in place: they queue for no slot
+            held = on_pool / slots
+        queued = held if held > n_d else 0.0
         # Likewise the window's mean prompt lags a shift to long prompts; the prompts queued
         # now show it at once: clearing them within one TTFT target takes W / TTFT workers.
         backlog_s = sum(w.in_flight_prefill * self.prefill_seconds(
@@ -256,9 +284,21 @@ class DOPDController:
         backlog = backlog_s / snapshot.slo.ttft_s
         need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
         start = self._first_traffic_at
-        if start is None or snapshot.time - start < cfg.warmup_s:
-            flow = float(len(pool(snapshot, Role.DECODE)))  # neither shrink nor grow on it
-        return Needs(need_p, max(flow, queued), t_p, capacity, slots, backlog, queued > 0)
+        warming = start is None or snapshot.time - start < cfg.warmup_s
+        if warming:
+            flow = float(n_d)  # neither shrink nor grow on it
+        # Little's law on the decodes in flight reacts within seconds of a shift either
+        # way: a relabelled worker keeps its decodes, so only the decode pool's count
+        # matters, and while decodes arrive faster than they finish the pool must hold
+        # `growth x horizon` more by the time a flip lands.
+        projected = on_pool + max(0.0, growth_per_s) * cfg.occupancy_horizon_s
+        occupancy = projected / (slots * cfg.decode_utilization)
+        need_d = {"flow": flow, "occupancy": occupancy,
+                  "both": max(flow, occupancy)}[cfg.decode_estimate]
+        if warming:  # the decodes in flight have not yet reached their steady count
+            need_d = max(need_d, float(n_d))
+        return Needs(need_p, max(need_d, queued), t_p, capacity, slots, backlog, queued > 0,
+                     occupancy, flow, growth_per_s)
 
     # -- deciding ---------------------------------------------------------------------
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
@@ -266,6 +306,7 @@ class DOPDController:
         n_p, n_d = len(pool(snapshot, Role.PREFILL)), len(pool(snapshot, Role.DECODE))
         total = n_p + n_d
         numbers: dict = {"prefill_workers": n_p, "decode_workers": n_d}
+        growth = self._in_flight.observe(snapshot)
         isl, osl = snapshot.mean_prompt_tokens, snapshot.mean_output_tokens
         if isl is None or osl is None:
             self.last_note = PolicyNote("hold: no finished requests in the window", numbers)
@@ -275,7 +316,8 @@ class DOPDController:
         numbers.update(mean_prompt_tokens=round(isl, 1), mean_output_tokens=round(osl, 1))
         rate = snapshot.arrival_rate_per_s
         if cfg.target == "need" and rate is not None:
-            target, why, facts = self._need_target(snapshot, rate, isl, osl, n_p, n_d, numbers)
+            target, why, facts = self._need_target(snapshot, rate, isl, osl, n_p, n_d, numbers,
+                                                   growth)
         else:
             target, why, facts = self._share_target(snapshot, isl, osl, n_p, total, numbers)
         numbers["target_prefill_workers"] = target
@@ -314,9 +356,10 @@ class DOPDController:
         return [FlipAction(w.name, grow, reason) for w in chosen]
 
     def _need_target(self, snapshot: ControlSnapshot, rate: float, isl: float, osl: float,
-                     n_p: int, n_d: int, numbers: dict) -> tuple[int, str, str]:
+                     n_p: int, n_d: int, numbers: dict, growth: float = 0.0
+                     ) -> tuple[int, str, str]:
         cfg = self.config
-        now = self.needs(snapshot, rate, isl, osl)
+        now = self.needs(snapshot, rate, isl, osl, growth)
         need_p = self._forecasts["prefill"].update(now.prefill, snapshot.time,
                                                    cfg.forecast_horizon_s)
         need_d = self._forecasts["decode"].update(now.decode, snapshot.time,
@@ -332,11 +375,16 @@ class DOPDController:
             "prefill_need_now": round(now.prefill, 2), "decode_need_now": round(now.decode, 2),
             "prefill_need": round(need_p, 2), "decode_need": round(need_d, 2),
             "prefill_backlog_workers": round(now.prefill_backlog, 2),
+            "decode_occupancy_need": round(now.decode_occupancy, 2),
+            "decode_flow_need": round(now.decode_flow, 2),
+            "decode_growth_per_s": round(now.decode_growth_per_s, 2),
             "decodes_queued": int(now.decode_queued)})
         facts = (f"{rate:.1f} req/s of ISL {isl:.0f} / OSL {osl:.0f}: prefill needs "
                  f"{need_p:.2f} workers ({now.prefill_s_per_request * 1000:.1f} ms each), "
                  f"decode {need_d:.2f} ({now.decode_capacity_tokens_per_s:.0f} tok/s, "
-                 f"{now.decode_slots:.0f} slots per worker); have {n_p}P{n_d}D")
+                 f"{now.decode_slots:.0f} slots per worker; in flight "
+                 f"{now.decode_occupancy:.2f}, growing {now.decode_growth_per_s:+.1f}/s, "
+                 f"flow {now.decode_flow:.2f}); have {n_p}P{n_d}D")
         return target, why, facts
 
     def _share_target(self, snapshot: ControlSnapshot, isl: float, osl: float, n_p: int,

@@ -59,6 +59,12 @@ class ArrowTargets:
     """A worker reporting at least this KV usage has no room for a new request."""
     expected_output_tokens: float = 256.0
     """Output length assumed for queueing when the request's cap is larger."""
+    min_fit_samples: int = 20
+    """A worker whose own model has fewer samples is predicted with the best-fitted
+    worker's model (workers of one deployment are alike). With its prior alone, a worker
+    that has not yet served a role looks slower than the fitted ones, so lowest-prediction
+    routing never sends it work and it never gets the samples to look better (a flipped or
+    idle decode worker then sits empty while the others fill their KV caches)."""
 
 
 class ArrowRouting(RoutingPolicy):
@@ -90,8 +96,20 @@ class ArrowRouting(RoutingPolicy):
         self.models.decode(worker).observe(resident_tokens, seconds_per_token)
 
     # -- predictions ------------------------------------------------------------------
+    def _prefill_model(self, name: str):
+        own = self.models.prefill(name)
+        if own.samples >= self.targets.min_fit_samples:
+            return own
+        return self.models.best_fitted("prefill", self.targets.min_fit_samples) or own
+
+    def _decode_model(self, name: str):
+        own = self.models.decode(name)
+        if own.samples >= self.targets.min_fit_samples:
+            return own
+        return self.models.best_fitted("decode", self.targets.min_fit_samples) or own
+
     def predicted_ttft(self, worker: WorkerView, prompt_tokens: int) -> float:
-        model = self.models.prefill(worker.name)
+        model = self._prefill_model(worker.name)
         n = worker.in_flight_prefill
         queued = n * model.predict(worker.prefill_tokens_in_flight / n) if n > 0 else 0.0
         return queued + model.predict(prompt_tokens)
@@ -102,7 +120,7 @@ class ArrowRouting(RoutingPolicy):
         wait for a batch slot or KV room when the worker has none free."""
         t = self.targets
         output = min(max_tokens or t.expected_output_tokens, t.expected_output_tokens)
-        step = self.models.decode(worker.name).predict(
+        step = self._decode_model(worker.name).predict(
             worker.decode_tokens_in_flight + prompt_tokens)
         slots = t.decode_slots or worker.in_flight_decode + 1
         queued = worker.in_flight_decode + 1 - slots

@@ -219,3 +219,12 @@ class LatencyModelBook:
             model = DecodeLatencyModel(p.decode_m, p.decode_c0, p.forget)
             self._decode[worker] = model
         return model
+
+    def best_fitted(self, kind: str, min_samples: int) -> PrefillLatencyModel | \
+            DecodeLatencyModel | None:
+        """The `kind` ("prefill" or "decode") model with the most samples, if it has at
+        least `min_samples`: a stand-in for a worker whose own model has seen too little."""
+        models = self._prefill if kind == "prefill" else self._decode
+        best = max(models.values(), key=lambda m: m.samples, default=None)
+        return best if best is not None and best.samples >= min_samples else None
+
