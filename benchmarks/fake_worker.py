@@ -35,6 +35,7 @@ class FakeBehaviour:
     held_back_tokens: tuple[int, ...] = ()
     api_key: str | None = None  # like vLLM's --api-key: /v1/* needs "Bearer KEY"
     hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
+    hang_before_done: bool = False  # a stream's worker hangs after its last event
     # streams stop after this many tokens while /health still answers (a wedged engine)
     stall_after_tokens: int | None = None
     # decodes of remotely prefilled requests never start (their KV pull hangs)
@@ -192,6 +193,9 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                     last = {"id": rid, "object": obj, "model": model, "choices": [],
                             "usage": usage, "metrics": _timings(0.0, 0.0, b.token_delay_s)}
                     yield f"data: {json.dumps(last)}\n\n".encode()
+                if b.hang_before_done:  # a process stopped between its last event and [DONE]
+                    b.hang = True
+                await hang_if_asked()
                 yield b"data: [DONE]\n\n"
             except asyncio.CancelledError:
                 stats.aborted += 1

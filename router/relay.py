@@ -449,8 +449,13 @@ class StreamRelay:
                 out[key] = chunk[key]
         return out
 
+    def _every_token_sent(self) -> bool:
+        """The client has every token the request asked for (only [DONE] may be missing)."""
+        return self._yielded and self._remaining() <= 0 and self._text_caught_up
+
     async def chunks(self) -> AsyncIterator[bytes]:
         reported = 0
+        missing_done = False
         try:
             if self._primer is not None:
                 events = self.obs.feed(self._primer)
@@ -483,6 +488,13 @@ class StreamRelay:
                 except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as exc:
                     if self.obs.saw_done:
                         break  # whole already: only the connection's end went wrong
+                    if self._every_token_sent():
+                        # only the closing events were missing (a busy worker's breaker
+                        # opened between its last token and [DONE]): end it cleanly here
+                        log.warning("decode stream %s lost its worker after its last token: %r",
+                                    self.request_id, exc)
+                        missing_done = True
+                        break
                     log.warning("decode stream from %s broke: %r", self.worker, exc)
                     await self._rescue(exc)
                     continue
@@ -490,6 +502,8 @@ class StreamRelay:
             self._upstream_done = True
             if self.obs.pending.strip():
                 yield self.obs.pending
+            if missing_done:
+                yield b"data: [DONE]\n\n"
         except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as exc:
             log.warning("decode stream %s ends with an error: %r", self.request_id, exc)
             self.d.metrics.leg_failures.labels("decode", "stream_error").inc()

@@ -56,6 +56,7 @@ def _rig(health: HealthConfig, stall_factor: float) -> Iterator[Rig]:
         finally:
             for worker in (p_app, d_app):  # let the stopped handlers end
                 worker.state.behaviour.hang = False
+                worker.state.behaviour.hang_before_done = False
                 worker.state.behaviour.stall_after_tokens = None
                 worker.state.behaviour.stall_remote_decodes = False
 
@@ -173,6 +174,17 @@ def test_a_stream_waiting_for_kv_from_a_hung_prefill_worker_restarts(probed: Rig
     assert decode.stats.remote_decodes == 1  # the first try waited for p0's KV
     assert decode.stats.local_requests == 1  # then d0 computed the prompt itself
     assert probed.gateway.state.health.summary()["p0"]["breaker"] == "open"
+
+
+def test_a_worker_lost_after_the_last_token_ends_the_stream_cleanly(probed: Rig) -> None:
+    # every token and the usage arrived; the worker hangs before [DONE]: nothing to move
+    probed.decode.state.behaviour.hang_before_done = True
+    body = {"prompt": "abc", "max_tokens": 10, "stream_options": {"include_usage": True}}
+    text, errors = _stream(probed, body)
+    assert errors == [] and text == WHOLE
+    assert probed.gateway.state.health.summary()["d0"]["breaker"] == "open"
+    assert probed.prefill.state.stats.local_requests == 0  # not resent anywhere
+    assert _in_flight_zero(probed.cluster)
 
 
 def test_an_unmovable_stream_ends_with_an_error_event_at_once(probed: Rig) -> None:
