@@ -67,8 +67,8 @@ def _one(client: httpx.Client, url: str, rng: random.Random) -> Request:
             for line in resp.iter_lines():
                 if line == "data: [DONE]":
                     done = True
-                elif line.startswith("data: {") and '"error"' in line:
-                    error = line[:120]
+                elif line.startswith("data: {") and "error" in json.loads(line[6:]):
+                    error = line[:120]  # parsed: the random model's text may say "error"
         ok = resp.status_code == 200 and done and not error
         return Request(started, time.monotonic(), ok, True,
                        error or ("" if done else "no [DONE]"))
