@@ -410,6 +410,15 @@ def _worker_kv_usage(url: str) -> float:
     return -1.0
 
 
+def stop_cluster(proc: subprocess.Popen) -> None:
+    """SIGTERM `fulcrum up` (it stops its workers), then kill it after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start_cluster(log_dir: Path, extra: tuple[str, ...] = (),
                   control: bool = True) -> tuple[subprocess.Popen, str]:
     """`fulcrum up --model tiny`, 3 workers (1 prefill), dopd acting (unless not
@@ -504,11 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         result = chaos.run()
         result["kv_usage_after"] = chaos.settle()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_cluster(proc)
     result["config"] = {k: v for k, v in vars(args).items() if k != "out"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.chaos import MODEL, RESULTS, start_cluster
+from benchmarks.chaos import MODEL, RESULTS, start_cluster, stop_cluster
 
 POLL_S = 0.02
 
@@ -209,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed)
         result = bench.run()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_cluster(proc)
     result["config"] = {k: v for k, v in vars(args).items() if k != "out"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
