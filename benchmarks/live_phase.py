@@ -76,20 +76,30 @@ def up_options(system: str, slo: SLO, profile: Path | None) -> list[str]:
 class PoolSampler:
     """Samples the number of workers per role once a second."""
 
-    def __init__(self, cluster: UpCluster) -> None:
+    def __init__(self, cluster: UpCluster, decisions: bool = False) -> None:
         self.cluster = cluster
         self.samples: list[dict] = []
+        self.decisions: dict[int, dict] = {}  # tick -> decision (the log keeps only 50)
+        self._with_decisions = decisions
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.wait(1.0):
+            n += 1
             try:
                 roles = list(self.cluster.roles().values())
+                if self._with_decisions and n % 20 == 0:
+                    self.collect_decisions()
             except httpx.HTTPError:
                 continue
             self.samples.append({"t": time.time(), "prefill": roles.count("prefill"),
                                  "decode": roles.count("decode"), "both": roles.count("both")})
+
+    def collect_decisions(self) -> None:
+        for d in self.cluster.admin("GET", "/explain?limit=50").get("decisions", []):
+            self.decisions[d["tick"]] = d
 
     def __enter__(self) -> PoolSampler:
         self._thread.start()
@@ -120,8 +130,11 @@ def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
                             client_max_tokens=CLIENT_CAP, timeout_s=300)
         asyncio.run(run_trace(trace[:4], endpoint, progress=False))  # warm-up
         started = time.time()
-        with PoolSampler(cluster) as pools:
+        with PoolSampler(cluster, decisions=system in ADAPTIVE) as pools:
             timelines, duration = asyncio.run(run_trace(trace, endpoint, progress=False))
+        if system in ADAPTIVE:
+            pools.collect_decisions()
+        decisions = [pools.decisions[k] for k in sorted(pools.decisions)]
         flips = cluster.admin("GET", "/flips").get("flips", [])
     finally:
         cluster.stop()
@@ -133,9 +146,45 @@ def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
     return {"system": system, "started": started,
             **{k: summary.get(k) for k in keep},
             "errors": errors[:10],
+            "phases": by_phase(timelines, slo),
+            "decisions": summarize_decisions(decisions, started),
             "pools": [{**s, "t": round(s["t"] - started, 2)} for s in pools.samples],
             "flips": [f for f in flips if f.get("outcome") == "done"],
             "flip_count": sum(1 for f in flips if f.get("outcome") == "done")}
+
+
+def by_phase(timelines: list, slo: SLO) -> dict[str, dict]:
+    """SLO attainment per phase, and how often each half of the SLO was missed."""
+    out = {}
+    for name, keep in (("long-prompt", lambda t: t.prompt_tokens > 200),
+                       ("long-output", lambda t: t.prompt_tokens <= 200)):
+        group = [t for t in timelines if keep(t)]
+        done = [t for t in group if t.success]
+        ttft_ok = [t.ttft_s * 1000 <= slo.ttft_ms for t in done]
+        tpot_ok = [t.output_tokens <= 1 or (t.latency_s - t.ttft_s) * 1000
+                   / (t.output_tokens - 1) <= slo.tpot_ms for t in done]
+        both = sum(a and b for a, b in zip(ttft_ok, tpot_ok, strict=True))
+        out[name] = {"requests": len(group), "attainment": both / len(group) if group else None,
+                     "ttft_missed": len(done) - sum(ttft_ok),
+                     "tpot_missed": len(done) - sum(tpot_ok),
+                     "median_ttft_ms": statistics.median(t.ttft_s * 1000 for t in done)
+                     if done else None}
+    return out
+
+
+def summarize_decisions(decisions: list[dict], started: float) -> dict:
+    """The controller's moves (time, note, numbers) and how often each hold reason came up."""
+    moves, holds = [], {}
+    for d in decisions:
+        note = str(d.get("note", ""))
+        if d.get("actions"):
+            moves.append({"t": round(float(d.get("at", started)) - started, 1),
+                          "note": note[:400], "numbers": d.get("numbers", {})})
+        else:
+            key = note.removeprefix("hold: ").split(";")[0].split(":")[0][:80]
+            holds[key] = holds.get(key, 0) + 1
+    last = [{k: d.get(k) for k in ("at", "note", "numbers")} for d in decisions[-3:]]
+    return {"ticks": len(decisions), "moves": moves, "holds": holds, "last": last}
 
 
 def ratios(runs: dict[str, dict]) -> dict[str, dict[str, float | None]]:
@@ -192,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--rate", type=float, default=8.0, help="requests/s in every phase")
+    parser.add_argument("--rate", type=float, default=6.0, help="requests/s in every phase")
     parser.add_argument("--minutes", type=float, default=10.0, help="trace length")
     parser.add_argument("--phase-s", type=float, default=60.0)
     parser.add_argument("--seeds", default="0")
@@ -223,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         for system in systems:
             print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
             runs[system] = run_system(system, trace, slo, profile, log_dir)
+            partial = args.out.with_suffix(".partial.json")
+            partial.write_text(json.dumps({"seed": seed, "runs": runs}, indent=1) + "\n")
             r = runs[system]
             print(f"  goodput {r['request_goodput']:.2f} req/s, attainment "
                   f"{r['slo_attainment']:.2f}, failed {r['failed']}, flips {r['flip_count']}",

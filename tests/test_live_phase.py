@@ -1,0 +1,50 @@
+"""The live phase benchmark's bookkeeping: per-phase SLO misses, decision summaries, ratios."""
+
+from __future__ import annotations
+
+from benchmarks.live_phase import by_phase, ratios, summarize_decisions
+from benchmarks.metrics import SLO, RequestTimeline
+
+
+def timeline(prompt: int, ttft_s: float, tpot_s: float, out: int = 11,
+             success: bool = True) -> RequestTimeline:
+    end = ttft_s + tpot_s * (out - 1)
+    return RequestTimeline(start_s=0.0, prompt_tokens=prompt, output_tokens=out,
+                           success=success, first_token_s=ttft_s, end_s=end)
+
+
+def test_by_phase_counts_each_half_of_the_slo_per_phase():
+    slo = SLO(ttft_ms=1000, tpot_ms=100)
+    runs = [timeline(512, 0.2, 0.01), timeline(512, 1.5, 0.01),  # one TTFT miss
+            timeline(32, 0.1, 0.2), timeline(32, 0.1, 0.05),      # one TPOT miss
+            timeline(32, 0.1, 0.05, success=False)]               # failed: not attained
+    phases = by_phase(runs, slo)
+    assert phases["long-prompt"]["requests"] == 2
+    assert phases["long-prompt"]["ttft_missed"] == 1
+    assert phases["long-prompt"]["tpot_missed"] == 0
+    assert phases["long-prompt"]["attainment"] == 0.5
+    assert phases["long-output"]["requests"] == 3
+    assert phases["long-output"]["tpot_missed"] == 1
+    assert phases["long-output"]["attainment"] == 1 / 3
+
+
+def test_decisions_split_into_moves_and_counted_holds():
+    decisions = [{"tick": 1, "at": 101.0, "note": "hold: both pools have headroom", "actions": []},
+                 {"tick": 2, "at": 102.0, "note": "hold: both pools have headroom; 8 req/s",
+                  "actions": []},
+                 {"tick": 3, "at": 103.5, "note": "flip 1 to prefill: pressure",
+                  "numbers": {"prefill_workers": 2}, "actions": [{"worker": "w2"}]}]
+    out = summarize_decisions(decisions, started=100.0)
+    assert out["ticks"] == 3
+    assert out["holds"] == {"both pools have headroom": 2}
+    assert out["moves"] == [{"t": 3.5, "note": "flip 1 to prefill: pressure",
+                             "numbers": {"prefill_workers": 2}}]
+
+
+def test_ratios_use_the_best_static_split_and_skip_missing_baselines():
+    runs = {"half": {"request_goodput": 2.0}, "static-3P1D": {"request_goodput": 4.0},
+            "arrow": {"request_goodput": 5.0}}
+    out = ratios(runs)
+    assert out["arrow"]["half split"] == 2.5
+    assert out["arrow"]["best static"] == 1.25
+    assert out["arrow"]["aggregated"] is None
