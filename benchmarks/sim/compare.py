@@ -583,6 +583,8 @@ def run(out_dir: Path, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
         for i, t in enumerate(tasks):
             results.append(run_task(t))
             _progress(i, len(tasks), results[-1])
+            if i % 20 == 19:
+                save()
     save()
     return finish(out_dir, _merge_oracle(results), grids, quick, seeds, calib_seed, wall0,
                   cpu0)
