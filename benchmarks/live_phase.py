@@ -49,10 +49,14 @@ SYSTEMS: dict[str, tuple[str, ...]] = {
     "static-1P3D": ("--prefill-workers", "1"),
     "static-3P1D": ("--prefill-workers", "3"),
     "aggregated": ("--kv-connector", "none"),
+    # the best split with the adaptive systems' router: what flipping adds beyond routing
+    "static-3P1D-arrow-routing": ("--prefill-workers", "3", "--policy", "arrow"),
+    "half-arrow-routing": ("--prefill-workers", "2", "--policy", "arrow"),
     "arrow": ("--prefill-workers", "2", "--policy", "arrow", "--control-policy", "arrow"),
     "dopd": ("--prefill-workers", "2", "--policy", "dopd-match", "--control-policy", "dopd"),
 }
-STATIC = ("half", "static-1P3D", "static-3P1D")
+STATIC = ("half", "static-1P3D", "static-3P1D", "static-3P1D-arrow-routing",
+          "half-arrow-routing")
 ADAPTIVE = ("arrow", "dopd")
 
 
@@ -229,6 +233,7 @@ def plot(result: dict, path: Path) -> None:
     bar_ax.bar(names, means, yerr=list(zip(*spans, strict=True)), capsize=4,
                color=[f"C{i}" for i in range(len(names))])
     bar_ax.set_ylabel("goodput (req/s meeting the SLO)")
+    bar_ax.tick_params(axis="x", labelsize=8, rotation=15)
     slo = result["setup"]["slo"]
     fig.suptitle(f"live, 4 tiny-model vLLM CPU workers, phase trace at "
                  f"{result['setup']['rate']} req/s; SLO TTFT {slo['ttft']:g} ms, "
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "live_phase.json")
+    parser.add_argument("--append", action="store_true",
+                        help="add these systems' runs to --out (same trace settings), "
+                             "recomputing goodput and ratios over every system there")
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
@@ -265,10 +273,24 @@ def main(argv: list[str] | None = None) -> int:
             profile = profile_worker(probe, log_dir / "profile.json")
         finally:
             probe.stop()
+    setup = {"workers": WORKERS, "model": "tiny random Llama (tests' model), vLLM CPU",
+             "rate": args.rate, "minutes": args.minutes, "phase_s": args.phase_s,
+             "phases": "long-prompt 512 in / 8 out, long-output 32 in / 192 out "
+                       "(uniform +-25%)",
+             "lengths": f"hidden from the router (engine-enforced, client cap {CLIENT_CAP})",
+             "slo": slo.as_dict(), "profile": str(profile) if profile else None}
+    earlier: dict[int, dict] = {}
+    if args.append and args.out.exists():
+        old = json.loads(args.out.read_text())
+        same = ("rate", "minutes", "phase_s", "slo")
+        if any(old["setup"][k] != setup[k] for k in same):
+            parser.error(f"--append: {args.out} was run with other settings ({same})")
+        setup["profile"] = setup["profile"] or old["setup"].get("profile")
+        earlier = {s["seed"]: s["runs"] for s in old["seeds"]}
     seeds = []
     for seed in (int(s) for s in args.seeds.split(",")):
         trace = build_trace(args.rate, args.phase_s, cycles, seed)
-        runs = {}
+        runs = dict(earlier.get(seed, {}))
         for system in systems:
             print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
             runs[system] = run_system(system, trace, slo, profile, log_dir)
@@ -280,26 +302,21 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
                       "ratios": ratios(runs)})
+    names = [n for n in seeds[0]["runs"] if all(n in s["runs"] for s in seeds)]
     goodput = {name: {"mean": statistics.mean(s["runs"][name]["request_goodput"] for s in seeds),
                       "min": min(s["runs"][name]["request_goodput"] for s in seeds),
                       "max": max(s["runs"][name]["request_goodput"] for s in seeds)}
-               for name in systems}
+               for name in names}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
         "load_average_after": list(os.getloadavg()),
-        "setup": {"workers": WORKERS, "model": "tiny random Llama (tests' model), vLLM CPU",
-                  "rate": args.rate, "minutes": args.minutes, "phase_s": args.phase_s,
-                  "phases": "long-prompt 512 in / 8 out, long-output 32 in / 192 out "
-                            "(uniform +-25%)",
-                  "lengths": "hidden from the router (engine-enforced, client cap "
-                             f"{CLIENT_CAP})",
-                  "slo": slo.as_dict(), "profile": str(profile) if profile else None},
+        "setup": setup,
         "goodput": goodput,
         "ratios_mean": {name: {k: statistics.mean(s["ratios"][name][k] for s in seeds
                                                   if s["ratios"][name][k] is not None)
                                if any(s["ratios"][name][k] is not None for s in seeds) else None
                                for k in ("half split", "best static", "aggregated")}
-                        for name in systems},
+                        for name in names},
         "seeds": seeds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

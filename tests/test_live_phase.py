@@ -48,3 +48,31 @@ def test_ratios_use_the_best_static_split_and_skip_missing_baselines():
     assert out["arrow"]["half split"] == 2.5
     assert out["arrow"]["best static"] == 1.25
     assert out["arrow"]["aggregated"] is None
+
+
+def test_append_adds_systems_to_an_earlier_run(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.live_phase as live_phase
+
+    goodputs = {"half": 2.0, "static-3P1D-arrow-routing": 3.0}
+
+    def fake_run(system, trace, slo, profile, log_dir):
+        return {"system": system, "request_goodput": goodputs[system], "slo_attainment": 0.5,
+                "failed": 0, "flip_count": 0, "pools": [], "phases": {}}
+
+    monkeypatch.setattr(live_phase, "run_system", fake_run)
+    out = tmp_path / "live.json"
+    common = ["--minutes", "2", "--phase-s", "30", "--out", str(out)]
+    assert live_phase.main(["--systems", "half", *common]) == 0
+    assert live_phase.main(["--systems", "static-3P1D-arrow-routing", "--append", *common]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["goodput"]) == {"half", "static-3P1D-arrow-routing"}
+    assert result["ratios_mean"]["half"]["best static"] == 2.0 / 3.0
+    other = ["--minutes", "4", "--phase-s", "30", "--out", str(out)]
+    try:
+        live_phase.main(["--systems", "half", "--append", *other])
+    except SystemExit as e:  # argparse's error: another trace cannot be appended
+        assert e.code == 2
+    else:
+        raise AssertionError("appending a run with other settings must fail")
