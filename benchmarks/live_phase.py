@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
              "lengths": f"hidden from the router (engine-enforced, client cap {CLIENT_CAP})",
              "slo": slo.as_dict(), "profile": str(profile) if profile else None}
     earlier: dict[int, dict] = {}
+    date = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.append and args.out.exists():
         old = json.loads(args.out.read_text())
         same = ("rate", "minutes", "phase_s", "slo")
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--append: {args.out} was run with other settings ({same})")
         setup["profile"] = setup["profile"] or old["setup"].get("profile")
         earlier = {s["seed"]: s["runs"] for s in old["seeds"]}
+        date = f"{old['date']}; {', '.join(systems)} appended {date}"
     seeds = []
     for seed in (int(s) for s in args.seeds.split(",")):
         trace = build_trace(args.rate, args.phase_s, cycles, seed)
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                       "max": max(s["runs"][name]["request_goodput"] for s in seeds)}
                for name in names}
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+        "date": date, "cpu_count": os.cpu_count(),
         "load_average_after": list(os.getloadavg()),
         "setup": setup,
         "goodput": goodput,
