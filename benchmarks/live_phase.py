@@ -205,6 +205,25 @@ def ratios(runs: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def spread(values: list[float]) -> dict[str, float | int]:
+    """Mean, min and max over the seeds a system ran with, and how many there were."""
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
+            "seeds": len(values)}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
+
+
+def old_seed_requests(path: Path, seed: int) -> int | None:
+    """The request count an earlier run recorded for `seed` (kept when appending)."""
+    for s in json.loads(path.read_text())["seeds"]:
+        if s["seed"] == seed:
+            return s.get("requests")
+    return None
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,19 +323,21 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
                       "ratios": ratios(runs)})
-    names = [n for n in seeds[0]["runs"] if all(n in s["runs"] for s in seeds)]
-    goodput = {name: {"mean": statistics.mean(s["runs"][name]["request_goodput"] for s in seeds),
-                      "min": min(s["runs"][name]["request_goodput"] for s in seeds),
-                      "max": max(s["runs"][name]["request_goodput"] for s in seeds)}
-               for name in names}
+    run_now = {s["seed"] for s in seeds}
+    seeds += [{"seed": seed, "requests": old_seed_requests(args.out, seed), "runs": runs,
+               "ratios": ratios(runs)}
+              for seed, runs in earlier.items() if seed not in run_now]
+    seeds.sort(key=lambda s: s["seed"])
+    names = list(dict.fromkeys(n for s in seeds for n in s["runs"]))
+    goodput = {name: spread([s["runs"][name]["request_goodput"] for s in seeds
+                             if name in s["runs"]]) for name in names}
     result = {
         "date": date, "cpu_count": os.cpu_count(),
         "load_average_after": list(os.getloadavg()),
         "setup": setup,
         "goodput": goodput,
-        "ratios_mean": {name: {k: statistics.mean(s["ratios"][name][k] for s in seeds
-                                                  if s["ratios"][name][k] is not None)
-                               if any(s["ratios"][name][k] is not None for s in seeds) else None
+        "ratios_mean": {name: {k: mean_or_none([s["ratios"][name][k] for s in seeds
+                                                if name in s["ratios"]])
                                for k in ("half split", "best static", "aggregated")}
                         for name in names},
         "seeds": seeds,

@@ -76,3 +76,52 @@ def test_append_adds_systems_to_an_earlier_run(tmp_path, monkeypatch):
         assert e.code == 2
     else:
         raise AssertionError("appending a run with other settings must fail")
+
+
+def test_append_with_another_seed_keeps_the_earlier_seed_and_reports_the_spread(
+        tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.live_phase as live_phase
+
+    goodputs = {(0, "half"): 2.0, (0, "arrow"): 3.0, (0, "static-1P3D"): 1.0,
+                (1, "half"): 4.0, (1, "arrow"): 5.0}
+    seen_seed = {}
+
+    def fake_trace(rate, phase_s, cycles, seed):
+        seen_seed["now"] = seed
+        return [seed]
+
+    def fake_run(system, trace, slo, profile, log_dir):
+        return {"system": system, "request_goodput": goodputs[(trace[0], system)],
+                "slo_attainment": 0.5, "failed": 0, "flip_count": 0, "pools": [],
+                "phases": {}}
+
+    monkeypatch.setattr(live_phase, "build_trace", fake_trace)
+    monkeypatch.setattr(live_phase, "run_system", fake_run)
+    monkeypatch.setattr(live_phase, "profile_worker", lambda cluster, out: out)
+    monkeypatch.setattr(live_phase, "UpCluster", _NoCluster)
+    monkeypatch.setattr(live_phase, "plot", lambda result, path: None)
+    out = tmp_path / "live.json"
+    common = ["--minutes", "2", "--phase-s", "30", "--out", str(out)]
+    assert live_phase.main(["--systems", "half,arrow,static-1P3D", "--seeds", "0",
+                            *common]) == 0
+    assert live_phase.main(["--systems", "half,arrow", "--seeds", "1", "--append",
+                            *common]) == 0
+    result = json.loads(out.read_text())
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    assert result["seeds"][0]["requests"] == 1
+    assert result["goodput"]["half"] == {"mean": 3.0, "min": 2.0, "max": 4.0, "seeds": 2}
+    assert result["goodput"]["static-1P3D"]["seeds"] == 1
+    assert result["ratios_mean"]["arrow"]["half split"] == (1.5 + 1.25) / 2
+
+
+class _NoCluster:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_ready(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
