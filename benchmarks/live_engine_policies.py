@@ -78,6 +78,8 @@ KEEP = ("completed", "failed", "request_throughput", "request_goodput", "slo_att
 COMPARED = {"request_goodput": True, "slo_attainment": True, "median_ttft_ms": False,
             "p99_ttft_ms": False, "p99_tpot_ms": False, "p99_itl_ms": False}
 _MIGRATIONS = re.compile(r"^fulcrum_stream_migrations_total\s+([0-9.e+]+)", re.M)
+_RESCUES = re.compile(r'^fulcrum_pd_leg_failures_total\{(?=[^}]*action="rescued")[^}]*\}'
+                      r"\s+([0-9.e+]+)", re.M)
 
 
 def sharegpt_pool(num: int, seed: int) -> list[BenchRequest]:
@@ -93,11 +95,14 @@ def build_trace(rate: float, seconds: float, seed: int) -> list:
     return pair(poisson_times(n, rate, seed), sharegpt_pool(n, seed))
 
 
-def migrations(cluster: UpCluster) -> float:
-    """Streams the gateway has moved so far (its Prometheus counter)."""
+def migrations(cluster: UpCluster) -> tuple[float, float]:
+    """(streams moved, of which rescued off a failed or stalled worker) so far, from the
+    gateway's Prometheus counters: the rest are planned moves (ARES's rebalancing)."""
     text = httpx.get(cluster.url + "/metrics", timeout=30).text
-    match = _MIGRATIONS.search(text)
-    return float(match.group(1)) if match else 0.0
+    moved = _MIGRATIONS.search(text)
+    rescued = _RESCUES.search(text)
+    return (float(moved.group(1)) if moved else 0.0,
+            float(rescued.group(1)) if rescued else 0.0)
 
 
 def run_variant(name: str, workers: int, options: tuple[str, ...], traces: dict, slo: SLO,
@@ -119,13 +124,15 @@ def run_variant(name: str, workers: int, options: tuple[str, ...], traces: dict,
             timelines, duration = asyncio.run(run_trace(trace, endpoint, progress=False))
             summary = summarize(timelines, duration, slo)
             errors = sorted({t.error[:120] for t in timelines if not t.success and t.error})
+            moved_after = migrations(cluster)
             runs[key] = {**{k: summary.get(k) for k in KEEP}, "errors": errors[:10],
-                         "migrations": migrations(cluster) - moved_before}
+                         "migrations": moved_after[0] - moved_before[0],
+                         "rescues": moved_after[1] - moved_before[1]}
             r = runs[key]
             print(f"  {name} {key}: goodput {r['request_goodput']:.2f} req/s, median TTFT "
                   f"{r['median_ttft_ms']:.0f} ms, p99 TPOT {r['p99_tpot_ms']:.0f} ms, "
-                  f"failed {r['failed']}, moved {r['migrations']:g}", file=sys.stderr,
-                  flush=True)
+                  f"failed {r['failed']}, moved {r['migrations']:g} (rescued "
+                  f"{r['rescues']:g})", file=sys.stderr, flush=True)
     finally:
         cluster.stop()
     return runs
