@@ -1,6 +1,6 @@
 """ARES decode placement and the SLAI engine scheduler against their plain counterparts, live.
 
-    flock /tmp/fulcrum-vllm.lock python -m benchmarks.live_engine_policies      # ~40 min
+    flock /tmp/fulcrum-vllm.lock python -m benchmarks.live_engine_policies      # ~25 min
     python -m benchmarks.live_engine_policies --experiments slai --seconds 30 --seeds 0
 
 Two A/B experiments on real vLLM CPU workers (the tiny model), ShareGPT prompts with Poisson
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--experiments", default="slai,ares")
-    parser.add_argument("--slai-rates", default="2,4", help="requests/s (2 workers)")
+    parser.add_argument("--slai-rates", default="1,2", help="requests/s (2 workers)")
     parser.add_argument("--ares-rates", default="2,4", help="requests/s (1P3D)")
-    parser.add_argument("--seconds", type=float, default=90.0, help="length of each trace")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each trace")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
