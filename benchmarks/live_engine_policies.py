@@ -41,6 +41,7 @@ from benchmarks.arrivals import pair, poisson_times
 from benchmarks.bench import Endpoint, run_trace
 from benchmarks.dataset import BenchRequest, load_sharegpt, make_token_counter, sample_requests
 from benchmarks.live_cluster import UpCluster
+from benchmarks.live_phase import spread
 from benchmarks.metrics import SLO, summarize
 
 RESULTS = Path(__file__).parent / "results"
@@ -149,8 +150,7 @@ def compare(baseline: dict[str, dict], candidate: dict[str, dict],
             ratios = [candidate[k][metric] / baseline[k][metric] for k in keys
                       if baseline[k].get(metric) and candidate[k].get(metric) is not None]
             if ratios:
-                per_metric[metric] = {"mean": statistics.mean(ratios), "min": min(ratios),
-                                      "max": max(ratios), "seeds": len(ratios)}
+                per_metric[metric] = spread(ratios)
         out[f"{rate:g}"] = per_metric
     return out
 

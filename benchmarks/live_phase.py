@@ -216,14 +216,6 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return statistics.mean(present) if present else None
 
 
-def old_seed_requests(path: Path, seed: int) -> int | None:
-    """The request count an earlier run recorded for `seed` (kept when appending)."""
-    for s in json.loads(path.read_text())["seeds"]:
-        if s["seed"] == seed:
-            return s.get("requests")
-    return None
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -298,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                        "(uniform +-25%)",
              "lengths": f"hidden from the router (engine-enforced, client cap {CLIENT_CAP})",
              "slo": slo.as_dict(), "profile": str(profile) if profile else None}
-    earlier: dict[int, dict] = {}
+    earlier: dict[int, dict] = {}  # seed -> that seed's entry in --out
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.append and args.out.exists():
         old = json.loads(args.out.read_text())
@@ -306,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         if any(old["setup"][k] != setup[k] for k in same):
             parser.error(f"--append: {args.out} was run with other settings ({same})")
         setup["profile"] = setup["profile"] or old["setup"].get("profile")
-        earlier = {s["seed"]: s["runs"] for s in old["seeds"]}
+        earlier = {s["seed"]: s for s in old["seeds"]}
         date = f"{old['date']}; {', '.join(systems)} appended {date}"
     seeds = []
     for seed in (int(s) for s in args.seeds.split(",")):
         trace = build_trace(args.rate, args.phase_s, cycles, seed)
-        runs = dict(earlier.get(seed, {}))
+        runs = dict(earlier[seed]["runs"]) if seed in earlier else {}
         for system in systems:
             print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
             runs[system] = run_system(system, trace, slo, profile, log_dir)
@@ -324,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
                       "ratios": ratios(runs)})
     run_now = {s["seed"] for s in seeds}
-    seeds += [{"seed": seed, "requests": old_seed_requests(args.out, seed), "runs": runs,
-               "ratios": ratios(runs)}
-              for seed, runs in earlier.items() if seed not in run_now]
+    seeds += [{**old_seed, "ratios": ratios(old_seed["runs"])}
+              for seed, old_seed in earlier.items() if seed not in run_now]
     seeds.sort(key=lambda s: s["seed"])
     names = list(dict.fromkeys(n for s in seeds for n in s["runs"]))
     goodput = {name: spread([s["runs"][name]["request_goodput"] for s in seeds
