@@ -19,7 +19,7 @@ import torch
 from kv_transfer.fulcrum.blocks import KVBlockStore, coalesce
 from kv_transfer.fulcrum.lease import LeaseTable
 from kv_transfer.fulcrum.loader import BlockLoader, PullJob
-from kv_transfer.fulcrum.params import RemoteBlocks
+from kv_transfer.fulcrum.params import MigrationHold, RemoteBlocks, lease_pull_params
 from kv_transfer.fulcrum.scheduler_side import FulcrumScheduler
 from kv_transfer.fulcrum.server import BlockServer
 from kv_transfer.fulcrum.stats import FulcrumPromMetrics, FulcrumStats, StatsRecorder
@@ -493,3 +493,94 @@ def test_holds_are_refused_from_other_hosts() -> None:
 
     assert msg_peer_is_local(Sock("127.0.0.1")) and msg_peer_is_local(Sock("::1"))
     assert not msg_peer_is_local(Sock("10.0.0.7"))
+
+
+# --- migration: an aborted request's blocks, read by position --------------------------
+
+def test_aborted_request_with_a_migration_hold_keeps_its_processed_blocks() -> None:
+    from vllm.v1.request import RequestStatus
+
+    sched = _sched()
+    hold = MigrationHold("mig-1", ttl_s=4.0).to_params()
+    running = _request({**hold}, computed=300, status=RequestStatus.FINISHED_ABORTED)
+    running.num_in_flight_tokens = 1  # the async step in flight has not written its slot
+    assert sched.request_finished(running, [7, 8, 9]) == (True, None)
+    (job,) = sched.build_connector_meta().holds
+    assert (job.transfer_id, job.block_ids, job.ttl_s, job.num_tokens) == \
+        ("mig-1", (7, 8, 9), 4.0, 299)
+    # Without a hold, or finished normally, the blocks go back at once.
+    plain = _request(None, computed=300, status=RequestStatus.FINISHED_ABORTED)
+    assert sched.request_finished(plain, [7, 8, 9]) == (False, None)
+    done = _request({**hold}, computed=300, status=RequestStatus.FINISHED_STOPPED)
+    assert sched.request_finished(done, [7, 8, 9]) == (False, None)
+    nothing_yet = _request({**hold}, computed=0, status=RequestStatus.FINISHED_ABORTED)
+    assert sched.request_finished(nothing_yet, [7]) == (False, None)
+    assert sched.build_connector_meta().holds == []
+
+
+def test_a_request_aborted_while_its_pull_runs_is_not_held() -> None:
+    from vllm.v1.request import RequestStatus
+
+    sched = _sched()
+    params = {**RemoteBlocks("tid", "h", 1, (1, 2, 3), 300).to_params(),
+              **MigrationHold("mig-2", 5.0).to_params()}
+    req = _request(params, prompt_len=301, computed=128)
+    sched.update_state_after_alloc(req, _blocks([40, 41, 42], cached=1), 172)
+    assert len(sched.build_connector_meta().pulls) == 1
+    req.status = RequestStatus.FINISHED_ABORTED  # vLLM frees it once the pull ends
+    assert sched.request_finished(req, [40, 41, 42]) == (False, None)
+    # Once vLLM saw the pull finish, an abort holds the blocks for a migration.
+    again = _request(params, prompt_len=301, computed=128, req_id="r2")
+    sched.update_state_after_alloc(again, _blocks([50, 51, 52], cached=1), 172)
+    sched.pulls_finished({"r2"})
+    again.num_computed_tokens, again.status = 310, RequestStatus.FINISHED_ABORTED
+    assert sched.request_finished(again, [50, 51, 52]) == (True, None)
+
+
+def test_continuation_params_pull_lease_positions_past_the_local_prefix() -> None:
+    params = lease_pull_params("mig-3", "10.1.1.2", 5901, num_tokens=300)
+    remote = RemoteBlocks.from_params(params)
+    assert remote is not None and remote.by_position and remote.num_tokens == 300
+    assert remote.blocks_to_read(128) == (0, 1, 2)
+    sched = _sched()
+    req = _request(params, prompt_len=301)
+    assert sched.get_num_new_matched_tokens(req, 128) == (172, True)
+    sched.update_state_after_alloc(req, _blocks([40, 41, 42], cached=1), 172)
+    (pull,) = sched.build_connector_meta().pulls
+    assert pull.by_position and pull.remote_block_ids == (1, 2)
+    assert pull.local_block_ids == (41, 42) and pull.num_tokens == 300
+    assert MigrationHold.from_params({"migration_hold": {"ttl_s": 3}}) is None
+    assert MigrationHold.from_params({"migration_hold": {"transfer_id": "x",
+                                                         "ttl_s": "soon"}}) is None
+
+
+def test_lease_resolves_positions_and_refuses_reads_past_its_tokens() -> None:
+    table = LeaseTable()
+    table.hold("m", "req-m", [9, 4, 6], ttl_s=5, num_tokens=300)
+    lease = table.claim("m")
+    assert lease is not None
+    assert lease.resolve([0, 2], by_position=True, num_tokens=250) == [9, 6]
+    assert "positions outside" in lease.resolve([3], by_position=True)
+    assert "holds 300 tokens" in lease.resolve([0], by_position=True, num_tokens=301)
+    assert lease.resolve([4, 9], by_position=False) == [4, 9]
+    assert "outside the lease" in lease.resolve([5], by_position=False)
+
+
+@pytest.mark.parametrize("allow_cma", [True, False], ids=["same-host-cma", "tcp"])
+def test_pull_by_position_copies_the_held_blocks_in_order(allow_cma: bool) -> None:
+    pair = Pair(CpuTransport(allow_cma), CpuTransport(allow_cma))
+    try:
+        pair.leases.hold("m", "req-m", [11, 3, 5], ttl_s=30, num_tokens=10)
+        job = PullJob("req-c", "m", "127.0.0.1", pair.server.port, (1, 2), (0, 7),
+                      by_position=True, num_tokens=10)
+        assert pair.loader.pull(job) == 2 * pair.c_store.bytes_per_block
+        assert pair.copied([3, 5], [0, 7])
+        assert released(pair.leases, {"req-m"}) == {"req-m"}
+        pair.leases.hold("short", "req-s", [1, 2], ttl_s=30, num_tokens=5)
+        too_far = PullJob("req-c2", "short", "127.0.0.1", pair.server.port, (0, 1),
+                          (8, 9), by_position=True, num_tokens=6)
+        with pytest.raises(RuntimeError, match="holds 5 tokens"):
+            pair.loader.pull(too_far)
+        assert released(pair.leases, {"req-s"}) == {"req-s"}  # the producer frees it
+    finally:
+        pair.close()

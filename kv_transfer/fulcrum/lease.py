@@ -20,6 +20,21 @@ class Lease:
     block_ids: tuple[int, ...]
     deadline: float
     busy: bool = False
+    num_tokens: int | None = None  # tokens whose KV the blocks hold, where known
+
+    def resolve(self, refs: Sequence[int], by_position: bool,
+                num_tokens: int = 0) -> list[int] | str:
+        """The block ids a read asks for, or why it may not have them. By position, the
+        refs index this lease's blocks, and a read past the tokens held is refused (those
+        slots hold no KV yet)."""
+        if not by_position:
+            wanted = [int(b) for b in refs]
+            return wanted if set(wanted) <= set(self.block_ids) else "blocks outside the lease"
+        if self.num_tokens is not None and num_tokens > self.num_tokens:
+            return f"the lease holds {self.num_tokens} tokens, {num_tokens} asked for"
+        if any(not 0 <= int(p) < len(self.block_ids) for p in refs):
+            return "positions outside the lease"
+        return [self.block_ids[int(p)] for p in refs]
 
 
 class LeaseTable:
@@ -33,10 +48,10 @@ class LeaseTable:
         self.expired_count = 0
 
     def hold(self, transfer_id: str, req_id: str, block_ids: Sequence[int],
-             ttl_s: float) -> None:
+             ttl_s: float, num_tokens: int | None = None) -> None:
         with self._cond:
             self._leases[transfer_id] = Lease(transfer_id, req_id, tuple(block_ids),
-                                              self._clock() + ttl_s)
+                                              self._clock() + ttl_s, num_tokens=num_tokens)
             self._cond.notify_all()
 
     def claim(self, transfer_id: str, wait_s: float = 0.0) -> Lease | None:

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PullJob:
-    """Copy ``remote_block_ids`` of transfer ``transfer_id`` into ``local_block_ids``."""
+    """Copy ``remote_block_ids`` of transfer ``transfer_id`` into ``local_block_ids``.
+    With ``by_position`` the remote refs are positions in the producer's lease, and the
+    producer refuses unless its lease holds ``num_tokens`` tokens' KV."""
 
     req_id: str
     transfer_id: str
@@ -27,6 +29,8 @@ class PullJob:
     port: int
     remote_block_ids: tuple[int, ...]
     local_block_ids: tuple[int, ...]
+    by_position: bool = False
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,12 @@ class BlockLoader:
         chan = Channel.connect(job.host, job.port, self.connect_timeout_s)
         try:
             chan.settimeout(self.reply_timeout_s)
-            chan.send_msg({"op": "read", "transfer_id": job.transfer_id,
-                           "block_ids": list(job.remote_block_ids),
-                           "signature": self.store.signature(),
-                           "hello": self.transport.hello()})
+            msg = {"op": "read", "transfer_id": job.transfer_id,
+                   "block_ids": list(job.remote_block_ids),
+                   "signature": self.store.signature(), "hello": self.transport.hello()}
+            if job.by_position:
+                msg.update(by_position=True, num_tokens=job.num_tokens)
+            chan.send_msg(msg)
             reply = chan.recv_msg()
             if not reply.get("ok"):
                 raise TransferError(str(reply.get("error")))

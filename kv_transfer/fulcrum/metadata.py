@@ -11,11 +11,15 @@ from kv_transfer.fulcrum.loader import PullJob, ReleaseJob
 
 @dataclass(frozen=True)
 class HoldJob:
-    """Producer: keep ``block_ids`` of ``req_id`` for transfer ``transfer_id``."""
+    """Producer: keep ``block_ids`` of ``req_id`` for transfer ``transfer_id`` (for
+    ``ttl_s``, the worker's lease time when None). ``num_tokens``: how many tokens' KV the
+    blocks hold, when reads by position must not go past it (a migrated request)."""
 
     req_id: str
     transfer_id: str
     block_ids: tuple[int, ...]
+    ttl_s: float | None = None
+    num_tokens: int | None = None
 
 
 @dataclass

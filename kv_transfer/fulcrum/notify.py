@@ -60,7 +60,8 @@ class HoldNotifier:
 
     def _deliver(self, job: HoldJob) -> bool:
         msg = {"op": "hold", "transfer_id": job.transfer_id, "req_id": job.req_id,
-               "block_ids": list(job.block_ids), "ttl_s": self.lease_s}
+               "block_ids": list(job.block_ids), "ttl_s": job.ttl_s or self.lease_s,
+               "num_tokens": job.num_tokens}
         for _ in range(2):  # a cached connection may have gone stale: reconnect once
             try:
                 if self._chan is None:

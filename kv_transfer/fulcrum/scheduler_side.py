@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kv_transfer.fulcrum.loader import PullJob, ReleaseJob
 from kv_transfer.fulcrum.metadata import FulcrumMetadata, HoldJob
 from kv_transfer.fulcrum.notify import HoldNotifier
 from kv_transfer.fulcrum.params import (
+    MigrationHold,
     RemoteBlocks,
     new_transfer_id,
     wants_remote_decode,
@@ -40,6 +41,7 @@ class FulcrumScheduler:
         self.notifier = notifier  # holds go straight to our worker (else: step metadata)
         self._meta = FulcrumMetadata()
         self._admitted: set[str] = set()  # traced requests (FULCRUM_KV_TRACE only)
+        self._pulling: set[str] = set()  # consumers whose pull vLLM has not seen finish
 
     # --- consumer --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request,
@@ -70,13 +72,20 @@ class FulcrumScheduler:
             return
         group = blocks.blocks[0]
         cached = sum(1 for b in group if b.block_hash is not None and not b.is_null)
-        wanted = min(len(remote.block_ids), math.ceil(
+        refs = remote.blocks_to_read(self.block_size)
+        wanted = min(len(refs), math.ceil(
             (cached * self.block_size + num_external_tokens) / self.block_size))
         local = [b.block_id for b in group[cached:wanted]]
+        self._pulling.add(request.request_id)
         self._meta.pulls.append(PullJob(
             req_id=request.request_id, transfer_id=remote.transfer_id, host=remote.host,
-            port=remote.port, remote_block_ids=tuple(remote.block_ids[cached:wanted]),
-            local_block_ids=tuple(local)))
+            port=remote.port, remote_block_ids=tuple(refs[cached:wanted]),
+            local_block_ids=tuple(local), by_position=remote.by_position,
+            num_tokens=remote.num_tokens))
+
+    def pulls_finished(self, req_ids: Iterable[str]) -> None:
+        """vLLM saw these requests' pulls end (their blocks hold the KV now)."""
+        self._pulling.difference_update(req_ids)
 
     # --- producer --------------------------------------------------------------------
     def request_finished(self, request: Request,
@@ -94,6 +103,8 @@ class FulcrumScheduler:
                 self._meta.releases.append(ReleaseJob(remote.transfer_id, remote.host,
                                                       remote.port))
             return False, None
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            return self._hold_for_migration(request, block_ids), None
         if not wants_remote_decode(params):
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
@@ -115,6 +126,31 @@ class FulcrumScheduler:
                               block_ids=held, num_tokens=num_tokens,
                               engine_id=self.engine_id)
         return True, remote.to_params()
+
+    def _hold_for_migration(self, request: Request, block_ids: Sequence[int]) -> bool:
+        """An aborted request the gateway may continue elsewhere (``migration_hold`` in
+        its params): keep the blocks of the tokens it has processed, for a short lease.
+        True when held (vLLM then frees them when the lease is read, released or expires)."""
+        hold = MigrationHold.from_params(request.kv_transfer_params)
+        if request.request_id in self._pulling:
+            self._pulling.discard(request.request_id)
+            return False  # its blocks are still being written (vLLM frees them after)
+        if hold is None:
+            return False
+        # Tokens whose KV is written: an asynchronously scheduled step may be in flight.
+        done = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        held = tuple(block_ids[:math.ceil(max(0, done) / self.block_size)])
+        if not held:
+            return False  # aborted before its KV was computed or loaded
+        job = HoldJob(request.request_id, hold.transfer_id, held, ttl_s=hold.ttl_s,
+                      num_tokens=done)
+        if self.notifier is not None:
+            self.notifier.send(job)
+        else:
+            self._meta.holds.append(job)
+        TRACE.event("migration_hold", req=request.request_id, tid=hold.transfer_id,
+                    tokens=done)
+        return True
 
     def build_connector_meta(self) -> FulcrumMetadata:
         if self.notifier is not None:

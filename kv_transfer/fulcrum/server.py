@@ -73,9 +73,11 @@ class BlockServer:
                     chan.send_msg({"ok": False, "error": "only holds on this connection"})
                     return
                 tid = str(msg.get("transfer_id"))
+                tokens = msg.get("num_tokens")
                 self.leases.hold(tid, str(msg.get("req_id")),
                                  [int(b) for b in msg.get("block_ids", ())],
-                                 float(msg.get("ttl_s", self.lease_s)))
+                                 float(msg.get("ttl_s") or self.lease_s),
+                                 None if tokens is None else int(tokens))
                 TRACE.event("hold", req=str(msg.get("req_id")), tid=tid)
                 chan.send_msg({"ok": True})
                 chan.settimeout(None)
@@ -123,12 +125,13 @@ class BlockServer:
             chan.send_msg({"ok": False, "error": f"transfer {tid} unknown, expired or busy"})
             return
         try:
-            wanted = [int(b) for b in msg.get("block_ids", ())]
             if msg.get("signature") != self.store.signature():
                 chan.send_msg({"ok": False, "error": "KV layouts differ"})
                 return
-            if not set(wanted) <= set(lease.block_ids):
-                chan.send_msg({"ok": False, "error": "blocks outside the lease"})
+            wanted = lease.resolve(msg.get("block_ids", ()), bool(msg.get("by_position")),
+                                   int(msg.get("num_tokens") or 0))
+            if isinstance(wanted, str):
+                chan.send_msg({"ok": False, "error": wanted})
                 return
             chan.send_msg({"ok": True})
             nbytes = self.transport.send(chan, self.store, wanted, msg.get("hello", {}))

@@ -53,7 +53,8 @@ class FulcrumWorker:
     def start_step(self, meta: FulcrumMetadata) -> None:
         """Apply one step's metadata: register holds, start pulls and releases."""
         for hold in meta.holds:
-            self.leases.hold(hold.transfer_id, hold.req_id, hold.block_ids, self.lease_s)
+            self.leases.hold(hold.transfer_id, hold.req_id, hold.block_ids,
+                             hold.ttl_s or self.lease_s, hold.num_tokens)
             TRACE.event("hold", req=hold.req_id, tid=hold.transfer_id)
         if self.loader is None:
             if meta.pulls:
