@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from router.dispatch import DispatchConfig, Dispatcher
 from router.engine_stats import poll_engine_stats
 from router.error_handlers import BodyLimitMiddleware, install_error_handlers
 from router.health import HealthCollector, HealthConfig, HealthMonitor
+from router.kv_migration import KVDirectory
 from router.metrics import GatewayMetrics
 from router.openai_asgi import OpenAIEndpoints, Receive, Scope, Send, is_openai_request
 from router.openapi_schemas import request_body_schema
@@ -72,6 +74,12 @@ class GatewayConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+
+async def _fetch_metrics(client: httpx.AsyncClient, url: str) -> str:
+    resp = await client.get(url + "/metrics", timeout=2.0)
+    resp.raise_for_status()
+    return resp.text
 
 
 def _make_controller(config: GatewayConfig, factory: ControllerFactory | None,
@@ -123,12 +131,18 @@ def create_app(config: GatewayConfig, cluster: Cluster,
         async with httpx.AsyncClient(limits=limits, timeout=None) as client, \
                 UpstreamPool() as pool:
             app.state.client = client  # control plane: probes, scrapes, admin forwarding
-            planner = default_planner() if config.rebalance_interval_s > 0 else None
+            planner = (default_planner(moves_kv=config.dispatch.kv_migration)
+                       if config.rebalance_interval_s > 0 else None)
             driver = PolicyDriver(make_policy(config.policy), config.control.slo, planner)
             app.state.dispatcher = Dispatcher(cluster, driver, pool, app.state.metrics,
                                               config.dispatch, app.state.request_mix,
                                               app.state.health, app.state.admission)
             app.openai.dispatcher = app.state.dispatcher
+            kv_watch = None
+            if config.dispatch.kv_migration:
+                kv = app.state.dispatcher.kv = KVDirectory(
+                    functools.partial(_fetch_metrics, client), config.dispatch.migration_hold_s)
+                kv_watch = asyncio.create_task(kv.watch(cluster))
             probes = (asyncio.create_task(app.state.health.run(client))
                       if config.health.interval_s > 0 else None)
             stalls = asyncio.create_task(app.state.dispatcher.watch_streams())
@@ -171,6 +185,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
                 if probes is not None:
                     probes.cancel()
                 stalls.cancel()
+                if kv_watch is not None:
+                    kv_watch.cancel()
                 if rebalance is not None:
                     rebalance.cancel()
                 if control_loop is not None:

@@ -38,8 +38,9 @@ from router.cluster import Cluster
 from router.errors import GatewayError, clip
 from router.handoff import FirstToken, decode_body, first_event, from_prefill_reply, prefill_fields
 from router.health import HealthConfig, HealthMonitor, WorkerUnhealthy
+from router.kv_migration import KVDirectory
 from router.metrics import LOCAL, PD, GatewayMetrics
-from router.relay import StreamRelay, migratable
+from router.relay import StreamRelay, migratable, pulls_kv
 from router.replies import JsonReply, Reply, StreamReply
 from router.request_mix import RequestMix
 from router.sse import StreamObserver
@@ -72,6 +73,11 @@ class DispatchConfig:
     # a stream whose worker failed, with no other worker to take it, waits this long for
     # one (a worker whose breaker opened under a load spike is back within a second or two)
     rescue_wait_s: float = 5.0
+    # a planned migration moves the stream's KV from the source worker (workers running
+    # Fulcrum's connector) instead of recomputing it on the target; a source holds an
+    # aborted stream's blocks this long for that
+    kv_migration: bool = True
+    migration_hold_s: float = 10.0
 
 
 class UpstreamReply(Exception):
@@ -157,6 +163,8 @@ class Dispatcher:
         # the stream exists; the first stream with that client id takes it
         self.pending_migrations: dict[str, tuple[str, int, float]] = {}
         self.token_gaps: dict[str, float] = {}  # worker -> moving average of chunk gaps (s)
+        # where workers serve KV blocks (set by the app: it owns the HTTP client that asks)
+        self.kv: KVDirectory | None = None
         self.health.on_open.append(self.evacuate_worker)
 
         connect = config.connect_timeout_s
@@ -381,9 +389,11 @@ class Dispatcher:
             if req.stream and not req.include_usage:  # we count tokens; the client won't see it
                 body["stream_options"] = {**(body.get("stream_options") or {}),
                                           "include_usage": True}
+            base = self.cluster.view(worker).url
             if migratable(req):  # token ids let the stream continue on another worker
                 body["return_token_ids"] = True
-            url = self.cluster.view(worker).url + route
+                self._add_migration_hold(body, request_id, worker, base)
+            url = base + route
             timeouts = self.stream_timeout if req.stream else self.request_timeout
             self.cluster.begin(worker, Role.DECODE, tokens)
             try:
@@ -439,13 +449,22 @@ class Dispatcher:
         raise GatewayError(502, f"every decode attempt failed; last: {last_error}",
                            code="upstream_unavailable")
 
+    def _add_migration_hold(self, body: dict, request_id: str, worker: str, url: str) -> None:
+        """Let a later migration pull this stream's KV from `worker` (see `kv_migration`)."""
+        if self.kv is None or not self.config.kv_migration or \
+                self.kv.endpoint(worker, url) is None:
+            return
+        hold = self.kv.new_hold(request_id)
+        body["kv_transfer_params"] = {**(body.get("kv_transfer_params") or {}),
+                                      **hold.to_params()}
+
     async def _reply(self, worker: str, upstream: UpstreamResponse, req: ParsedRequest,
                      info: RequestInfo, body: dict, tokens: int, started: float,
                      leg: _LegContext, first: FirstToken | None = None,
                      kv_from: str | None = None) -> Reply:
         request_id = info.request_id
         headers = {"X-Fulcrum-Decode-Worker": worker}
-        mode = PD if "kv_transfer_params" in body else LOCAL
+        mode = PD if pulls_kv(body) else LOCAL
         if req.stream:
             relay = StreamRelay(self, worker, upstream, req, request_id, body, tokens, started)
             if first is not None:

@@ -99,6 +99,10 @@ class GatewayMetrics:
                                    "Requests by dispatch mode (pd, local)", ["mode"], registry=r)
         self.migrations = Counter("fulcrum_stream_migrations",
                                   "Live streams moved to another decode worker", registry=r)
+        self.kv_migrations = Counter(
+            "fulcrum_stream_kv_migrations",
+            "Stream moves whose target pulled the source's KV instead of recomputing it",
+            registry=r)
         self.prompt_tokens = Counter("fulcrum_prompt_tokens", "Prompt tokens served",
                                      registry=r)
         self.completion_tokens = Counter("fulcrum_completion_tokens",

@@ -14,19 +14,24 @@ import logging
 from core.feedback import ResidentRequest
 from core.workers import Role
 from router.dispatch import Dispatcher
-from router.policies.ares import MigrationPlanner, RecomputeCost
+from router.policies.ares import MigrationCost, MigrationPlanner, RecomputeCost
 from router.policies.latency_model import DecodeLatencyModel, PrefillLatencyModel
 
 log = logging.getLogger("fulcrum.rebalance")
 
 
-def default_planner() -> MigrationPlanner:
+KV_MOVE_COST = MigrationCost(fixed_s=0.05, per_token_s=2e-5)
+"""A move whose target pulls the source's KV (`router.kv_migration`): the stream stalls for
+the abort, the target's admission and the pull; the target prefills one token."""
+
+
+def default_planner(moves_kv: bool = False) -> MigrationPlanner:
     """A planner pricing decode steps with the default linear step-time model and a move
-    as the recompute it is (`Dispatcher.migrate` resubmits the stream to the target, which
-    prefills prompt + generated tokens again)."""
+    as what it costs: with `moves_kv`, a KV pull; else a recompute (the target prefills
+    prompt + generated tokens again, as `Dispatcher.migrate` does without the KV)."""
     model = DecodeLatencyModel()
-    return MigrationPlanner(lambda worker, tokens: model.predict(tokens),
-                            RecomputeCost(PrefillLatencyModel()))
+    cost = KV_MOVE_COST if moves_kv else RecomputeCost(PrefillLatencyModel())
+    return MigrationPlanner(lambda worker, tokens: model.predict(tokens), cost)
 
 
 def rebalance_once(dispatcher: Dispatcher) -> str | None:

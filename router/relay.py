@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from core.workers import Role
+from kv_transfer.fulcrum.params import MigrationHold
 from router import jsonfast
 from router.errors import GatewayError
 from router.health import WorkerUnhealthy
@@ -47,6 +48,7 @@ from router.validation import CHAT, COMPLETIONS, ParsedRequest
 
 if TYPE_CHECKING:
     from router.dispatch import Dispatcher
+    from router.worker_registry import KVEndpoint
 
 log = logging.getLogger("fulcrum.relay")
 
@@ -109,6 +111,12 @@ def migration_blocker(req: ParsedRequest) -> str | None:
     return ", ".join(blocking) or None
 
 
+def pulls_kv(body: dict) -> bool:
+    """This leg's worker pulls its prompt's KV from another (P/D), as opposed to
+    computing it (a leg may carry other `kv_transfer_params`, e.g. a migration hold)."""
+    return bool((body.get("kv_transfer_params") or {}).get("do_remote_prefill"))
+
+
 def migratable(req: ParsedRequest) -> bool:
     """Streams the relay can move (see `migration_blocker`)."""
     return migration_blocker(req) is None
@@ -135,7 +143,7 @@ class StreamRelay:
         self.upstream = upstream
         self.req = req
         self.body = body  # what the current worker was sent
-        self.mode = PD if "kv_transfer_params" in body else LOCAL  # as dispatched
+        self.mode = PD if pulls_kv(body) else LOCAL  # as dispatched
         self.tokens = tokens
         self.started = started
         self.obs = StreamObserver(started=started)
@@ -151,6 +159,7 @@ class StreamRelay:
         # after a first-token handoff): its chunks are rewritten into chat chunks.
         self._worker_speaks_completion = False
         self.migrations = 0
+        self.kv_moves = 0  # migrations whose target was told to pull the source's KV
         self.restarts = 0  # resent whole to another worker (nothing had reached the client)
         self.rescues = 0  # times the stream left a failed worker
         self._yielded = False  # the client got bytes of this stream
@@ -203,10 +212,14 @@ class StreamRelay:
         limit = self.req.max_tokens or 16
         return limit - len(self.generated_ids)
 
-    async def _switch(self, target: str) -> None:
+    async def _switch(self, target: str, move_kv: bool = False) -> None:
+        """Continue on `target`; with `move_kv` (a planned move off a healthy worker) the
+        target pulls the KV the current worker holds for the aborted request."""
         self.upstream.close()  # the old worker aborts the request
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
+        made_here = len(self.generated_ids) - self._completion_before
         self._completion_before = len(self.generated_ids)
+        old_params = self.body.get("kv_transfer_params")
         body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
         if "messages" in body:  # a chat stream continues as a completion of its token ids
             body = as_completion_body(body)
@@ -218,6 +231,10 @@ class StreamRelay:
         if isinstance(min_tokens, int):
             body["min_tokens"] = max(0, min_tokens - self._completion_before)
         source = self.worker
+        params = self._continuation_params(old_params, target, len(body["prompt"]) - 1,
+                                           move_kv and made_here > 0)
+        if params:
+            body["kv_transfer_params"] = params
         self._worker_speaks_completion = self.is_chat
         self.migrations += 1
         await self._resend(target, COMPLETIONS, body, f"m{self.migrations}")
@@ -225,10 +242,44 @@ class StreamRelay:
             detail = (await self.upstream.read())[:200]
             raise UpstreamStreamError(f"migration target answered {self.upstream.status}: "
                                       f"{detail!r}")
-        log.info("migrated %s from %s to %s after %d tokens", self.request_id, source, target,
-                 self._completion_before)
+        log.info("migrated %s from %s to %s after %d tokens%s", self.request_id, source,
+                 target, self._completion_before, " with its KV" if pulls_kv(body) else "")
         self.d.metrics.migrations.inc()
+        if pulls_kv(body):
+            self.d.metrics.kv_migrations.inc()
         self.d.driver.migrated(self.request_id, target)
+
+    def _continuation_params(self, old_params: dict | None, target: str, context: int,
+                             move_kv: bool) -> dict:
+        """The target's `kv_transfer_params`: pull the context's KV from the source when
+        it holds it (`move_kv`), else release the source's hold; and a hold of its own."""
+        kv = self.d.kv
+        if kv is None:
+            return {}
+        hold = MigrationHold.from_params(old_params)
+        source, to = self._kv_endpoint(self.worker), self._kv_endpoint(target)
+        params: dict = {}
+        if hold is not None and source is not None:
+            if move_kv and to is not None and context > 0:
+                params.update(kv.continuation(hold, source, context))
+                self.kv_moves += 1
+            else:
+                kv.release(source, hold)
+        if to is not None:
+            params.update(kv.new_hold(self.request_id).to_params())
+        return params
+
+    def _release_hold(self) -> None:
+        """The stream ends off a worker that may hold its blocks for a migration."""
+        kv, hold = self.d.kv, MigrationHold.from_params(self.body.get("kv_transfer_params"))
+        source = self._kv_endpoint(self.worker)
+        if kv is not None and hold is not None and source is not None:
+            kv.release(source, hold)
+
+    def _kv_endpoint(self, worker: str) -> KVEndpoint | None:
+        if self.d.kv is None or worker not in self.d.cluster.names():
+            return None
+        return self.d.kv.endpoint(worker, self.d.cluster.view(worker).url)
 
     async def _resend(self, target: str, route: str, body: dict, suffix: str) -> None:
         """Send `body` to `target` as this stream's new upstream (a breaker opening on
@@ -247,6 +298,7 @@ class StreamRelay:
         """Send the request whole to `target`: its worker failed before the client saw
         anything, so any stream can start over."""
         self.upstream.close()
+        self._release_hold()
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
         body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
         self.mode = LOCAL
@@ -481,7 +533,7 @@ class StreamRelay:
                             break
                     if self._should_switch():  # a move asked for (/admin/migrate, rebalancing)
                         target, self._migrate_to = self._migrate_to, None
-                        await self._switch(target)
+                        await self._switch(target, move_kv=True)
                         continue
                     if not self.obs.saw_done:
                         raise UpstreamStreamError("stream ended without [DONE]")
@@ -530,6 +582,7 @@ class StreamRelay:
             self.upstream.release()  # read to the end: the connection is reused
         else:
             self.upstream.close()  # the worker sees the connection go and aborts
+            self._release_hold()
         self.d.cluster.end(self.worker, Role.DECODE, self.tokens)
         self.d.observe_stream(self.worker, self.req, self.request_id, self.obs, self.started,
                              self.mode)

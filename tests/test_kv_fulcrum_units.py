@@ -584,3 +584,16 @@ def test_pull_by_position_copies_the_held_blocks_in_order(allow_cma: bool) -> No
         assert released(pair.leases, {"req-s"}) == {"req-s"}  # the producer frees it
     finally:
         pair.close()
+
+
+def test_a_release_that_outruns_its_hold_frees_the_blocks_when_the_hold_comes() -> None:
+    now = [100.0]
+    table = LeaseTable(clock=lambda: now[0])
+    assert table.release("early") is False  # the gateway's release, before the abort
+    table.hold("early", "req-e", [1, 2], ttl_s=30)
+    assert len(table) == 0 and table.take_released() == {"req-e"}
+    table.release("stale")
+    now[0] += 120  # forgotten after a while: a much later hold is kept
+    table.expire()
+    table.hold("stale", "req-s", [3], ttl_s=30)
+    assert len(table) == 1 and table.take_released() == set()

@@ -329,18 +329,34 @@ def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
     return ids, text, usage
 
 
-def _migrations(cluster: LiveCluster) -> float:
-    """The gateway's fulcrum_stream_migrations_total."""
+def _migrations(cluster: LiveCluster, name: str = "fulcrum_stream_migrations_total") -> float:
+    """A gateway counter: fulcrum_stream_migrations_total by default."""
     for line in httpx.get(cluster.url + "/metrics").text.splitlines():
-        if line.startswith("fulcrum_stream_migrations_total "):
+        if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
 
 
+_SOURCES = ("external_kv_transfer", "local_compute", "local_cache_hit")
+
+
+def _prompt_sources(cluster: LiveCluster, worker: str) -> dict[str, float]:
+    return {src: cluster.metric(worker, "vllm:prompt_tokens_by_source_total", source=src)
+            for src in _SOURCES}
+
+
 def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
+    """At temperature 0 a moved stream's output equals an unmoved run's. With Fulcrum's
+    connector the target pulls the source's KV and computes one token; with NIXL (no
+    block server the gateway can address) it recomputes the context."""
+    source, target = cluster.by_role("decode"), cluster.by_role("prefill")
+    moves_kv = cluster.metric(source, "vllm:fulcrum_kv_endpoint_info") > 0
     prompt = unique_prompt(12, 21)
     before = _migrations(cluster)
+    kv_before = _migrations(cluster, "fulcrum_stream_kv_migrations_total")
     reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}")
+    sources_before = _prompt_sources(cluster, target)
+    pulls = cluster.metric(target, "vllm:fulcrum_kv_pulls_total")
     migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=20)
     assert len(reference[0]) == 300
     assert migrated[0] == reference[0]
@@ -348,6 +364,24 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     assert migrated[2]["completion_tokens"] == 300
     assert migrated[2]["prompt_tokens"] == reference[2]["prompt_tokens"]
     assert _migrations(cluster) - before == 1
+    assert _migrations(cluster, "fulcrum_stream_kv_migrations_total") - kv_before == \
+        (1 if moves_kv else 0)
+    # The target also ran this request's prefill leg (the prefill worker): its prompt
+    # part may come from its prefix cache; what follows came over the wire or was computed.
+    moved = {k: v - sources_before[k] for k, v in _prompt_sources(cluster, target).items()}
+    if moves_kv:
+        assert cluster.metric(target, "vllm:fulcrum_kv_pulls_total") == pulls + 1
+        assert moved["external_kv_transfer"] >= 20  # at least the tokens made on the source
+        assert moved["local_compute"] == 1  # only the last token
+        assert cluster.metric(source, "vllm:fulcrum_kv_failed_transfers_total") == 0
+    else:
+        assert moved["external_kv_transfer"] == 0 and moved["local_compute"] >= 20
+    # the source's held blocks went back once read (or at once, without a hold)
+    deadline = time.monotonic() + 30
+    while cluster.metric(source, "vllm:kv_cache_usage_perc") > 0 and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.metric(source, "vllm:kv_cache_usage_perc") == 0
 
 
 def _chat_chunks(url: str, messages: list[dict], request_id: str) -> list[dict]:

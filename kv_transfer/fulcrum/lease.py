@@ -12,6 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+UNWANTED_MEMORY_S = 60.0
+"""How long a release that found no lease is remembered (a hold arriving later is
+dropped at once)."""
+
 
 @dataclass
 class Lease:
@@ -45,11 +49,17 @@ class LeaseTable:
         self._cond = threading.Condition()
         self._leases: dict[str, Lease] = {}
         self._released: set[str] = set()
+        # transfer ids released before their hold arrived (an abort can reach the engine
+        # after the gateway's release) -> when to forget them
+        self._unwanted: dict[str, float] = {}
         self.expired_count = 0
 
     def hold(self, transfer_id: str, req_id: str, block_ids: Sequence[int],
              ttl_s: float, num_tokens: int | None = None) -> None:
         with self._cond:
+            if self._unwanted.pop(transfer_id, None) is not None:
+                self._released.add(req_id)  # nobody will read it: free the blocks now
+                return
             self._leases[transfer_id] = Lease(transfer_id, req_id, tuple(block_ids),
                                               self._clock() + ttl_s, num_tokens=num_tokens)
             self._cond.notify_all()
@@ -76,6 +86,7 @@ class LeaseTable:
         with self._cond:
             lease = self._leases.pop(transfer_id, None)
             if lease is None:
+                self._unwanted[transfer_id] = self._clock() + UNWANTED_MEMORY_S
                 return False
             self._released.add(lease.req_id)
             return True
@@ -84,6 +95,9 @@ class LeaseTable:
         """Drop idle leases past their deadline; returns how many."""
         now = self._clock()
         with self._cond:
+            if self._unwanted:
+                self._unwanted = {t: until for t, until in self._unwanted.items()
+                                  if until > now}
             gone = [t for t, lease in self._leases.items()
                     if lease.deadline <= now and not lease.busy]
             for tid in gone:
