@@ -30,7 +30,7 @@ def make_controller(control: ControlConfig, flips: FlipCoordinator, mix: Request
     collector = MetricsCollector(window_s=control.window_s, slo=control.slo)
     controller = Controller(collector, flips, policy, interval_s=control.interval_s,
                             advisory=control.advisory, drain_timeout_s=control.drain_timeout_s,
-                            request_mix=mix.means)
+                            request_mix=mix.means, prefill_legs=mix.prefill_legs.quantiles)
     controller.on_snapshot = lambda snap: _store_engine_gauges(cluster, snap)
     return controller
 

@@ -323,6 +323,8 @@ class Dispatcher:
         kv_params, first = None, None
         if route.prefill is not None:
             kv_params, first = await self._prefill_leg(route.prefill, req, request_id, leg)
+            if kv_params:  # the prefill leg as the client's clock runs: from arrival here
+                self.mix.prefill_legs.record(route.prefill, time.monotonic() - started)
             decode = self.driver.decode_after_prefill(info, decode,
                                                       self.cluster.snapshot()) or decode
         return await self._decode_leg(decode, req, info, kv_params, started, leg, first,

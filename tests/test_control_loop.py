@@ -85,6 +85,44 @@ async def test_arrow_controller_flips_a_decode_worker_under_prefill_pressure():
     assert {w["name"] for w in third.workers} == {"p0", "p1", "d0", "d1"}
 
 
+async def test_gateway_prefill_legs_reach_the_policy_and_tip_arrow():
+    """The gateway's per-worker prefill-leg p90 is merged into the scraped metrics; with
+    engine TTFTs far inside target, it alone makes Arrow flip a decode worker."""
+    cluster = make_cluster()
+    asked: list[float] = []
+
+    def legs(window_s: float) -> dict[str, tuple[float, int]]:
+        asked.append(window_s)  # no leg timed before the second tick
+        return {"p0": (1.4, 30), "p1": (1.2, 30)} if len(asked) > 1 else {}
+
+    ticks = iter(range(0, 10_000, 5))
+    collector = MetricsCollector(window_s=30, slo=SLOTargets(ttft_s=1.0, tpot_s=0.1),
+                                 clock=lambda: float(next(ticks)))
+    controller = Controller(collector, FlipCoordinator(cluster, poll_interval_s=0.001),
+                            ArrowController(ArrowConfig(sustain_ticks=1)), drain_timeout_s=1.0,
+                            prefill_legs=legs)
+
+    def calm(request: httpx.Request) -> httpx.Response:  # 50 ms engine TTFTs, quick ITLs
+        n = calm.n = getattr(calm, "n", 0) + 1
+        return httpx.Response(200, text=vllm_text(
+            ttft=[10 * n] * 5, itl=[100 * n] * 5, prompt=300 * n, generation=100 * n,
+            finished=10 * n))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(calm)) as client:
+        first = await controller.tick(client)
+        decision = await controller.tick(client)
+    assert first.actions == () and "within target" in first.note
+    assert asked == [30, 30]
+    snap = controller.last_snapshot
+    assert snap.metrics["p0"].gateway_ttft_p90_s == 1.4
+    assert snap.metrics["p0"].gateway_ttft_samples == 30
+    assert snap.metrics["d0"].gateway_ttft_p90_s is None
+    assert snap.metrics["p0"].ttft_p90_s < 0.1  # the engines alone look fine
+    assert [a.to for a in decision.actions] == [Role.PREFILL]
+    assert decision.numbers["prefill_load"] == pytest.approx(1.3)
+    assert {w["name"]: w.get("gateway_ttft_p90_s") for w in decision.workers}["p1"] == 1.2
+
+
 async def test_advisory_mode_decides_but_changes_nothing():
     cluster = make_cluster()
     before = cluster.snapshot().workers

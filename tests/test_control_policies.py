@@ -201,6 +201,38 @@ def test_arrow_counts_decode_admission_queueing_as_decode_pressure():
     assert [a.to for a in actions] == [Role.DECODE]
 
 
+def test_arrow_flips_on_the_gateway_s_ttft_that_the_engine_s_alone_misses():
+    # The engines see 50 ms TTFTs; the gateway, whose clock also runs through the HTTP
+    # hops and the API servers of a busy host, sees 1.3 s legs: the client's TTFT misses.
+    toy = ToyCluster()
+    snap = toy.snapshot(0, *LONG_OUTPUTS)
+
+    def metrics(gateway_s: float | None, samples: int = 20) -> dict:
+        return {n: (WorkerMetrics(n, ttft_p90_s=0.05, ttft_samples=20,
+                                  gateway_ttft_p90_s=gateway_s, gateway_ttft_samples=samples)
+                    if toy.roles[n] == Role.PREFILL else WorkerMetrics(n))
+                for n in snap.metrics}
+
+    engine_only = ArrowController(ArrowConfig(sustain_ticks=2))
+    for t in range(3):
+        assert engine_only.decide(replace(snap, time=t, metrics=metrics(None))) == []
+    assert engine_only.last_note.numbers["prefill_load"] == pytest.approx(0.05)
+    policy = ArrowController(ArrowConfig(sustain_ticks=2))
+    assert policy.decide(replace(snap, time=0, metrics=metrics(1.3))) == []  # 1 of 2 ticks
+    actions = policy.decide(replace(snap, time=1, metrics=metrics(1.3)))
+    assert [a.to for a in actions] == [Role.PREFILL]
+    assert policy.last_note.numbers["ttft_queue_incl_s"] == pytest.approx(1.3)
+    assert policy.last_note.numbers["gateway_ttft_p90_s"] == pytest.approx(1.3)
+    # a gateway p90 from too few legs counts no more than the engine's would
+    few = ArrowController(ArrowConfig(sustain_ticks=1, min_samples=3))
+    assert few.decide(replace(snap, metrics=metrics(1.3, samples=2))) == []
+    # the gateway's clock never lowers the engine's number (it starts earlier)
+    low = ArrowController(ArrowConfig(sustain_ticks=1))
+    slow_engine = {n: (replace(m, ttft_p90_s=1.5) if toy.roles[n] == Role.PREFILL else m)
+                   for n, m in metrics(0.2).items()}
+    assert [a.to for a in low.decide(replace(snap, metrics=slow_engine))] == [Role.PREFILL]
+
+
 def test_dopd_moves_workers_with_the_mix_and_back():
     policy = DOPDController(DOPDConfig(**{**ROUND1_KNOBS, "adjustment_interval_s": 30.0},
                                        prefill_tokens_per_s=PREFILL_TOKENS_PER_S,

@@ -285,6 +285,46 @@ def test_request_mix_windows_recent_requests() -> None:
     assert mix.means(1000) == (None, None, 0)  # past the horizon, forgotten
 
 
+def test_leg_latencies_window_per_worker() -> None:
+    from router.request_mix import LegLatencies
+
+    now = [0.0]
+    legs = LegLatencies(horizon_s=100, clock=lambda: now[0])
+    assert legs.quantiles(10) == {}
+    legs.record("p0", 5.0)
+    now[0] = 20.0
+    for s in (0.1, 0.2, 0.3):
+        legs.record("p0", s)
+    legs.record("p1", 0.4)
+    assert legs.quantiles(10, q=0.5) == {"p0": (0.2, 3), "p1": (0.4, 1)}
+    assert legs.quantiles(60, q=1.0)["p0"] == (5.0, 4)
+    now[0] = 500.0
+    assert legs.quantiles(1000) == {}  # past the horizon, forgotten
+
+
+def test_gateway_times_each_prefill_leg_from_the_request_s_arrival() -> None:
+    p_app, d_app = create_fake_worker("P", MODEL), create_fake_worker("D", MODEL)
+    p_app.state.behaviour.prefill_delay_s = 0.05
+    with serve_in_thread(p_app) as p_url, serve_in_thread(d_app) as d_url:
+        cluster = Cluster()
+        cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
+        cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
+        app = _gateway(cluster)
+        with serve_in_thread(app) as g_url:
+            client = openai.OpenAI(base_url=g_url + "/v1", api_key="x", max_retries=0)
+            for stream in (False, True, False):
+                out = client.completions.create(model=MODEL, prompt="a b c", max_tokens=4,
+                                                stream=stream)
+                if stream:
+                    list(out)
+            legs = app.state.request_mix.prefill_legs
+            p90, n = legs.quantiles(60)["p0"]
+            assert n == 3 and 0.05 <= p90 < 5.0
+            p_app.state.behaviour.fail_prefill_status = 500  # decoded locally: no leg
+            client.completions.create(model=MODEL, prompt="a b c", max_tokens=4)
+            assert legs.quantiles(60)["p0"][1] == 3 and "d0" not in legs.quantiles(60)
+
+
 def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
     d0, d1 = create_fake_worker("D0", MODEL), create_fake_worker("D1", MODEL)
     d0.state.behaviour.token_delay_s = 0.15  # the stream outlasts five admin calls on a busy host

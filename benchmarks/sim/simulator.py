@@ -22,8 +22,9 @@ replay a measured distribution rather than one number.
 
 Timing per leg: `prefill_done` is the end of the prefill leg (arrival -> prefill on its
 worker, what the prefill worker's own TTFT measures and what control policies are fed
-for it); `first_token` is when the client sees the first token, after the KV transfer,
-decode admission and the first decode step in P/D.
+for it, as the engine's TTFT and as the gateway's timing of the leg alike); `first_token`
+is when the client sees the first token, after the KV transfer, decode admission and the
+first decode step in P/D.
 KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
 needs KV room on the decode worker before it starts.
 """
@@ -492,10 +493,14 @@ class Simulator:
         prev = self._last_counters.get(e.name, (0, 0, 0))
         cur = (e.prompt_tokens_done, e.tokens_generated, e.requests_finished)
         self._last_counters[e.name] = cur
+        ttft_p90 = linear_quantile(ttft, 0.9) if ttft else None
         return WorkerMetrics(
             name=e.name,
             ttft_p50_s=linear_quantile(ttft, 0.5) if ttft else None,
-            ttft_p90_s=linear_quantile(ttft, 0.9) if ttft else None,
+            ttft_p90_s=ttft_p90,
+            # the gateway's clock on the prefill leg: no HTTP hop or API server here, so
+            # it reads what the engine's own TTFT does (the live gateway adds them)
+            gateway_ttft_p90_s=ttft_p90, gateway_ttft_samples=len(ttft),
             itl_p50_s=linear_quantile(itl, 0.5) if itl else None,
             itl_p90_s=linear_quantile(itl, 0.9) if itl else None,
             num_running=len(e.running), num_waiting=e.num_waiting_prefills + len(e.decode_wait),

@@ -4,7 +4,10 @@ Loads follow Arrow §5.5 (as reconstructed in notes/papers.md §1.3):
 
 * prefill load of a worker = queue-inclusive TTFT / TTFT target, where queue-inclusive
   TTFT = windowed TTFT p90 + num_waiting / prefill completions per second (Little's law:
-  how long the requests now queued will wait on top);
+  how long the requests now queued will wait on top); the TTFT p90 is the larger of the
+  engine's own and the gateway's, timed from the request's arrival at the gateway to
+  the prefill reply (the SLO is on the client's clock: on a loaded host the API server
+  and the HTTP hops add more than the engine's queue and compute);
 * decode load of a worker = windowed inter-token latency p90 / TPOT target;
 * a pool's load is the mean over its READY workers.
 
@@ -106,10 +109,24 @@ def _too_few(value: float | None, samples: int, min_samples: int) -> bool:
 
 
 def prefill_latency_s(m: WorkerMetrics, min_samples: int) -> float:
-    """Queue-inclusive TTFT estimate of one prefill worker (0 when it saw nothing)."""
+    """Queue-inclusive TTFT estimate of one prefill worker (0 when it saw nothing): the
+    larger of the engine's TTFT p90 and the gateway's p90 of the legs it served (which
+    adds the HTTP hops, the API server and the gateway: the part of the client's TTFT a
+    busy host hides from the engine), plus the wait of the requests queued now."""
     ttft = 0.0 if _too_few(m.ttft_p90_s, m.ttft_samples, min_samples) else m.ttft_p90_s
+    if not _too_few(m.gateway_ttft_p90_s, m.gateway_ttft_samples, min_samples):
+        ttft = max(ttft, m.gateway_ttft_p90_s)
     queue = m.num_waiting / m.requests_finished_per_s if m.requests_finished_per_s > 0 else 0.0
     return ttft + queue
+
+
+def gateway_ttft_s(snapshot: ControlSnapshot) -> float | None:
+    """Mean over the prefill pool of the gateway's prefill-leg p90 (for the note; None
+    where the producer reports none)."""
+    values = [m.gateway_ttft_p90_s for m in
+              (metrics_of(snapshot, w.name) for w in pool(snapshot, Role.PREFILL))
+              if m.gateway_ttft_p90_s is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def decode_latency_s(m: WorkerMetrics, min_samples: int) -> float:
@@ -218,6 +235,7 @@ class ArrowController:
             "expand": cfg.expand, "prefill_pressure": len(signals[Role.PREFILL]),
             "decode_pressure": len(signals[Role.DECODE]),
             "decode_growth_per_s": round(growth, 2),
+            "gateway_ttft_p90_s": gateway_ttft_s(snapshot),
         }
         facts = (f"prefill: TTFT incl. queue {lat_p:.3f}s vs target {snapshot.slo.ttft_s:.3f}s "
                  f"(load {load_p:.2f}, {n[Role.PREFILL]} workers); decode: ITL p90 "

@@ -33,6 +33,12 @@ class WorkerMetrics:
     requests_finished_per_s: float = 0.0
     ttft_samples: int = 0
     itl_samples: int = 0
+    gateway_ttft_p90_s: float | None = None
+    """The prefill legs this worker served as the gateway timed them, p90 over the window:
+    from the request's arrival at the gateway to the worker's reply (the HTTP hops, the
+    worker's API server and the gateway's routing on top of `ttft_p90_s`, which starts
+    when the engine sees the request). None where nothing measured it."""
+    gateway_ttft_samples: int = 0
 
 
 @dataclass(frozen=True)

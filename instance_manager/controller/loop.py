@@ -21,7 +21,12 @@ from core.feedback import PolicyFeedback
 from core.flips import FlipCoordinator, FlipRefused
 from core.pressure import PressureLog, SLOPressure
 from core.slo import SLOTargets
-from instance_manager.controller.base import ControlPolicy, ControlSnapshot, FlipAction
+from instance_manager.controller.base import (
+    ControlPolicy,
+    ControlSnapshot,
+    FlipAction,
+    WorkerMetrics,
+)
 from instance_manager.controller.common import PolicyNote
 from instance_manager.controller.registry import (
     CONTROL_POLICIES,
@@ -75,9 +80,23 @@ def worker_rows(snapshot: ControlSnapshot) -> tuple[dict[str, Any], ...]:
                        num_waiting=m.num_waiting, kv_cache_usage=m.kv_cache_usage,
                        prompt_tokens_per_s=m.prompt_tokens_per_s,
                        generation_tokens_per_s=m.generation_tokens_per_s,
-                       requests_finished_per_s=m.requests_finished_per_s)
+                       requests_finished_per_s=m.requests_finished_per_s,
+                       gateway_ttft_p90_s=m.gateway_ttft_p90_s)
         rows.append(row)
     return tuple(rows)
+
+
+def with_gateway_ttft(snapshot: ControlSnapshot,
+                      legs: Mapping[str, tuple[float, int]]) -> ControlSnapshot:
+    """`snapshot` with each worker's gateway-timed prefill legs (p90, samples) merged into
+    its metrics; a worker with legs but no scrape gets metrics of its own."""
+    if not legs:
+        return snapshot
+    metrics = dict(snapshot.metrics)
+    for name, (p90, n) in legs.items():
+        base = metrics.get(name) or WorkerMetrics(name=name)
+        metrics[name] = replace(base, gateway_ttft_p90_s=p90, gateway_ttft_samples=n)
+    return replace(snapshot, metrics=metrics)
 
 
 class Controller:
@@ -90,7 +109,9 @@ class Controller:
                  request_mix: Callable[[float], tuple[float | None, float | None, int]]
                  | None = None,
                  pressure: Callable[[], list[SLOPressure]] | None = None,
-                 min_interval_s: float = 0.5) -> None:
+                 min_interval_s: float = 0.5,
+                 prefill_legs: Callable[[float], Mapping[str, tuple[float, int]]]
+                 | None = None) -> None:
         self.collector = collector
         self.flips = flips
         self.policy = policy
@@ -100,6 +121,7 @@ class Controller:
         self._wall = wall_clock
         self._request_mix = request_mix
         self._pressure = pressure
+        self._prefill_legs = prefill_legs
         self.min_interval_s = min_interval_s
         self._wake = asyncio.Event()
         self._decisions: deque[Decision] = deque(maxlen=history_size)
@@ -176,6 +198,8 @@ class Controller:
                 snapshot = replace(snapshot, mean_prompt_tokens=prompt,
                                    mean_output_tokens=output,
                                    arrival_rate_per_s=n / self.collector.window_s)
+        if self._prefill_legs is not None:  # the gateway's clock on each prefill leg
+            snapshot = with_gateway_ttft(snapshot, self._prefill_legs(self.collector.window_s))
         if self._pressure is not None:
             snapshot = replace(snapshot, pressure=tuple(self._pressure()))
         self.last_snapshot = snapshot
