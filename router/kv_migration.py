@@ -57,6 +57,16 @@ class KVDirectory:
             self._spawn(self._probe(worker, url))
         return None
 
+    async def resolve(self, worker: str, url: str) -> KVEndpoint | None:
+        """The worker's block server, asking it now if unknown (a move to a worker that
+        has had no stream yet)."""
+        known = self._known.get(worker)
+        if known is not None and known[0] == url:
+            return known[1]
+        if self.fetch_metrics is not None:
+            await self._probe(worker, url)
+        return self.known(worker)
+
     def learn(self, worker: str, url: str, kv: KVEndpoint | None) -> None:
         self._known[worker] = (url, kv)
 
@@ -64,7 +74,7 @@ class KVDirectory:
         """What the directory knows now (asks nobody)."""
         return (self._known.get(worker) or ("", None))[1]
 
-    async def watch(self, cluster: Cluster, interval_s: float = 5.0) -> None:
+    async def watch(self, cluster: Cluster, interval_s: float = 1.0) -> None:
         """Forever: ask workers that joined (or moved) where they serve KV, so the first
         stream on a worker, or the first move to it, already knows."""
         while True:

@@ -231,8 +231,9 @@ class StreamRelay:
         if isinstance(min_tokens, int):
             body["min_tokens"] = max(0, min_tokens - self._completion_before)
         source = self.worker
-        params = self._continuation_params(old_params, target, len(body["prompt"]) - 1,
-                                           move_kv and made_here > 0)
+        params = await self._continuation_params(old_params, target,
+                                                 len(body["prompt"]) - 1,
+                                                 move_kv and made_here > 0)
         if params:
             body["kv_transfer_params"] = params
         self._worker_speaks_completion = self.is_chat
@@ -249,15 +250,18 @@ class StreamRelay:
             self.d.metrics.kv_migrations.inc()
         self.d.driver.migrated(self.request_id, target)
 
-    def _continuation_params(self, old_params: dict | None, target: str, context: int,
-                             move_kv: bool) -> dict:
+    async def _continuation_params(self, old_params: dict | None, target: str, context: int,
+                                   move_kv: bool) -> dict:
         """The target's `kv_transfer_params`: pull the context's KV from the source when
         it holds it (`move_kv`), else release the source's hold; and a hold of its own."""
         kv = self.d.kv
         if kv is None:
             return {}
         hold = MigrationHold.from_params(old_params)
-        source, to = self._kv_endpoint(self.worker), self._kv_endpoint(target)
+        source = self._kv_endpoint(self.worker)
+        to = None
+        if target in self.d.cluster.names():
+            to = await kv.resolve(target, self.d.cluster.view(target).url)
         params: dict = {}
         if hold is not None and source is not None:
             if move_kv and to is not None and context > 0:

@@ -372,7 +372,9 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     if moves_kv:
         assert cluster.metric(target, "vllm:fulcrum_kv_pulls_total") == pulls + 1
         assert moved["external_kv_transfer"] >= 20  # at least the tokens made on the source
-        assert moved["local_compute"] == 1  # only the last token
+        # its own prefill leg's prompt and the continuation's last token: none of the
+        # tokens generated on the source
+        assert moved["local_compute"] <= migrated[2]["prompt_tokens"] + 1
         assert cluster.metric(source, "vllm:fulcrum_kv_failed_transfers_total") == 0
     else:
         assert moved["external_kv_transfer"] == 0 and moved["local_compute"] >= 20
