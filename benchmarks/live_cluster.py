@@ -20,10 +20,11 @@ class UpCluster:
     """`python -m deploy.cli up --model tiny --workers N ...` and its admin API."""
 
     def __init__(self, log_dir: Path, workers: int, extra: Sequence[str] = (),
-                 base_port: int = 18700, side_base_port: int = 26700) -> None:
+                 base_port: int = 18700, side_base_port: int = 26700,
+                 model: str = "tiny") -> None:
         self.port = free_port_block(workers + 1, base_port)
         side = free_port_block(workers, side_base_port)
-        self.cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", "tiny",
+        self.cmd = [sys.executable, "-m", "deploy.cli", "up", "--model", model,
                     "--workers", str(workers), "--port", str(self.port),
                     "--side-channel-base-port", str(side), "--log-dir", str(log_dir), *extra]
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,11 @@ def _add_hardening_args(parser: argparse.ArgumentParser) -> None:
                             "another worker (0: off)")
     group.add_argument("--stream-stall-min", type=float, default=5.0,
                        help="seconds of silence below which a stream never counts as stalled")
+    group.add_argument("--migration", choices=("kv", "recompute"), default="kv",
+                       help="how a moved stream continues on its new decode worker: 'kv' "
+                            "pulls the KV the old worker computed (workers running the "
+                            "fulcrum connector; others recompute), 'recompute' prefills "
+                            "prompt + generated tokens again")
     group.add_argument("--health-interval", type=float, default=0.25,
                        help="seconds between active /health probes of each worker (0: off)")
     group.add_argument("--health-timeout", type=float, default=1.0,
@@ -144,7 +149,8 @@ def _hardening_config(args: argparse.Namespace) -> dict:
                                    request_timeout_s=args.request_timeout,
                                    stream_idle_timeout_s=args.stream_idle_timeout,
                                    stall_factor=args.stream_stall_factor,
-                                   stall_min_s=args.stream_stall_min),
+                                   stall_min_s=args.stream_stall_min,
+                                   kv_migration=args.migration == "kv"),
     }
 
 
