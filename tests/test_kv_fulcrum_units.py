@@ -597,3 +597,17 @@ def test_a_release_that_outruns_its_hold_frees_the_blocks_when_the_hold_comes() 
     table.expire()
     table.hold("stale", "req-s", [3], ttl_s=30)
     assert len(table) == 1 and table.take_released() == set()
+
+
+def test_nccl_pull_by_position_moves_a_migrated_requests_blocks() -> None:
+    fake = FakeNccl()
+    pair, _, _ = _nccl_pair(fake)
+    try:
+        pair.leases.hold("m", "req-m", [9, 2, 6], ttl_s=30, num_tokens=40)
+        job = PullJob("req-c", "m", "127.0.0.1", pair.server.port, (0, 1, 2), (1, 3, 5),
+                      by_position=True, num_tokens=40)
+        assert pair.loader.pull(job) == 3 * pair.c_store.bytes_per_block
+        assert pair.copied([9, 2, 6], [1, 3, 5])
+        assert released(pair.leases, {"req-m"}) == {"req-m"}
+    finally:
+        pair.close()
