@@ -11,7 +11,9 @@ minus the median gap of the rest (what the client waits beyond a normal token). 
 and context the JSON holds the median and p10/p90 stall over ``--rounds``, and a
 least-squares fit ``stall = fixed + per_token x context`` (the time per migrated token);
 the consumer's pull time comes from its ``vllm:fulcrum_kv_transfer_seconds``. The
-gateway's counters check that every request moved once, with its KV only in ``kv`` mode.
+gateway's counters, read around every request, say how it moved; one that did not move as
+its mode does (no clean UTF-8 boundary before its end, a KV move falling back to
+recompute) is counted under ``skipped``, not measured.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.migration_cost            # tiny model
     ... -m benchmarks.migration_cost --model default --dtype float32 --contexts 256,1024 \\
@@ -124,6 +126,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         pulls_before = histogram_totals(target["url"], "vllm:fulcrum_kv_transfer_seconds")
         points: list[tuple[float, float]] = []
         requests = 0
+        skipped: dict[str, int] = {}  # measured requests that did not move as `mode` does
         for context in args.contexts:
             words = make_template(source["url"], context - 8)  # room for the unique tag
             rows = []
@@ -131,13 +134,24 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 request_id = f"mc-{mode}-{context}-{r}-{time.time_ns()}"
                 cluster.admin("POST", "/migrate", request_id=request_id, to=target["name"],
                               after_tokens=args.after, planned=True)
+                gw_before = httpx.get(cluster.url + "/metrics", timeout=10).text
                 times = stream_times(cluster.url, f"{tag(r)} " + " ".join(words),
                                      request_id, args.max_tokens)
+                gw_after = httpx.get(cluster.url + "/metrics", timeout=10).text
                 requests += 1
                 if len(times) != args.max_tokens:
                     raise RuntimeError(f"{len(times)} tokens, expected {args.max_tokens}")
-                if r >= args.warmup:
-                    rows.append(stall_of(times, args.after))
+                moved = {name: counter(gw_after, name) - counter(gw_before, name)
+                         for name in ("fulcrum_stream_migrations_total",
+                                      "fulcrum_stream_kv_migrations_total")}
+                how = ("kv" if moved["fulcrum_stream_kv_migrations_total"] else "recompute") \
+                    if moved["fulcrum_stream_migrations_total"] else "not moved"
+                if r < args.warmup:
+                    continue
+                if how != mode:  # e.g. no clean UTF-8 boundary before the end: not counted
+                    skipped[how] = skipped.get(how, 0) + 1
+                    continue
+                rows.append(stall_of(times, args.after))
             stalls = [row["stall_s"] for row in rows]
             points += [(context + args.after, s) for s in stalls]
             out["contexts"][str(context)] = {
@@ -154,6 +168,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["kv_moves"] = counter(after, "fulcrum_stream_kv_migrations_total") - counter(
             before, "fulcrum_stream_kv_migrations_total")
         out["requests"] = requests
+        out["skipped"] = skipped
         pulls = pulled[1] - pulls_before[1]
         out["pull_s_mean"] = (pulled[0] - pulls_before[0]) / pulls if pulls else None
         out["pulls"] = pulls
