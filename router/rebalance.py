@@ -20,9 +20,11 @@ from router.policies.latency_model import DecodeLatencyModel, PrefillLatencyMode
 log = logging.getLogger("fulcrum.rebalance")
 
 
-KV_MOVE_COST = MigrationCost(fixed_s=0.05, per_token_s=2e-5)
+KV_MOVE_COST = MigrationCost(fixed_s=0.06, per_token_s=3.5e-5)
 """A move whose target pulls the source's KV (`router.kv_migration`): the stream stalls for
-the abort, the target's admission and the pull; the target prefills one token."""
+the abort, the target's admission and the pull; the target prefills one token. The numbers
+are the stall measured for SmolLM2-135M in float32 on CPU workers
+(`benchmarks/migration_cost.py`: 71 ms at 272 tokens of context, 97 ms at 1040)."""
 
 
 def default_planner(moves_kv: bool = False) -> MigrationPlanner:

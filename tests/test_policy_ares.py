@@ -186,3 +186,15 @@ def test_planner_prices_a_recompute_by_default_and_counts_target_residents():
         PrefillLatencyModel(a=0.0, b=1e-6, c=0.0), fixed_s=0.0), MigrationConfig())
     decision = cheap.decide(residents)
     assert decision is not None and decision.cost_s == pytest.approx(2 * 6000 * 1e-6)
+
+
+def test_the_gateways_planner_prices_what_its_moves_do() -> None:
+    from router.rebalance import KV_MOVE_COST, default_planner
+
+    kv, recompute = default_planner(moves_kv=True), default_planner()
+    assert kv.cost is KV_MOVE_COST and isinstance(recompute.cost, RecomputeCost)
+    # moving 4000 tokens of context: a pull costs a fraction of re-prefilling them, and
+    # does not stall the target's residents, which a recompute does
+    assert kv.cost.seconds(4000) < recompute.cost.seconds(4000) / 3
+    assert kv.cost.seconds(4000, target_residents=8) == kv.cost.seconds(4000)
+    assert recompute.cost.seconds(4000, target_residents=8) > 8 * recompute.cost.seconds(4000)
