@@ -79,6 +79,7 @@ KEEP = ("completed", "failed", "request_throughput", "request_goodput", "slo_att
 COMPARED = {"request_goodput": True, "slo_attainment": True, "median_ttft_ms": False,
             "p99_ttft_ms": False, "p99_tpot_ms": False, "p99_itl_ms": False}
 _MIGRATIONS = re.compile(r"^fulcrum_stream_migrations_total\s+([0-9.e+]+)", re.M)
+_KV_MIGRATIONS = re.compile(r"^fulcrum_stream_kv_migrations_total\s+([0-9.e+]+)", re.M)
 _RESCUES = re.compile(r'^fulcrum_pd_leg_failures_total\{(?=[^}]*action="rescued")[^}]*\}'
                       r"\s+([0-9.e+]+)", re.M)
 
@@ -96,14 +97,13 @@ def build_trace(rate: float, seconds: float, seed: int) -> list:
     return pair(poisson_times(n, rate, seed), sharegpt_pool(n, seed))
 
 
-def migrations(cluster: UpCluster) -> tuple[float, float]:
-    """(streams moved, of which rescued off a failed or stalled worker) so far, from the
-    gateway's Prometheus counters: the rest are planned moves (ARES's rebalancing)."""
+def migrations(cluster: UpCluster) -> tuple[float, float, float]:
+    """(streams moved, of which rescued off a failed or stalled worker, moves that took
+    their KV along) so far, from the gateway's Prometheus counters: the moves not rescued
+    are planned ones (ARES's rebalancing)."""
     text = httpx.get(cluster.url + "/metrics", timeout=30).text
-    moved = _MIGRATIONS.search(text)
-    rescued = _RESCUES.search(text)
-    return (float(moved.group(1)) if moved else 0.0,
-            float(rescued.group(1)) if rescued else 0.0)
+    found = [pattern.search(text) for pattern in (_MIGRATIONS, _RESCUES, _KV_MIGRATIONS)]
+    return tuple(float(m.group(1)) if m else 0.0 for m in found)  # type: ignore[return-value]
 
 
 def run_variant(name: str, workers: int, options: tuple[str, ...], traces: dict, slo: SLO,
@@ -128,7 +128,8 @@ def run_variant(name: str, workers: int, options: tuple[str, ...], traces: dict,
             moved_after = migrations(cluster)
             runs[key] = {**{k: summary.get(k) for k in KEEP}, "errors": errors[:10],
                          "migrations": moved_after[0] - moved_before[0],
-                         "rescues": moved_after[1] - moved_before[1]}
+                         "rescues": moved_after[1] - moved_before[1],
+                         "kv_moves": moved_after[2] - moved_before[2]}
             r = runs[key]
             print(f"  {name} {key}: goodput {r['request_goodput']:.2f} req/s, median TTFT "
                   f"{r['median_ttft_ms']:.0f} ms, p99 TPOT {r['p99_tpot_ms']:.0f} ms, "

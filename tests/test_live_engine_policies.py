@@ -61,6 +61,7 @@ def test_the_slai_variant_loads_the_scheduler_class_and_ares_routes_with_ares():
 def test_migrations_reads_the_gateways_counter(monkeypatch):
     class Reply:
         text = ("# HELP x\nfulcrum_stream_migrations_total 7.0\nother 1\n"
+                "fulcrum_stream_kv_migrations_total 4.0\n"
                 'fulcrum_pd_leg_failures_total{action="retry",leg="decode"} 5.0\n'
                 'fulcrum_pd_leg_failures_total{action="rescued",leg="decode"} 2.0\n')
 
@@ -69,4 +70,4 @@ def test_migrations_reads_the_gateways_counter(monkeypatch):
     class Cluster:
         url = "http://gw"
 
-    assert lep.migrations(Cluster()) == (7.0, 2.0)
+    assert lep.migrations(Cluster()) == (7.0, 2.0, 4.0)
