@@ -50,3 +50,13 @@ def fake_pd_cluster(model: str) -> Iterator:
         cluster.add("p0", p_url, Role.PREFILL, WorkerState.READY)
         cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
         yield cluster
+
+
+def eventually(check, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
+    """Poll `check()` every 20 ms until it is truthy or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

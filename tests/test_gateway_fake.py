@@ -21,7 +21,7 @@ from deploy.gateway_app import build_gateway
 from router.app import GatewayConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig
-from tests.servers import free_port, serve_in_thread
+from tests.servers import eventually, free_port, serve_in_thread
 
 MODEL = "fake-model"
 
@@ -54,15 +54,6 @@ def rig() -> Iterator[Rig]:
         cluster.add("d0", d_url, Role.DECODE, WorkerState.READY)
         with serve_in_thread(_gateway(cluster)) as g_url:
             yield Rig(g_url, cluster, p_app, d_app)
-
-
-def _eventually(check, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _in_flight_zero(cluster: Cluster) -> bool:
@@ -366,7 +357,7 @@ def test_live_stream_migrates_to_another_worker_without_a_break() -> None:
             assert "".join(texts) == "".join(f" t{i}" for i in range(30))
             assert len(ids) == 1  # one stream id from start to end
             assert usage == {"prompt_tokens": 3, "completion_tokens": 30, "total_tokens": 33}
-            assert _eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
+            assert eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
             continued = d1.state.stats.bodies[-1]
             assert continued["prompt"][:3] == [0, 1, 2] and continued["max_tokens"] < 30
             assert httpx.post(url + "/admin/migrate", json={"request_id": sid, "to": "d0"}
@@ -399,7 +390,7 @@ def test_planned_migration_moves_the_stream_after_the_asked_tokens() -> None:
             moved_after = 20 - continued["max_tokens"]
             assert 7 <= moved_after < 20  # not before the asked point, and before the end
             assert continued["prompt"] == [0, 1] + [1000 + i for i in range(moved_after)]
-            assert _eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
+            assert eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
             assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
             assert _in_flight_zero(cluster)
 
@@ -431,7 +422,7 @@ def test_ares_rebalancer_moves_a_stream_off_the_loaded_decoder() -> None:
                 texts = [f.result() for f in futures]
         assert texts == ["".join(f" t{i}" for i in range(300))] * 3  # nothing lost or doubled
         assert d1.state.stats.request_ids, "the rebalancer moved nothing"
-        assert _eventually(lambda: d0.state.stats.aborted >= 1)  # it notices the close
+        assert eventually(lambda: d0.state.stats.aborted >= 1)  # it notices the close
         assert _in_flight_zero(cluster)
 
 
@@ -482,7 +473,7 @@ def test_chat_stream_migrates_as_a_completion_and_reads_as_one_chat_stream(
             assert "messages" not in continued and "max_completion_tokens" not in continued
             assert continued["min_tokens"] == 15 - moved_after
             assert d1.state.stats.request_ids[-1] == f"{sid}-m1"
-            assert _eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
+            assert eventually(lambda: d0.state.stats.aborted == 1)  # it notices the close
             assert 'fulcrum_stream_migrations_total 1.0' in httpx.get(url + "/metrics").text
             assert _in_flight_zero(cluster)
 

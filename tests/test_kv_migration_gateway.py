@@ -5,7 +5,6 @@ itself is proven on real vLLM workers in `test_vllm_serving`."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import torch
@@ -21,7 +20,7 @@ from kv_transfer.fulcrum.transport.cpu import CpuTransport
 from router.app import GatewayConfig
 from router.cluster import Cluster
 from router.dispatch import DispatchConfig
-from tests.servers import serve_in_thread
+from tests.servers import eventually, serve_in_thread
 
 MODEL = "fake-model"
 
@@ -31,15 +30,6 @@ def _gateway(cluster: Cluster, kv_migration: bool = True) -> object:
                               kv_migration=kv_migration, migration_hold_s=7.0)
     return build_gateway(GatewayConfig(served_models=(MODEL,), dispatch=dispatch,
                                        stats_interval_s=0.2), cluster)
-
-
-def _eventually(check, timeout_s: float = 10.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class BlockServerRig:
@@ -83,7 +73,7 @@ def test_planned_migration_tells_the_target_to_pull_the_sources_held_kv() -> Non
         app = _gateway(cluster)
         with serve_in_thread(app) as url:
             kv = app.state.dispatcher.kv
-            assert _eventually(lambda: kv.known("d0") and kv.known("d1"))  # asked at start
+            assert eventually(lambda: kv.known("d0") and kv.known("d1"), 10.0)  # asked at start
             assert httpx.post(url + "/admin/migrate", json={
                 "request_id": "kvm-1", "to": "d1", "after_tokens": 7,
                 "planned": True}).status_code == 200
@@ -121,11 +111,11 @@ def test_a_stream_that_ends_early_releases_its_hold_and_unknown_workers_get_none
         app = _gateway(cluster)
         with serve_in_thread(app) as url:
             kv = app.state.dispatcher.kv
-            assert _eventually(lambda: kv.known("d0"))
+            assert eventually(lambda: kv.known("d0"), 10.0)
             _stream(url, "gone-1", 50, stop_after=5)
             tid = d0.state.stats.bodies[-1]["kv_transfer_params"]["migration_hold"][
                 "transfer_id"]
-            assert _eventually(lambda: src.released_early(tid))
+            assert eventually(lambda: src.released_early(tid), 10.0)
             # a worker that reports no block server: no hold, and a move recomputes
             cluster.add("d1", d1_url, Role.PREFILL, WorkerState.READY)
             cluster.set_role("d0", Role.PREFILL)
