@@ -2,14 +2,18 @@
 
     flock /tmp/fulcrum-vllm.lock python -m benchmarks.live_phase          # ~70 min
     python -m benchmarks.live_phase --minutes 2 --systems half,arrow      # a short check
+    python -m benchmarks.live_phase --model default --rate 1 --long-prompt 256x8 \
+        --long-output 32x96 --slo-ttft-ms 3000 --slo-tpot-ms 250 \
+        --systems half,static-3P1D,arrow --out benchmarks/results/live_phase_smollm2.json
 
-Every system gets a fresh `fulcrum up --model tiny --workers 4` and the same trace: phases of
-long prompts (512 in / 8 out) and long outputs (32 in / 192 out) alternating at one request
-rate, `--minutes` long. Systems: the half split (2P2D), the other static splits (1P3D, 3P1D;
-the best of them chosen after the fact, per seed), aggregated serving (no KV connector, every
-worker serves whole requests), `arrow` (Arrow routing and controller) and `dopd` (DOPD-match
-routing and the DOPD controller), both starting at the half split and calibrated from one
-`fulcrum profile` of a worker taken at the start (`--control-profile`).
+Every system gets a fresh `fulcrum up --model tiny --workers 4` (or `--model default`,
+SmolLM2-135M-Instruct in float32) and the same trace: phases of long prompts (512 in / 8 out by
+default) and long outputs (32 in / 192 out) alternating at one request rate, `--minutes` long.
+Systems: the half split (2P2D), the other static splits (1P3D, 3P1D; the best of them chosen
+after the fact, per seed), aggregated serving (no KV connector, every worker serves whole
+requests), `arrow` (Arrow routing and controller) and `dopd` (DOPD-match routing and the DOPD
+controller), both starting at the half split and calibrated from one `fulcrum profile` of a
+worker taken at the start (`--control-profile`).
 
 Lengths stay hidden from the router: a random-weight model never stops on its own, so the
 trace's output length goes to the engine (`max_tokens` with `ignore_eos`) while the gateway's
@@ -39,8 +43,15 @@ from benchmarks.live_cluster import UpCluster
 from benchmarks.metrics import SLO, summarize
 
 RESULTS = Path(__file__).parent / "results"
-MODEL = "tiny-llama"
 WORKERS = 4
+# --model -> (served name, words for the setup, `fulcrum profile` prompt lengths and batch sizes);
+# SmolLM2's profile stays short because a float32 512-token prefill takes seconds on one core
+MODELS: dict[str, tuple[str, str, str, str]] = {
+    "tiny": ("tiny-llama", "tiny random Llama (tests' model), vLLM CPU", "16,64,256,512",
+             "1,4,16"),
+    "default": ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, float32, vLLM CPU",
+                "16,64,256", "1,4"),
+}
 CLIENT_CAP = 4096
 
 # name -> `fulcrum up` options (every cluster also gets the common ones in `up_options`)
@@ -60,9 +71,17 @@ STATIC = ("half", "static-1P3D", "static-3P1D", "static-3P1D-arrow-routing",
 ADAPTIVE = ("arrow", "dopd")
 
 
-def build_trace(rate: float, phase_s: float, cycles: int, seed: int) -> list:
-    prompts = synthetic_pool(200, 512, 8, seed=seed)
-    outputs = synthetic_pool(200, 32, 192, seed=seed + 1)
+def shape(text: str) -> tuple[int, int]:
+    """'512x8' -> (512, 8): prompt and output tokens of one phase's requests."""
+    prompt, _, output = text.partition("x")
+    return int(prompt), int(output)
+
+
+def build_trace(rate: float, phase_s: float, cycles: int, seed: int,
+                long_prompt: tuple[int, int] = (512, 8),
+                long_output: tuple[int, int] = (32, 192)) -> list:
+    prompts = synthetic_pool(200, *long_prompt, seed=seed)
+    outputs = synthetic_pool(200, *long_output, seed=seed + 1)
     phases = [Phase(phase_s, rate, prompts, "long-prompt"),
               Phase(phase_s, rate, outputs, "long-output")]
     return phase_mix(phases, cycles, seed)
@@ -114,23 +133,25 @@ class PoolSampler:
         self._thread.join(5)
 
 
-def profile_worker(cluster: UpCluster, out: Path) -> Path:
+def profile_worker(cluster: UpCluster, out: Path, model: str = "tiny") -> Path:
     """One `fulcrum profile` of a worker, for the adaptive controllers' calibration."""
     import subprocess
 
     url = cluster.workers()[0]["url"]
+    _, _, lengths, batches = MODELS[model]
     subprocess.run([sys.executable, "-m", "benchmarks.profiler", "--base-url", url,
-                    "--prompt-lengths", "16,64,256,512", "--batch-sizes", "1,4,16",
-                    "--repeats", "2", "--out", str(out)], check=True, timeout=900)
+                    "--prompt-lengths", lengths, "--batch-sizes", batches,
+                    "--repeats", "2", "--out", str(out)], check=True, timeout=1800)
     return out
 
 
 def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
-               log_dir: Path) -> dict:
-    cluster = UpCluster(log_dir / system, WORKERS, up_options(system, slo, profile))
+               log_dir: Path, model: str = "tiny", split_prompt_tokens: int = 200) -> dict:
+    cluster = UpCluster(log_dir / system, WORKERS, up_options(system, slo, profile),
+                        model=model)
     try:
         cluster.wait_ready()
-        endpoint = Endpoint(cluster.url, MODEL, engine_lengths=True,
+        endpoint = Endpoint(cluster.url, MODELS[model][0], engine_lengths=True,
                             client_max_tokens=CLIENT_CAP, timeout_s=300)
         asyncio.run(run_trace(trace[:4], endpoint, progress=False))  # warm-up
         started = time.time()
@@ -150,18 +171,21 @@ def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
     return {"system": system, "started": started,
             **{k: summary.get(k) for k in keep},
             "errors": errors[:10],
-            "phases": by_phase(timelines, slo),
+            "phases": by_phase(timelines, slo, split_prompt_tokens),
             "decisions": summarize_decisions(decisions, started),
             "pools": [{**s, "t": round(s["t"] - started, 2)} for s in pools.samples],
             "flips": [f for f in flips if f.get("outcome") == "done"],
             "flip_count": sum(1 for f in flips if f.get("outcome") == "done")}
 
 
-def by_phase(timelines: list, slo: SLO) -> dict[str, dict]:
-    """SLO attainment per phase, and how often each half of the SLO was missed."""
+def by_phase(timelines: list, slo: SLO, split_prompt_tokens: int = 200) -> dict[str, dict]:
+    """SLO attainment per phase, and how often each half of the SLO was missed.
+
+    A request belongs to the long-prompt phase when its prompt is longer than
+    `split_prompt_tokens` (between the two phases' prompt lengths)."""
     out = {}
-    for name, keep in (("long-prompt", lambda t: t.prompt_tokens > 200),
-                       ("long-output", lambda t: t.prompt_tokens <= 200)):
+    for name, keep in (("long-prompt", lambda t: t.prompt_tokens > split_prompt_tokens),
+                       ("long-output", lambda t: t.prompt_tokens <= split_prompt_tokens)):
         group = [t for t in timelines if keep(t)]
         done = [t for t in group if t.success]
         ttft_ok = [t.ttft_s * 1000 <= slo.ttft_ms for t in done]
@@ -246,7 +270,8 @@ def plot(result: dict, path: Path) -> None:
     bar_ax.set_ylabel("goodput (req/s meeting the SLO)")
     bar_ax.tick_params(axis="x", labelsize=8, rotation=15)
     slo = result["setup"]["slo"]
-    fig.suptitle(f"live, 4 tiny-model vLLM CPU workers, phase trace at "
+    fig.suptitle(f"live, 4 vLLM CPU workers ({result['setup']['model'].split(',')[0]}), "
+                 f"phase trace at "
                  f"{result['setup']['rate']} req/s; SLO TTFT {slo['ttft']:g} ms, "
                  f"TPOT {slo['tpot']:g} ms")
     fig.tight_layout()
@@ -257,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--long-prompt", type=shape, default=(512, 8),
+                        help="prompt x output tokens in the long-prompt phase")
+    parser.add_argument("--long-output", type=shape, default=(32, 192),
+                        help="prompt x output tokens in the long-output phase")
     parser.add_argument("--rate", type=float, default=6.0, help="requests/s in every phase")
     parser.add_argument("--minutes", type=float, default=10.0, help="trace length")
     parser.add_argument("--phase-s", type=float, default=60.0)
@@ -278,23 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     profile = None
     if any(s in ADAPTIVE for s in systems):
         probe = UpCluster(log_dir / "profile", 1, ["--kv-connector", "none",
-                                                   "--max-model-len", "1024"])
+                                                   "--max-model-len", "1024"], model=args.model)
         try:
             probe.wait_ready()
-            profile = profile_worker(probe, log_dir / "profile.json")
+            profile = profile_worker(probe, log_dir / f"profile-{args.model}.json", args.model)
         finally:
             probe.stop()
-    setup = {"workers": WORKERS, "model": "tiny random Llama (tests' model), vLLM CPU",
+    (lp_in, lp_out), (lo_in, lo_out) = args.long_prompt, args.long_output
+    split_prompt_tokens = (lp_in + lo_in) // 2
+    setup = {"workers": WORKERS, "model": MODELS[args.model][1],
              "rate": args.rate, "minutes": args.minutes, "phase_s": args.phase_s,
-             "phases": "long-prompt 512 in / 8 out, long-output 32 in / 192 out "
-                       "(uniform +-25%)",
+             "phases": f"long-prompt {lp_in} in / {lp_out} out, long-output {lo_in} in / "
+                       f"{lo_out} out (uniform +-25%)",
              "lengths": f"hidden from the router (engine-enforced, client cap {CLIENT_CAP})",
              "slo": slo.as_dict(), "profile": str(profile) if profile else None}
     earlier: dict[int, dict] = {}  # seed -> that seed's entry in --out
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.append and args.out.exists():
         old = json.loads(args.out.read_text())
-        same = ("rate", "minutes", "phase_s", "slo")
+        same = ("model", "rate", "minutes", "phase_s", "phases", "slo")
         if any(old["setup"][k] != setup[k] for k in same):
             parser.error(f"--append: {args.out} was run with other settings ({same})")
         setup["profile"] = setup["profile"] or old["setup"].get("profile")
@@ -302,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         date = f"{old['date']}; {', '.join(systems)} appended {date}"
     seeds = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        trace = build_trace(args.rate, args.phase_s, cycles, seed)
+        trace = build_trace(args.rate, args.phase_s, cycles, seed, args.long_prompt,
+                            args.long_output)
         runs = dict(earlier[seed]["runs"]) if seed in earlier else {}
         for system in systems:
             print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
-            runs[system] = run_system(system, trace, slo, profile, log_dir)
+            runs[system] = run_system(system, trace, slo, profile, log_dir, args.model,
+                                      split_prompt_tokens)
             partial = args.out.with_suffix(".partial.json")
             partial.write_text(json.dumps({"seed": seed, "runs": runs}, indent=1) + "\n")
             r = runs[system]

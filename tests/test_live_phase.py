@@ -28,6 +28,23 @@ def test_by_phase_counts_each_half_of_the_slo_per_phase():
     assert phases["long-output"]["attainment"] == 1 / 3
 
 
+def test_by_phase_splits_at_the_given_prompt_length():
+    slo = SLO(ttft_ms=1000, tpot_ms=100)
+    runs = [timeline(256, 0.2, 0.01), timeline(150, 0.2, 0.01), timeline(32, 0.1, 0.05)]
+    assert by_phase(runs, slo)["long-prompt"]["requests"] == 1      # 200 tokens by default
+    assert by_phase(runs, slo, split_prompt_tokens=144)["long-prompt"]["requests"] == 2
+
+
+def test_phase_shapes_parse_as_prompt_by_output_tokens():
+    from benchmarks.live_phase import build_trace, shape
+
+    assert shape("256x8") == (256, 8)
+    trace = build_trace(1.0, 10.0, 1, seed=0, long_prompt=(256, 8), long_output=(32, 48))
+    prompts = [e.request.prompt_tokens for e in trace]
+    assert max(prompts) <= 320 and min(prompts) >= 24          # 256 and 32, +-25%
+    assert any(p > 144 for p in prompts) and any(p < 144 for p in prompts)
+
+
 def test_decisions_split_into_moves_and_counted_holds():
     decisions = [{"tick": 1, "at": 101.0, "note": "hold: both pools have headroom", "actions": []},
                  {"tick": 2, "at": 102.0, "note": "hold: both pools have headroom; 8 req/s",
@@ -57,7 +74,7 @@ def test_append_adds_systems_to_an_earlier_run(tmp_path, monkeypatch):
 
     goodputs = {"half": 2.0, "static-3P1D-arrow-routing": 3.0}
 
-    def fake_run(system, trace, slo, profile, log_dir):
+    def fake_run(system, trace, slo, profile, log_dir, *model_and_split):
         return {"system": system, "request_goodput": goodputs[system], "slo_attainment": 0.5,
                 "failed": 0, "flip_count": 0, "pools": [], "phases": {}}
 
@@ -69,13 +86,14 @@ def test_append_adds_systems_to_an_earlier_run(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert set(result["goodput"]) == {"half", "static-3P1D-arrow-routing"}
     assert result["ratios_mean"]["half"]["best static"] == 2.0 / 3.0
-    other = ["--minutes", "4", "--phase-s", "30", "--out", str(out)]
-    try:
-        live_phase.main(["--systems", "half", "--append", *other])
-    except SystemExit as e:  # argparse's error: another trace cannot be appended
-        assert e.code == 2
-    else:
-        raise AssertionError("appending a run with other settings must fail")
+    for other in (["--minutes", "4", "--phase-s", "30", "--out", str(out)],
+                  ["--long-output", "32x48", *common], ["--model", "default", *common]):
+        try:
+            live_phase.main(["--systems", "half", "--append", *other])
+        except SystemExit as e:  # argparse's error: another trace cannot be appended
+            assert e.code == 2
+        else:
+            raise AssertionError(f"appending a run with other settings must fail: {other}")
 
 
 def test_append_with_another_seed_keeps_the_earlier_seed_and_reports_the_spread(
@@ -88,18 +106,18 @@ def test_append_with_another_seed_keeps_the_earlier_seed_and_reports_the_spread(
                 (1, "half"): 4.0, (1, "arrow"): 5.0}
     seen_seed = {}
 
-    def fake_trace(rate, phase_s, cycles, seed):
+    def fake_trace(rate, phase_s, cycles, seed, *shapes):
         seen_seed["now"] = seed
         return [seed]
 
-    def fake_run(system, trace, slo, profile, log_dir):
+    def fake_run(system, trace, slo, profile, log_dir, *model_and_split):
         return {"system": system, "request_goodput": goodputs[(trace[0], system)],
                 "slo_attainment": 0.5, "failed": 0, "flip_count": 0, "pools": [],
                 "phases": {}}
 
     monkeypatch.setattr(live_phase, "build_trace", fake_trace)
     monkeypatch.setattr(live_phase, "run_system", fake_run)
-    monkeypatch.setattr(live_phase, "profile_worker", lambda cluster, out: out)
+    monkeypatch.setattr(live_phase, "profile_worker", lambda cluster, out, model="tiny": out)
     monkeypatch.setattr(live_phase, "UpCluster", _NoCluster)
     monkeypatch.setattr(live_phase, "plot", lambda result, path: None)
     out = tmp_path / "live.json"
