@@ -27,12 +27,21 @@ are the stall measured for SmolLM2-135M in float32 on CPU workers
 (`benchmarks/migration_cost.py`: 71 ms at 272 tokens of context, 97 ms at 1040)."""
 
 
-def default_planner(moves_kv: bool = False) -> MigrationPlanner:
+def link_move_cost(kv_bytes_per_token: float, link_bytes_s: float,
+                   link_latency_s: float) -> MigrationCost:
+    """The price of a KV pull over a link of known bandwidth and latency (the simulator's
+    transfer model): the link's latency plus each context token's KV bytes at its rate."""
+    return MigrationCost(fixed_s=link_latency_s, per_token_s=kv_bytes_per_token / link_bytes_s)
+
+
+def default_planner(moves_kv: bool = False,
+                    kv_cost: MigrationCost = KV_MOVE_COST) -> MigrationPlanner:
     """A planner pricing decode steps with the default linear step-time model and a move
-    as what it costs: with `moves_kv`, a KV pull; else a recompute (the target prefills
-    prompt + generated tokens again, as `Dispatcher.migrate` does without the KV)."""
+    as what it costs: with `moves_kv`, a KV pull priced by `kv_cost` (the live gateway's
+    measured stall unless told otherwise); else a recompute (the target prefills prompt +
+    generated tokens again, as `Dispatcher.migrate` does without the KV)."""
     model = DecodeLatencyModel()
-    cost = KV_MOVE_COST if moves_kv else RecomputeCost(PrefillLatencyModel())
+    cost = kv_cost if moves_kv else RecomputeCost(PrefillLatencyModel())
     return MigrationPlanner(lambda worker, tokens: model.predict(tokens), cost)
 
 
