@@ -75,7 +75,9 @@ class SimRequest:
         self.prefill_start = NAN
         self.prefill_done = NAN  # end of the prefill leg (before KV transfer)
         self.slow0 = 0           # engine's slow-step counter when decoding started
-        self.first_step_slow = 0  # the step that made the first token was slow (P/D)
+        # slow steps on its engine's counter that end none of its gaps: its P/D first step
+        # if slow, minus the slow gaps it had on the worker it moved from (KV moves)
+        self.first_step_slow = 0
         self.slow_gaps = 0       # inter-token gaps above the tbt target
         self.decode_tokens = 0   # its RequestInfo.decode_tokens, set at arrival
 
@@ -92,7 +94,10 @@ class EngineConfig:
 
 
 class Plan:
-    """What the iteration in flight does (`steps` > 1: a merged decode-only macro step)."""
+    """What the iteration in flight does (`steps` > 1: a merged decode-only macro step).
+
+    `first_tokens` are the requests joining the batch in it; the step gives each its first
+    token, except a stream whose KV moved here mid-stream (`moved` > 0)."""
 
     __slots__ = ("start", "step_s", "steps", "chunks", "first_tokens")
 
@@ -306,10 +311,14 @@ class Engine:
             self.slow_steps += steps
         if p.first_tokens:
             first_at = p.start + p.step_s
+            firsts = 0
             for req in p.first_tokens:
+                if req.moved:  # KV moved in: its first token was streamed before the move
+                    continue
                 req.first_token = first_at
                 req.first_step_slow = slow
-            n_tokens -= len(p.first_tokens)  # a first token ends no gap
+                firsts += 1
+            n_tokens -= firsts  # a first token ends no gap
         if n_tokens > 0:
             self.gap_log.extend((now, p.step_s, n_tokens))
         prefilled: list[SimRequest] | tuple = _NONE  # shared empty: callers only read
@@ -339,10 +348,10 @@ class Engine:
             self.ctx_offset = offset
         return prefilled, finished
 
-    def evict(self, req: SimRequest) -> int:
+    def evict(self, req: SimRequest, keep_kv: bool = False) -> int:
         """Take a running decode out at this step boundary (no plan in flight), freeing its
-        KV; returns the tokens it generated so far in this run, or -1 if it is not running
-        here."""
+        KV unless `keep_kv` (a KV move: freed when the target's pull is done); returns the
+        tokens it generated so far in this run, or -1 if it is not running here."""
         running = self.running
         i = next((k for k, entry in enumerate(running) if entry[2] is req), -1)
         if i < 0:
@@ -351,8 +360,9 @@ class Engine:
         running.pop()
         heapq.heapify(running)
         self.ctx_offset -= req.prompt + req.output - req.finish_step  # undo _join
-        self.kv_used -= req.kv_held
-        req.kv_held = 0
+        if not keep_kv:
+            self.kv_used -= req.kv_held
+            req.kv_held = 0
         return req.output - (req.finish_step - self.step)
 
     def join_local(self, req: SimRequest, steps: int, first_token_at: float | None) -> None:

@@ -27,6 +27,11 @@ is when the client sees the first token, after the KV transfer, decode admission
 first decode step in P/D.
 KV transfer takes prompt_tokens * kv_bytes_per_token / link bandwidth + link latency, and
 needs KV room on the decode worker before it starts.
+
+ARES migration (`SimConfig.migration`): `recompute` re-prefills prompt + generated tokens on
+the target; `kv` moves the KV as a P/D hand-off does (the target pulls the context over the
+link, the source holds its blocks until the pull is done), and the planner prices it with
+that link's latency and bandwidth.
 """
 
 from __future__ import annotations
@@ -85,12 +90,15 @@ class SimConfig:
     rebalance_interval_s: float = 2.0  # ARES migration planning, as the gateway's default
     spare: int = 0  # workers provisioned switched off, for scale actions to start
     start_time_s: float = 60.0  # from a scale-up to the new worker's first request
+    migration: str = "recompute"  # how a moved decode continues: "recompute" or "kv"
 
     def __post_init__(self) -> None:
         if self.flip_mode not in ("relabel", "drain"):
             raise ValueError("flip_mode must be 'relabel' or 'drain'")
         if self.prefill + self.decode <= 0:
             raise ValueError("the cluster needs at least one worker")
+        if self.migration not in ("recompute", "kv"):
+            raise ValueError("migration must be 'recompute' or 'kv'")
 
 
 @dataclass
@@ -220,10 +228,15 @@ class Simulator:
         eff = getattr(perf, "eff", None)
         self.link_latency_s = float(getattr(eff, "link_latency_s", 0.0))
         self.kv_bytes = float(perf.kv_bytes_per_token)
+        self.moves_kv = config.migration == "kv"
         if config.rebalance_interval_s > 0 and self.driver.tracks_residents:
-            from router.rebalance import default_planner  # the gateway's planner
+            from router.rebalance import default_planner, link_move_cost  # the gateway's
 
-            self.driver.planner = default_planner()
+            if self.moves_kv:  # priced as what a move does here: a pull over this link
+                cost = link_move_cost(self.kv_bytes, self.link_bytes_s, self.link_latency_s)
+                self.driver.planner = default_planner(moves_kv=True, kv_cost=cost)
+            else:
+                self.driver.planner = default_planner()
         self.migrations: list[tuple[float, str, str, str]] = []
         self._evictions: dict[int, tuple[SimRequest, Engine]] = {}
         self._reqs: list[SimRequest] = []
@@ -383,6 +396,8 @@ class Simulator:
         src.kv_used -= req.kv_held
         req.kv_held = need
         self._touch(src, now)  # its queue may have been waiting for KV room
+        if req.moved and src.decode_wait:  # a KV move's source: its pulls may wait for room
+            self._admit_pulls(src, now)
         self._check_drained(src, now)
         d = self.engines[req.decode_worker]
         d.transferring -= 1
@@ -460,10 +475,13 @@ class Simulator:
             self._push(end, ITER_END, src, src.version)
 
     def _migrate(self, src: Engine, req: SimRequest, dst: Engine, now: float) -> None:
-        """Move a running decode: the target recomputes its context (prompt + generated,
-        a prefill priced by the engine model), then decodes the rest, as the gateway's
-        recompute migration does."""
-        generated = src.evict(req)
+        """Move a running decode, then decode the rest on the target, as the gateway does:
+        with `recompute` the target prefills its context (prompt + generated, priced by the
+        engine model); with `kv` it pulls the context's KV from the source like a P/D
+        decode pulls a prompt's (`_admit_pulls`), and the source holds it until then."""
+        kv = self.moves_kv
+        slow_gaps = src.slow_steps - req.slow0 - req.first_step_slow  # so far, on src
+        generated = src.evict(req, keep_kv=kv)
         if generated < 0:
             return
         src.in_flight_decode -= 1
@@ -472,14 +490,24 @@ class Simulator:
         req.moved += generated
         req.prompt += generated
         req.output -= generated
+        dst.in_flight_decode += 1
+        dst.decode_tokens_in_flight += req.decode_tokens
+        self.migrations.append((now, req.info.request_id, src.name, dst.name))
+        self.driver.migrated(req.info.request_id, dst.name)
+        if kv:
+            req.prefilled = req.prompt  # the whole context has KV, on the source for now
+            req.local_decode = False
+            req.first_step_slow = -slow_gaps  # counted at its finish on the target
+            req.prefill_worker = src.idx  # where `_transfer_done` frees the KV it holds
+            req.decode_worker = dst.idx
+            dst.decode_wait.append(req)
+            self._changed(dst)
+            self._admit_pulls(dst, now)
+            return
         req.prefilled = 0
         req.local_decode = True
         req.prefill_worker = req.decode_worker = dst.idx
-        dst.in_flight_decode += 1
-        dst.decode_tokens_in_flight += req.decode_tokens
         dst.enqueue_prefill(req, now)
-        self.migrations.append((now, req.info.request_id, src.name, dst.name))
-        self.driver.migrated(req.info.request_id, dst.name)
         self._touch(dst, now)
 
     # ---- control -----------------------------------------------------------------------
