@@ -110,15 +110,15 @@ RATES = {"phase-60s": (24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128),
 
 def run(seeds: Sequence[int], phase_s: float, poisson_s: float, slo: SLO, refine: int,
         flip_rewarm_s: float, only: set[str] | None, statics: Sequence[int],
-        traces: set[str] | None) -> dict:
+        traces: set[str] | None, migration: str = "recompute") -> dict:
     perf = roofline("llama-3.1-8b", "h100")
     dopd = dopd_knobs(perf, (slo.tpot_ms or 100.0) / 1000, EngineConfig().max_num_seqs)
     arrow = arrow_knobs(perf, (slo.tpot_ms or 100.0) / 1000, EngineConfig().max_num_seqs)
     chosen = [s for s in systems(dopd, arrow, slo, statics) if not only or s.name in only]
     out: dict = {"perf": perf.describe(), "slo": slo.as_dict(), "workers": WORKERS,
                  "phase_s": phase_s, "poisson_s": poisson_s, "seeds": list(seeds),
-                 "flip_rewarm_s": flip_rewarm_s, "refine": refine, "dopd_knobs": dopd,
-                 "arrow_knobs": arrow,
+                 "flip_rewarm_s": flip_rewarm_s, "migration": migration, "refine": refine,
+                 "dopd_knobs": dopd, "arrow_knobs": arrow,
                  "arrow_round1_knobs": ARROW_R1, "dopd_round1_knobs": DOPD_R1,
                  "workloads": {}}
     for seed in seeds:
@@ -132,7 +132,8 @@ def run(seeds: Sequence[int], phase_s: float, poisson_s: float, slo: SLO, refine
                 def evaluate(rate: float, sysdef: System = sysdef,
                              make_trace: Callable[[float], Trace] = make_trace) -> dict:
                     cfg = SimConfig(prefill=sysdef.prefill, decode=sysdef.decode, slo=slo,
-                                    engine=sysdef.engine, flip_rewarm_s=flip_rewarm_s)
+                                    engine=sysdef.engine, flip_rewarm_s=flip_rewarm_s,
+                                    migration=migration)
                     res = Simulator(cfg, perf, sysdef.routing(), sysdef.control()).run(
                         make_trace(rate))
                     return res.metrics(slo, (50, 90, 99))
@@ -216,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:40"])
     parser.add_argument("--refine", type=int, default=3)
     parser.add_argument("--flip-rewarm", type=float, default=2.0)
+    parser.add_argument("--migration", choices=("recompute", "kv"), default="recompute",
+                        help="how a simulated ARES move continues: recompute or pull the KV")
     parser.add_argument("--statics", default="3,4,5")
     parser.add_argument("--only", default=None, help="comma-separated system names")
     parser.add_argument("--traces", default=None, help="comma-separated trace names")
@@ -232,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               SLO.parse(args.goodput), args.refine, args.flip_rewarm,
               set(args.only.split(",")) if args.only else None,
               [int(p) for p in args.statics.split(",")],
-              set(args.traces.split(",")) if args.traces else None)
+              set(args.traces.split(",")) if args.traces else None, args.migration)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=str))
     print(table(res))

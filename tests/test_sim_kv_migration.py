@@ -5,6 +5,8 @@ move with the simulator's own link model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.arrivals import TraceEntry
@@ -144,3 +146,14 @@ def test_migration_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="migration"):
         SimConfig(migration="teleport")
 
+
+def test_sim_cli_takes_the_migration_mode(tmp_path) -> None:
+    from benchmarks.sim.cli import main
+
+    out = tmp_path / "kv.json"
+    assert main(["--dataset", "random", "--input-len", "128", "--output-len", "32",
+                 "--num-prompts", "100", "--request-rate", "20", "--prefill", "1",
+                 "--decode", "2", "--policy", "ares", "--migration", "kv",
+                 "--result-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["migration"] == "kv" and result["completed"] == 100

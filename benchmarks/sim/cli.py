@@ -43,6 +43,9 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
                    help="relabel at once, or wait for the old role's work to drain")
     c.add_argument("--flip-rewarm", type=float, default=0.0,
                    help="seconds a flipped worker is unroutable after the flip")
+    c.add_argument("--migration", choices=("recompute", "kv"), default="recompute",
+                   help="how an ARES move continues on the target: re-prefill the context, "
+                        "or pull its KV over the link (priced by the link model)")
     c.add_argument("--max-num-seqs", type=int, default=1024,
                    help="most sequences an engine runs at once (vLLM's --max-num-seqs; "
                         "its default on H100/H200 is 1024)")
@@ -96,7 +99,8 @@ def simulate(args: argparse.Namespace, trace, perf: PerfModel, slo: SLO) -> SimR
                     engine=EngineConfig(args.max_num_seqs, args.token_budget, slai), slo=slo,
                     control_interval_s=args.control_interval, window_s=args.window,
                     flip_mode=args.flip_mode, flip_rewarm_s=args.flip_rewarm,
-                    length_oracle=args.length_oracle, client_max_tokens=args.client_max_tokens)
+                    migration=args.migration, length_oracle=args.length_oracle,
+                    client_max_tokens=args.client_max_tokens)
     return Simulator(cfg, perf, make_routing(args.policy),
                      make_control(args.control_policy, control_knobs(args, perf, slo))).run(trace)
 
@@ -123,6 +127,7 @@ def run_sim(args: argparse.Namespace) -> dict:
               "perf": perf.describe() if hasattr(perf, "describe") else None,
               "dataset": spec.dataset, "arrival": spec.arrival, "seed": spec.seed,
               "lengths": "oracle" if args.length_oracle else "hidden",
+              "migration": args.migration,
               "client_max_tokens": None if args.length_oracle else args.client_max_tokens}
     last: dict[float, SimResult] = {}
 
