@@ -31,7 +31,10 @@ from benchmarks.sim.policies import make_routing
 from benchmarks.sim.simulator import SimConfig, Simulator
 from benchmarks.sim.workloads import sharegpt_workload
 
-POLICIES = ("least-loaded", "arrow", "dopd-match", "ares")
+POLICIES = ("least-loaded", "arrow", "dopd-match", "ares", "ares+kv")
+KV_SUFFIX = "+kv"
+"""`ares+kv`: ARES whose rebalancing moves a stream's KV (`SimConfig.migration="kv"`) instead
+of recomputing its context on the target."""
 BASELINE = "least-loaded"
 RATIO_KEY = f"vs_{BASELINE}"
 LATENCY_KEYS = tuple(f"p{p}_{m}_ms" for m in ("ttft", "tpot") for p in (50, 90, 99))
@@ -54,8 +57,10 @@ def sharegpt_trace_maker(poisson_s: float, seed: int) -> Callable[[float], Trace
 def simulate(policy: str, trace: Trace, perf: PerfModel, slo: SLO, prefill: int,
              decode: int) -> dict:
     """One run: a fresh routing policy on a fixed split, no control policy (no flips)."""
-    cfg = SimConfig(prefill=prefill, decode=decode, slo=slo, engine=EngineConfig())
-    result = Simulator(cfg, perf, make_routing(policy), None).run(trace)
+    name = policy.removesuffix(KV_SUFFIX)
+    cfg = SimConfig(prefill=prefill, decode=decode, slo=slo, engine=EngineConfig(),
+                    migration="kv" if name != policy else "recompute")
+    result = Simulator(cfg, perf, make_routing(name), None).run(trace)
     metrics = result.metrics(slo, (50, 90, 99))
     if metrics["flips"]:
         raise RuntimeError(f"{policy}: {metrics['flips']} flips on a fixed split")

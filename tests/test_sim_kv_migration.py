@@ -99,6 +99,7 @@ def test_a_recompute_move_prefills_the_context_on_the_target() -> None:
     assert b["dst"].prompt_tokens_done == b["dst_prefilled"] + b["context"]
     assert sim.src_kv_after_move == b["src_kv"] - b["held"]  # freed at once
     assert sim.src_kv_after_pull == -1  # nothing was pulled
+    assert res.first_token[0] == b["first_token"]  # streamed before the move, not again
 
 
 def test_a_kv_move_keeps_the_slow_gaps_counted_on_the_source() -> None:

@@ -332,7 +332,12 @@ class Simulator:
 
     def _prefill_done(self, e: Engine, req: SimRequest, now: float) -> None:
         if req.moved:  # a migrated decode recomputed its context here: it continues
-            e.join_local(req, req.output - 1, now) if req.output > 1 else self._finish(e, req, now)
+            if req.output <= 1:
+                self._finish(e, req, now)
+                return
+            streamed = req.first_token  # its first token reached the client before the move
+            e.join_local(req, req.output - 1, now)
+            req.first_token = streamed
             return
         req.prefill_done = now
         if self.control is not None:  # the prefill leg, as the prefill worker measures it
