@@ -5,8 +5,8 @@ split (default 4P4D: 8 simulated H100s serving Llama-3.1-8B with the roofline pe
 model) with no role flips (control "none"), so the differences come from routing alone.
 Per policy and rate: p50/p90/p99 TTFT and TPOT, goodput, SLO attainment, and each of them
 as a ratio to least-loaded's at the same rate (> 1 means more goodput/attainment, but
-also more latency). The default rates, 336/352/368 req/s, bracket least-loaded's 4P4D knee
-(its attainment holds at 352 req/s and falls off above, as in `sim_comparison.json`).
+also more latency). The default rates, 400/432/464 req/s, bracket least-loaded's 4P4D knee
+(its attainment holds at 432 req/s and falls to ~0.6 at 464).
 
 The trace is `benchmarks.sim.compare`'s ShareGPT Poisson workload (same sampling and
 seed), served by the same roofline performance model and simulator:
@@ -39,7 +39,7 @@ BASELINE = "least-loaded"
 RATIO_KEY = f"vs_{BASELINE}"
 LATENCY_KEYS = tuple(f"p{p}_{m}_ms" for m in ("ttft", "tpot") for p in (50, 90, 99))
 METRIC_KEYS = (*LATENCY_KEYS, "request_goodput", "slo_attainment")
-EXTRA_KEYS = ("num_prompts", "completed", "failed", "request_throughput")
+EXTRA_KEYS = ("num_prompts", "completed", "failed", "request_throughput", "migrations")
 DEFAULT_SLO = SLO(ttft_ms=1000, tpot_ms=40)
 
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help="folder for policy_table.json and policy_table.png")
-    parser.add_argument("--rates", default="336,352,368", help="request rates (req/s)")
+    parser.add_argument("--rates", default="400,432,464", help="request rates (req/s)")
     parser.add_argument("--policies", default=",".join(POLICIES),
                         help=f"routing policies; {BASELINE} is always included")
     parser.add_argument("--prefill", type=int, default=4, help="prefill workers")
