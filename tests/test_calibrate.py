@@ -12,6 +12,7 @@ from instance_manager.controller.calibrate import (
     arrow_knobs,
     dopd_knobs,
     dopd_knobs_from_profile,
+    knobs_from_profile,
 )
 from instance_manager.controller.registry import make_control_policy
 
@@ -64,6 +65,20 @@ def test_profile_file_and_sim_cli(tmp_path):
     assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 40
     arrow.max_num_seqs = 16
     assert control_knobs(arrow, fitted(), SLO.parse(["tpot:45"]))["decode_slots"] == 16
+
+
+def test_arrow_slots_from_a_profile_are_counted_at_the_profiled_context(tmp_path):
+    # a step of 50 ms + 50 us per token of context, measured at 160 tokens per sequence:
+    # the fit cannot tell a per-sequence cost from a per-token one, so slots are counted
+    # at the context it saw (26 sequences meet 260 ms), not at a longer assumed one (4)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({
+        "prefill": [[n, 0.01 + 1e-4 * n] for n in (16, 128, 512)],
+        "decode": [[b, b * 160, 0.05 + 5e-5 * b * 160] for b in (1, 4, 16)],
+        "kv_capacity_tokens": 50_000}))
+    assert knobs_from_profile("arrow", path, tpot_s=0.26)["decode_slots"] == 26
+    assert knobs_from_profile("dopd", path, tpot_s=0.26)["decode_step_s"] == pytest.approx(
+        0.05 + 5e-5 * 26 * 160, rel=1e-3)
 
 
 def test_fulcrum_up_derives_dopd_knobs_from_a_profile(tmp_path):

@@ -67,10 +67,24 @@ def knobs_from_profile(policy: str, path: Path | str, tpot_s: float,
     if policy == "dopd":
         return dopd_knobs_from_profile(path, tpot_s, max_num_seqs)
     if policy == "arrow":
+        import json
+
         from benchmarks.sim.perf import FittedModel
 
-        return arrow_knobs(FittedModel.load(Path(path)), tpot_s, max_num_seqs, 512)
+        # slots at the context the profile measured: its fit says nothing past that range,
+        # and a longer assumed context turns a per-token cost into too few slots
+        context = profile_decode_context(json.loads(Path(path).read_text()))
+        return arrow_knobs(FittedModel.load(Path(path)), tpot_s, max_num_seqs, 512, context)
     return {}
+
+
+def profile_decode_context(data: dict) -> float:
+    """Tokens of context per sequence in a profile's decode points (prompt plus half the
+    outputs, as the profiler runs them), 256 when it has none."""
+    points = data.get("decode") or []
+    if not points:
+        return 256.0
+    return max(1.0, float(np.mean([p[1] / max(1.0, p[0]) for p in points])))
 
 
 def dopd_knobs_from_profile(path: Path | str, tpot_s: float, max_num_seqs: int = 256,
@@ -84,9 +98,7 @@ def dopd_knobs_from_profile(path: Path | str, tpot_s: float, max_num_seqs: int =
     data = json.loads(Path(path).read_text())
     perf = FittedModel.load(Path(path))
     if decode_context is None:
-        points = data.get("decode") or []
-        decode_context = max(1.0, float(np.mean([p[1] / max(1.0, p[0]) for p in points]))
-                             ) if points else 256.0
+        decode_context = profile_decode_context(data)
     lengths = data.get("prefill") or []
     measured = tuple(sorted({int(p[0]) for p in lengths})) or PROMPT_LENGTHS
     if len(measured) < 3:
