@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "live_phase.json")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="calibrate the adaptive systems from this `fulcrum profile` file "
+                             "instead of profiling a worker first")
     parser.add_argument("--append", action="store_true",
                         help="add these systems' runs to --out (same trace settings), "
                              "recomputing goodput and ratios over every system there")
@@ -305,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
     cycles = max(1, round(args.minutes * 60 / (2 * args.phase_s)))
     log_dir = Path(".fulcrum/live_phase")
-    profile = None
-    if any(s in ADAPTIVE for s in systems):
+    profile = args.profile
+    if profile is None and any(s in ADAPTIVE for s in systems):
         probe = UpCluster(log_dir / "profile", 1, ["--kv-connector", "none",
                                                    "--max-model-len", "1024"], model=args.model)
         try:

@@ -143,3 +143,29 @@ class _NoCluster:
 
     def stop(self) -> None:
         pass
+
+
+def test_a_given_profile_is_used_without_profiling_a_worker(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.live_phase as live_phase
+
+    given = tmp_path / "profile.json"
+    seen: dict[str, object] = {}
+
+    def fake_run(system, trace, slo, profile, log_dir, *model_and_split):
+        seen[system] = profile
+        return {"system": system, "request_goodput": 1.0, "slo_attainment": 0.5,
+                "failed": 0, "flip_count": 0, "pools": [], "phases": {}}
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("no worker is profiled when --profile is given")
+
+    monkeypatch.setattr(live_phase, "run_system", fake_run)
+    monkeypatch.setattr(live_phase, "UpCluster", no_cluster)
+    monkeypatch.setattr(live_phase, "plot", lambda result, path: None)
+    out = tmp_path / "live.json"
+    assert live_phase.main(["--systems", "half,arrow", "--minutes", "2", "--phase-s", "30",
+                            "--profile", str(given), "--out", str(out)]) == 0
+    assert seen == {"half": given, "arrow": given}
+    assert json.loads(out.read_text())["setup"]["profile"] == str(given)
