@@ -36,6 +36,7 @@ class FakeBehaviour:
     api_key: str | None = None  # like vLLM's --api-key: /v1/* needs "Bearer KEY"
     hang: bool = False  # every endpoint stops answering (a SIGSTOPped process)
     hang_before_done: bool = False  # a stream's worker hangs after its last event
+    hang_before_usage: bool = False  # ... or after its last token, before the usage chunk
     # streams stop after this many tokens while /health still answers (a wedged engine)
     stall_after_tokens: int | None = None
     # decodes of remotely prefilled requests never start (their KV pull hangs)
@@ -188,6 +189,9 @@ def create_fake_worker(name: str = "fake", model: str = "fake-model") -> FastAPI
                             where = event if kind == "chat" else event["choices"][0]
                             where["prompt_token_ids"] = list(range(prompt_tokens))
                     yield f"data: {json.dumps(event)}\n\n".encode()
+                if b.hang_before_usage:
+                    b.hang = True
+                    await hang_if_asked()
                 if include_usage:
                     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
                     last = {"id": rid, "object": obj, "model": model, "choices": [],

@@ -154,7 +154,7 @@ class StreamRelay:
         self.prompt_ids: list[int] = []
         self.generated_ids: list[int] = []
         self.stream_id: str | None = None
-        self._chat_stamp: dict = {}  # created/model of the client's chat chunks
+        self._stamp: dict = {}  # created/model of the client's chunks
         # A chat stream's current worker answers /v1/completions (after a migration, or
         # after a first-token handoff): its chunks are rewritten into chat chunks.
         self._worker_speaks_completion = False
@@ -404,6 +404,8 @@ class StreamRelay:
         if self.is_chat:
             changed = self._rewrite_chat(chunk) or changed
         else:
+            if not self._stamp:
+                self._stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             changed = self._hide_completion_ids(chunk) or changed
         usage = chunk.get("usage")
         if self._continued and usage:
@@ -458,8 +460,8 @@ class StreamRelay:
         become chat chunks; token ids show only if the client asked (otherwise the keys are
         dropped, even vLLM's nulls: they are not part of OpenAI's chunk)."""
         if not self._worker_speaks_completion:  # the chat worker's own stream (or primer)
-            if not self._chat_stamp:
-                self._chat_stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
+            if not self._stamp:
+                self._stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             self._check_chat_choices(chunk)
             changed = False
             if not self.client_wants_ids:  # not OpenAI's: drop them, nulls included
@@ -489,8 +491,8 @@ class StreamRelay:
 
     def _chat_chunk_from_completion(self, chunk: dict) -> dict:
         out = {"id": self.stream_id, "object": "chat.completion.chunk",
-               "created": self._chat_stamp.get("created", chunk.get("created")),
-               "model": self._chat_stamp.get("model", chunk.get("model")), "choices": []}
+               "created": self._stamp.get("created", chunk.get("created")),
+               "model": self._stamp.get("model", chunk.get("model")), "choices": []}
         for choice in chunk["choices"]:
             converted = {"index": choice.get("index", 0),
                          "delta": {"content": choice.get("text") or ""},
@@ -504,6 +506,18 @@ class StreamRelay:
             if key in chunk:
                 out[key] = chunk[key]
         return out
+
+    def _usage_event(self) -> bytes:
+        """The usage chunk the client asked for, from the relay's own counts: for a worker
+        lost after its last token but before its usage chunk."""
+        prompt = self._prompt_tokens or self.req.prompt_tokens_estimate
+        completion = len(self.generated_ids)
+        chunk = {"id": self.stream_id,
+                 "object": "chat.completion.chunk" if self.is_chat else "text_completion",
+                 **self._stamp, "choices": [],
+                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}}
+        return b"data: " + jsonfast.dumps(chunk) + b"\n\n"
 
     def _every_token_sent(self) -> bool:
         """The client has every token the request asked for (only [DONE] may be missing)."""
@@ -559,6 +573,8 @@ class StreamRelay:
             if self.obs.pending.strip():
                 yield self.obs.pending
             if missing_done:
+                if self.req.include_usage and self.obs.usage is None:
+                    yield self._usage_event()
                 yield b"data: [DONE]\n\n"
         except (UpstreamError, UpstreamStreamError, WorkerUnhealthy) as exc:
             log.warning("decode stream %s ends with an error: %r", self.request_id, exc)

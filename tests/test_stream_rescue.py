@@ -57,6 +57,7 @@ def _rig(health: HealthConfig, stall_factor: float) -> Iterator[Rig]:
             for worker in (p_app, d_app):  # let the stopped handlers end
                 worker.state.behaviour.hang = False
                 worker.state.behaviour.hang_before_done = False
+                worker.state.behaviour.hang_before_usage = False
                 worker.state.behaviour.stall_after_tokens = None
                 worker.state.behaviour.stall_remote_decodes = False
 
@@ -183,6 +184,34 @@ def test_a_worker_lost_after_the_last_token_ends_the_stream_cleanly(probed: Rig)
     text, errors = _stream(probed, body)
     assert errors == [] and text == WHOLE
     assert probed.gateway.state.health.summary()["d0"]["breaker"] == "open"
+    assert probed.prefill.state.stats.local_requests == 0  # not resent anywhere
+    assert _in_flight_zero(probed.cluster)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_worker_lost_before_its_usage_chunk_still_gives_the_client_usage(
+        probed: Rig, chat: bool) -> None:
+    # every token arrived, then the worker hangs: the usage the client asked for is
+    # counted by the gateway and comes before [DONE]
+    probed.decode.state.behaviour.hang_before_usage = True
+    body = ({"messages": [{"role": "user", "content": "abc"}]} if chat
+            else {"prompt": "abc"})
+    body.update(model=MODEL, stream=True, max_tokens=10,
+                stream_options={"include_usage": True})
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    with httpx.stream("POST", probed.url + route, json=body,
+                      timeout=httpx.Timeout(CLIENT_TIMEOUT_S)) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    assert last["usage"]["prompt_tokens"] > 0
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 10
+    assert last["object"] == ("chat.completion.chunk" if chat else "text_completion")
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert last["model"] == chunks[0]["model"] and last["created"] == chunks[0]["created"]
     assert probed.prefill.state.stats.local_requests == 0  # not resent anywhere
     assert _in_flight_zero(probed.cluster)
 
