@@ -515,7 +515,8 @@ def test_arrow_flips_inline_on_predicted_decode_misses_then_guards():
 
 
 def test_arrow_inline_needs_enough_signals_and_a_quiet_other_leg():
-    policy = ArrowController(ArrowConfig(pressure_signals=3, pressure_fraction=0.1))
+    policy = ArrowController(ArrowConfig(pressure_signals=3, pressure_fraction=0.1,
+                                         pressure_window_s=0.0))  # this tick's alone
     toy = eight(4)
     assert toy.apply(policy, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 2))) == []
     both = pressure(Role.DECODE, 5) + pressure(Role.PREFILL, 5)
@@ -528,6 +529,34 @@ def test_arrow_inline_needs_enough_signals_and_a_quiet_other_leg():
     off = ArrowController(ArrowConfig(**ARROW_ROUND1))
     toy = eight(4)
     assert toy.apply(off, quiet(toy, 0.0, pressure=pressure(Role.DECODE, 50))) == []
+
+
+def test_arrow_inline_counts_signals_over_its_window_at_a_low_rate():
+    # 1 request/s, one predicted miss per tick: no tick holds 3, the window does
+    policy = ArrowController(ArrowConfig(pressure_signals=3, pressure_window_s=3.0))
+    toy = eight(4)
+    low = {"arrival_rate_per_s": 1.0}
+    assert toy.apply(policy, quiet(toy, 0.0, **low)) == []
+    assert toy.apply(policy, quiet(toy, 1.0, pressure=pressure(Role.PREFILL, 1), **low)) == []
+    assert toy.apply(policy, quiet(toy, 2.0, pressure=pressure(Role.PREFILL, 1), **low)) == []
+    assert policy.last_note.numbers["prefill_pressure"] == 2
+    moved = toy.apply(policy, quiet(toy, 3.0, pressure=pressure(Role.PREFILL, 1), **low))
+    assert moved and toy.count(Role.PREFILL) > 4
+    # the signals that made the flip are spent: one more after the guard is not enough
+    assert toy.apply(policy, quiet(toy, 6.0, pressure=pressure(Role.PREFILL, 1), **low)) == []
+    assert policy.last_note.numbers["prefill_pressure"] == 1
+    # signals older than the window drop out
+    spread = ArrowController(ArrowConfig(pressure_signals=3, pressure_window_s=3.0))
+    toy = eight(4)
+    for t in (0.0, 2.0, 4.0, 6.0):
+        assert toy.apply(spread, quiet(toy, t, pressure=pressure(Role.PREFILL, 1), **low)) == []
+    assert spread.last_note.numbers["prefill_pressure"] == 2
+    # per tick (window 0) the same three ticks never flip
+    per_tick = ArrowController(ArrowConfig(pressure_signals=3, pressure_window_s=0.0))
+    toy = eight(4)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        assert toy.apply(per_tick, quiet(toy, t, pressure=pressure(Role.PREFILL, 1), **low)) \
+            == []
 
 
 def test_arrow_moves_several_workers_far_past_target():

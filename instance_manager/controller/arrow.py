@@ -22,10 +22,10 @@ Two paths move workers from pool S to pool T:
 
 * inline (Algorithm 1 step 3): the routing policy reports an `SLOPressure` when a request's
   predicted TTFT (or TPOT, slot and KV queueing included) misses on every candidate. With
-  at least `pressure_signals` of them for one leg since the last tick, the policy flips
-  toward that leg at once, `pressure_guard_s` after the last flip at the earliest; a D->P
-  flip needs the decode side to be free of pressure (the paper flips D->P only when decode
-  load is low);
+  at least `pressure_signals` of them for one leg within `pressure_window_s` (and since
+  the last flip), the policy flips toward that leg at once, `pressure_guard_s` after the
+  last flip at the earliest; a D->P flip needs the decode side to be free of pressure (the
+  paper flips D->P only when decode load is low);
 * reactive (Algorithm 2): T's load has stayed above `expand` for `sustain_ticks` ticks,
   and `cooldown_s` has passed since the last flip (`repeat_s` when the last flip went to
   T too).
@@ -40,6 +40,7 @@ flip. When both pools are over target no flip helps: the note says to add worker
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from core.pressure import SLOPressure
@@ -87,9 +88,13 @@ class ArrowConfig:
     inline_flips: bool = True
     """Act on the routing policy's SLO-pressure signals (Algorithm 1 step 3)."""
     pressure_signals: int = 3
-    """Signals for one leg since the last tick that make an inline flip..."""
+    """Signals for one leg within `pressure_window_s` that make an inline flip..."""
     pressure_fraction: float = 0.1
-    """...when they are also at least this fraction of the arrivals since the last tick."""
+    """...when they are also at least this fraction of the arrivals in that window."""
+    pressure_window_s: float = 3.0
+    """Signals count over this many seconds, not per tick: at a few requests per second a
+    tick (woken early by each signal) rarely holds `pressure_signals` of them (0 = only
+    those since the last tick)."""
     max_prefill_utilization: float = 0.95
     """The prefill pool gives up workers only while its busy fraction stays below this."""
     prefill_tokens_per_s: float = 0.0
@@ -215,6 +220,28 @@ class ArrowController:
         self._last_target: Role | None = None
         self._last_tick_at: float | None = None
         self._in_flight = InFlightTrend(self.config.growth_window_s)
+        self._signals: deque[tuple[float, SLOPressure]] = deque()  # (tick time, signal)
+        self._window_start: float | None = None  # the first tick, or the last flip
+
+    def _recent_signals(self, snapshot: ControlSnapshot) -> dict[Role, list[SLOPressure]]:
+        """This tick's signals plus those of earlier ticks within the pressure window."""
+        now = snapshot.time
+        if self.config.pressure_window_s <= 0:
+            self._signals.clear()
+        self._signals.extend((now, s) for s in snapshot.pressure)
+        while self._signals and self._signals[0][0] < now - self.config.pressure_window_s:
+            self._signals.popleft()
+        return {r: [s for _, s in self._signals if s.leg == r] for r in Role}
+
+    def _arrivals_in_window(self, snapshot: ControlSnapshot) -> float | None:
+        """Requests that arrived over the span the counted signals cover (None: unknown)."""
+        if snapshot.arrival_rate_per_s is None or self._last_tick_at is None:
+            return None
+        span = snapshot.time - self._last_tick_at
+        if self.config.pressure_window_s > 0 and self._window_start is not None:
+            span = max(span, min(self.config.pressure_window_s,
+                                 snapshot.time - self._window_start))
+        return snapshot.arrival_rate_per_s * span
 
     def decide(self, snapshot: ControlSnapshot) -> list[FlipAction]:
         cfg = self.config
@@ -226,7 +253,9 @@ class ArrowController:
         load = {Role.PREFILL: load_p, Role.DECODE: load_d}
         for role in Role:
             self._streak[role] = self._streak[role] + 1 if load[role] > cfg.expand else 0
-        signals = {r: [s for s in snapshot.pressure if s.leg == r] for r in Role}
+        if self._window_start is None:
+            self._window_start = snapshot.time
+        signals = self._recent_signals(snapshot)
         numbers = {
             "prefill_workers": n[Role.PREFILL], "decode_workers": n[Role.DECODE],
             "ttft_queue_incl_s": round(lat_p, 4), "ttft_target_s": snapshot.slo.ttft_s,
@@ -250,9 +279,7 @@ class ArrowController:
         if draining := hold_reason_while_draining(snapshot):
             return hold(draining)
         since = None if self._last_flip_at is None else snapshot.time - self._last_flip_at
-        arrivals = None
-        if snapshot.arrival_rate_per_s is not None and self._last_tick_at is not None:
-            arrivals = snapshot.arrival_rate_per_s * (snapshot.time - self._last_tick_at)
+        arrivals = self._arrivals_in_window(snapshot)
         self._last_tick_at = snapshot.time
         inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
         if inline is not None:
@@ -315,6 +342,8 @@ class ArrowController:
         self._last_flip_at = snapshot.time
         self._last_target = target
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._signals.clear()  # they were about the pools before this move
+        self._window_start = snapshot.time
         self.last_note = PolicyNote(f"flip {k} to {target.value}: {reason}", numbers)
         return [FlipAction(w.name, target, reason) for w in members]
 
