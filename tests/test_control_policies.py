@@ -559,6 +559,54 @@ def test_arrow_inline_counts_signals_over_its_window_at_a_low_rate():
             == []
 
 
+def shared_host(toy: ToyCluster, t: float, itl_per_decode_worker: float) -> ControlSnapshot:
+    """Idle prefill, and a decode ITL that grows with the decode pool (workers sharing
+    cores: each one added steps beside the others), over a 6 s window."""
+    snap = quiet(toy, t)
+    itl = itl_per_decode_worker * toy.count(Role.DECODE)
+    metrics = {n: WorkerMetrics(n, itl_p90_s=itl, itl_samples=100) if role == Role.DECODE
+               else WorkerMetrics(n) for n, role in toy.roles.items()}
+    return replace(snap, metrics=metrics, window_s=6.0)
+
+
+def test_arrow_undoes_a_move_that_made_the_grown_pool_slower_and_backs_off():
+    policy = ArrowController(ArrowConfig(sustain_ticks=1, inline_flips=False,
+                                         harm_backoff_s=30.0))
+    toy = ToyCluster(roles={"w0": Role.PREFILL, "w1": Role.PREFILL, "w2": Role.PREFILL,
+                            "w3": Role.DECODE})
+    # ITL 0.15 s against 0.1 s on one decode worker: it moves one prefill worker over
+    assert toy.apply(policy, shared_host(toy, 0.0, 0.15)) and toy.count(Role.DECODE) == 2
+    # still over target: another worker follows before the check is due
+    assert toy.apply(policy, shared_host(toy, 3.0, 0.15)) and toy.count(Role.DECODE) == 3
+    # a window after the last move the decode ITL tripled (0.45 s): both moves go back
+    undone = toy.apply(policy, shared_host(toy, 9.0, 0.15))
+    assert sorted(undone) == ["w0", "w1"] and toy.count(Role.DECODE) == 1
+    assert "made it slower" in policy.last_note.summary
+    assert policy.last_note.numbers["latency_before_move_s"] == pytest.approx(0.15)
+    # decode pressure persists, but moves to decode wait 30 s
+    for t in (20.0, 30.0, 38.0):
+        assert toy.apply(policy, shared_host(toy, t, 0.15)) == []
+        assert "wait" in policy.last_note.summary
+    # then it tries again; hurt again, the next wait doubles
+    assert toy.apply(policy, shared_host(toy, 40.0, 0.15))
+    assert toy.apply(policy, shared_host(toy, 46.0, 0.15))
+    assert policy.last_note.numbers["blocked_for_s"] == 60.0
+    # a move whose pool got no slower is kept
+    helped = ArrowController(ArrowConfig(sustain_ticks=1, inline_flips=False))
+    toy = ToyCluster(roles={"w0": Role.PREFILL, "w1": Role.PREFILL, "w2": Role.PREFILL,
+                            "w3": Role.DECODE})
+    assert toy.apply(helped, shared_host(toy, 0.0, 0.15))
+    assert toy.apply(helped, shared_host(toy, 6.0, 0.04)) == []  # 0.08 s on two workers
+    assert toy.count(Role.DECODE) == 2
+    # with the check off, the slower pool keeps its worker
+    off = ArrowController(ArrowConfig(sustain_ticks=1, inline_flips=False, harm_factor=0))
+    toy = ToyCluster(roles={"w0": Role.PREFILL, "w1": Role.PREFILL, "w2": Role.PREFILL,
+                            "w3": Role.DECODE})
+    assert toy.apply(off, shared_host(toy, 0.0, 0.15))
+    toy.apply(off, shared_host(toy, 6.0, 0.15))
+    assert toy.count(Role.DECODE) >= 2
+
+
 def test_arrow_moves_several_workers_far_past_target():
     policy = ArrowController(ArrowConfig(sustain_ticks=1))
     toy = eight(2)

@@ -30,6 +30,12 @@ Two paths move workers from pool S to pool T:
   and `cooldown_s` has passed since the last flip (`repeat_s` when the last flip went to
   T too).
 
+A move to decode is checked one metrics window later: if the decode ITL rose
+`harm_factor`-fold with no more decodes per worker, and is over target, the moved workers
+go back and moves to decode wait `harm_backoff_s` (doubling while such moves keep
+hurting). Adding a worker to a pool normally adds capacity; where workers share cores, a
+worker moved to decode steps its batch beside the others and every decode step slows down.
+
 Either way S must stay below `expand` after giving up workers (`L_S · n_S / (n_S − k)`),
 so a flip never just moves the problem, and S is never emptied. Far past target several
 workers move at once: enough for T's load to fall to `expand` (`n_T · (L_T − 1)` more),
@@ -107,6 +113,40 @@ class ArrowConfig:
     """No inline flip sooner than this after any flip."""
     max_flips_per_decision: int = 0
     """Cap on workers moved at once (0 = as many as the load asks for)."""
+    harm_factor: float = 2.0
+    """One metrics window after a move to decode, the decode pool is checked: if its ITL
+    p90 rose this many times over the value before the move, is over target, and its
+    workers run no more decodes each than before (so more demand does not explain it),
+    the move made decoding slower (the workers share something a pool's size does not
+    add, such as the host's cores): it is undone (0 = no check). Moves to prefill are not
+    checked: TTFT with queue carries the backlog from before the move for a whole window,
+    and a worker moved to prefill finishes its decodes there, so a rise says nothing."""
+    harm_backoff_s: float = 30.0
+    """After a harmful move, moves toward that pool wait this long; it doubles with each
+    harmful move in a row that way and resets after a move that did not hurt."""
+    harm_backoff_max_s: float = 240.0
+    """The longest such wait."""
+
+
+@dataclass
+class _MoveCheck:
+    """Moves toward `target` awaiting their check: the pool's latency before the first."""
+
+    target: Role
+    latency_before_s: float
+    requests_per_worker_before: float
+    last_move_at: float
+    workers: list[str]
+
+
+def requests_per_worker(snapshot: ControlSnapshot, role: Role) -> float:
+    """Mean legs of `role` in flight per READY worker of that pool."""
+    members = pool(snapshot, role)
+    if not members:
+        return 0.0
+    legs = sum(w.in_flight_prefill if role == Role.PREFILL else w.in_flight_decode
+               for w in members)
+    return legs / len(members)
 
 
 def _too_few(value: float | None, samples: int, min_samples: int) -> bool:
@@ -222,6 +262,9 @@ class ArrowController:
         self._in_flight = InFlightTrend(self.config.growth_window_s)
         self._signals: deque[tuple[float, SLOPressure]] = deque()  # (tick time, signal)
         self._window_start: float | None = None  # the first tick, or the last flip
+        self._check: _MoveCheck | None = None  # the last moves, to judge once the window turns
+        self._blocked_until = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
+        self._backoff = {r: self.config.harm_backoff_s for r in Role}
 
     def _recent_signals(self, snapshot: ControlSnapshot) -> dict[Role, list[SLOPressure]]:
         """This tick's signals plus those of earlier ticks within the pressure window."""
@@ -281,6 +324,9 @@ class ArrowController:
         since = None if self._last_flip_at is None else snapshot.time - self._last_flip_at
         arrivals = self._arrivals_in_window(snapshot)
         self._last_tick_at = snapshot.time
+        latency = {Role.PREFILL: lat_p, Role.DECODE: lat_d}
+        if (undo := self._check_last_moves(snapshot, latency, numbers, facts)) is not None:
+            return undo
         inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
         if inline is not None:
             target, ratio, why = inline
@@ -310,6 +356,10 @@ class ArrowController:
                             f"{cfg.sustain_ticks} ticks")
             want = wanted_workers(load[target], n[target], cfg.expand)
             why = f"{target.value} pressure for {self._streak[target]} ticks"
+        if snapshot.time < self._blocked_until[target]:
+            return hold(f"{why}, but moves to {target.value} wait "
+                        f"{self._blocked_until[target] - snapshot.time:.0f}s more after one "
+                        f"that made {target.value} slower")
         source = Role.DECODE if target == Role.PREFILL else Role.PREFILL
         if n[source] < 2:
             return hold(f"the {source.value} pool has one worker and is never emptied")
@@ -344,8 +394,62 @@ class ArrowController:
         self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
         self._signals.clear()  # they were about the pools before this move
         self._window_start = snapshot.time
+        self._expect_check(target, latency[target], requests_per_worker(snapshot, target),
+                           snapshot.time, [w.name for w in members])
         self.last_note = PolicyNote(f"flip {k} to {target.value}: {reason}", numbers)
         return [FlipAction(w.name, target, reason) for w in members]
+
+    def _expect_check(self, target: Role, latency_s: float, per_worker: float, at: float,
+                      workers: list[str]) -> None:
+        """Remember a move for its check; repeats the same way join the pending one."""
+        if self.config.harm_factor <= 0 or target != Role.DECODE:
+            return
+        check = self._check
+        if check is not None and check.target == target:
+            check.last_move_at = at
+            check.workers.extend(workers)
+        else:
+            self._check = _MoveCheck(target, latency_s, per_worker, at, list(workers))
+
+    def _check_last_moves(self, snapshot: ControlSnapshot, latency: dict[Role, float],
+                          numbers: dict, facts: str) -> list[FlipAction] | None:
+        """Once a whole window has passed since the last move, judge the moves: undo
+        them (the flips back) when they made the grown pool slower, else None."""
+        check, cfg = self._check, self.config
+        if check is None or snapshot.time - check.last_move_at < snapshot.window_s:
+            return None
+        self._check = None
+        target, before, after = check.target, check.latency_before_s, latency[check.target]
+        goal = snapshot.slo.ttft_s if target == Role.PREFILL else snapshot.slo.tpot_s
+        busier = requests_per_worker(snapshot, target) > check.requests_per_worker_before
+        if before <= 0 or after < cfg.harm_factor * before or after / goal <= cfg.expand \
+                or busier:
+            self._backoff[target] = cfg.harm_backoff_s
+            return None
+        wait = self._backoff[target]
+        self._blocked_until[target] = snapshot.time + wait
+        self._backoff[target] = min(2 * wait, cfg.harm_backoff_max_s)
+        source = Role.DECODE if target == Role.PREFILL else Role.PREFILL
+        back = [w for w in pool(snapshot, target) if w.name in check.workers]
+        if len(back) >= len(pool(snapshot, target)):  # never empty the pool
+            back = back[:-1]
+        numbers.update(latency_before_move_s=round(before, 4),
+                       latency_after_move_s=round(after, 4), blocked_for_s=wait)
+        verdict = (f"the move of {', '.join(check.workers)} to {target.value} made it slower "
+                   f"({target.value} latency {before:.3f}s -> {after:.3f}s); moves to "
+                   f"{target.value} wait {wait:.0f}s")
+        if not back:
+            self.last_note = held(verdict, facts, numbers)
+            return []
+        self._last_flip_at = snapshot.time
+        self._last_target = source
+        self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._signals.clear()
+        self._window_start = snapshot.time
+        numbers["workers_moved"] = len(back)
+        reason = f"undo: {verdict}; {facts}"
+        self.last_note = PolicyNote(f"flip {len(back)} to {source.value}: {reason}", numbers)
+        return [FlipAction(w.name, source, reason) for w in back]
 
     def _inline_target(self, signals: dict[Role, list[SLOPressure]], arrivals: float | None
                        ) -> tuple[Role, float, str] | None:
