@@ -240,6 +240,47 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return statistics.mean(present) if present else None
 
 
+SAME_TRACE = ("model", "rate", "minutes", "phase_s", "phases", "slo")
+"""Setup keys two result files must share to be joined."""
+
+
+def summarise(seeds: list[dict], setup: dict, date: str) -> dict:
+    """The result file: every seed's ratios, and each system's goodput spread and mean
+    ratios over the seeds that ran it."""
+    seeds = sorted(({**s, "ratios": ratios(s["runs"])} for s in seeds),
+                   key=lambda s: s["seed"])
+    names = list(dict.fromkeys(n for s in seeds for n in s["runs"]))
+    goodput = {name: spread([s["runs"][name]["request_goodput"] for s in seeds
+                             if name in s["runs"]]) for name in names}
+    return {
+        "date": date, "cpu_count": os.cpu_count(),
+        "load_average_after": list(os.getloadavg()),
+        "setup": setup,
+        "goodput": goodput,
+        "ratios_mean": {name: {k: mean_or_none([s["ratios"][name][k] for s in seeds
+                                                if name in s["ratios"]])
+                               for k in ("half split", "best static", "aggregated")}
+                        for name in names},
+        "seeds": seeds,
+    }
+
+
+def merge(results: list[dict]) -> dict:
+    """Join result files of one trace setting: per seed, a later file's run of a system
+    replaces an earlier file's."""
+    first = results[0]
+    for other in results[1:]:
+        if any(other["setup"][k] != first["setup"][k] for k in SAME_TRACE):
+            raise ValueError(f"cannot merge runs of other trace settings ({SAME_TRACE})")
+    by_seed: dict[int, dict] = {}
+    for result in results:
+        for entry in result["seeds"]:
+            old = by_seed.get(entry["seed"], {"runs": {}})
+            by_seed[entry["seed"]] = {**entry, "runs": {**old["runs"], **entry["runs"]}}
+    return summarise(list(by_seed.values()), first["setup"],
+                     "; ".join(r["date"] for r in results))
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -297,10 +338,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="calibrate the adaptive systems from this `fulcrum profile` file "
                              "instead of profiling a worker first")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="join these result files (same trace settings; a later file's "
+                             "run of a system replaces an earlier one's) into --out; runs "
+                             "nothing")
     parser.add_argument("--append", action="store_true",
                         help="add these systems' runs to --out (same trace settings), "
                              "recomputing goodput and ratios over every system there")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            result = merge([json.loads(path.read_text()) for path in args.merge])
+        except ValueError as exc:
+            parser.error(str(exc))
+        return write_result(result, args.out)
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -329,9 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.append and args.out.exists():
         old = json.loads(args.out.read_text())
-        same = ("model", "rate", "minutes", "phase_s", "phases", "slo")
-        if any(old["setup"][k] != setup[k] for k in same):
-            parser.error(f"--append: {args.out} was run with other settings ({same})")
+        if any(old["setup"][k] != setup[k] for k in SAME_TRACE):
+            parser.error(f"--append: {args.out} was run with other settings ({SAME_TRACE})")
         setup["profile"] = setup["profile"] or old["setup"].get("profile")
         earlier = {s["seed"]: s for s in old["seeds"]}
         date = f"{old['date']}; {', '.join(systems)} appended {date}"
@@ -353,28 +403,18 @@ def main(argv: list[str] | None = None) -> int:
         seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
                       "ratios": ratios(runs)})
     run_now = {s["seed"] for s in seeds}
-    seeds += [{**old_seed, "ratios": ratios(old_seed["runs"])}
-              for seed, old_seed in earlier.items() if seed not in run_now]
-    seeds.sort(key=lambda s: s["seed"])
-    names = list(dict.fromkeys(n for s in seeds for n in s["runs"]))
-    goodput = {name: spread([s["runs"][name]["request_goodput"] for s in seeds
-                             if name in s["runs"]]) for name in names}
-    result = {
-        "date": date, "cpu_count": os.cpu_count(),
-        "load_average_after": list(os.getloadavg()),
-        "setup": setup,
-        "goodput": goodput,
-        "ratios_mean": {name: {k: mean_or_none([s["ratios"][name][k] for s in seeds
-                                                if name in s["ratios"]])
-                               for k in ("half split", "best static", "aggregated")}
-                        for name in names},
-        "seeds": seeds,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({"goodput": goodput, "ratios_mean": result["ratios_mean"]}, indent=1))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    seeds += [old_seed for seed, old_seed in earlier.items() if seed not in run_now]
+    result = summarise(seeds, setup, date)
+    return write_result(result, args.out)
+
+
+def write_result(result: dict, out: Path) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"goodput": result["goodput"], "ratios_mean": result["ratios_mean"]},
+                     indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

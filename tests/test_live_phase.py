@@ -169,3 +169,39 @@ def test_a_given_profile_is_used_without_profiling_a_worker(tmp_path, monkeypatc
                             "--profile", str(given), "--out", str(out)]) == 0
     assert seen == {"half": given, "arrow": given}
     assert json.loads(out.read_text())["setup"]["profile"] == str(given)
+
+
+def test_merge_joins_files_a_later_run_of_a_system_replacing_the_earlier(
+        tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.live_phase as live_phase
+
+    goodputs = {"half": 2.0, "arrow": 3.0}
+
+    def fake_run(system, trace, slo, profile, log_dir, *model_and_split):
+        return {"system": system, "request_goodput": goodputs[system], "slo_attainment": 0.5,
+                "failed": 0, "flip_count": 0, "pools": [], "phases": {}}
+
+    monkeypatch.setattr(live_phase, "run_system", fake_run)
+    monkeypatch.setattr(live_phase, "plot", lambda result, path: None)
+    a, b, c, merged = (tmp_path / f"{n}.json" for n in "abcm")
+    common = ["--minutes", "2", "--phase-s", "30", "--profile", str(tmp_path / "p.json")]
+    assert live_phase.main(["--systems", "half,arrow", *common, "--out", str(a)]) == 0
+    goodputs["arrow"] = 5.0  # the policy changed: its rerun goes to another file
+    assert live_phase.main(["--systems", "arrow", *common, "--out", str(b)]) == 0
+    assert live_phase.main(["--merge", str(a), str(b), "--out", str(merged)]) == 0
+    result = json.loads(merged.read_text())
+    (seed,) = result["seeds"]
+    assert seed["runs"]["arrow"]["request_goodput"] == 5.0
+    assert seed["runs"]["half"]["request_goodput"] == 2.0
+    assert result["ratios_mean"]["arrow"]["half split"] == 2.5
+    # files of another trace are not joined
+    assert live_phase.main(["--systems", "arrow", "--minutes", "4", "--phase-s", "30",
+                            "--profile", str(tmp_path / "p.json"), "--out", str(c)]) == 0
+    try:
+        live_phase.main(["--merge", str(a), str(c), "--out", str(merged)])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("merging runs of another trace must fail")
