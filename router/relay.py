@@ -401,11 +401,11 @@ class StreamRelay:
         if "metrics" in chunk:  # the engine's per-request timings, asked for by the gateway only
             del chunk["metrics"]
             changed = True
+        if not self._stamp and not self._worker_speaks_completion:
+            self._stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
         if self.is_chat:
             changed = self._rewrite_chat(chunk) or changed
         else:
-            if not self._stamp:
-                self._stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             changed = self._hide_completion_ids(chunk) or changed
         usage = chunk.get("usage")
         if self._continued and usage:
@@ -460,8 +460,6 @@ class StreamRelay:
         become chat chunks; token ids show only if the client asked (otherwise the keys are
         dropped, even vLLM's nulls: they are not part of OpenAI's chunk)."""
         if not self._worker_speaks_completion:  # the chat worker's own stream (or primer)
-            if not self._stamp:
-                self._stamp = {k: chunk[k] for k in ("created", "model") if k in chunk}
             self._check_chat_choices(chunk)
             changed = False
             if not self.client_wants_ids:  # not OpenAI's: drop them, nulls included

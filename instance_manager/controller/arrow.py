@@ -60,6 +60,7 @@ from instance_manager.controller.common import (
     hold_reason_while_draining,
     kv_slots,
     metrics_of,
+    other,
     pool,
     role_load_key,
 )
@@ -129,24 +130,19 @@ class ArrowConfig:
 
 
 @dataclass
-class _MoveCheck:
-    """Moves toward `target` awaiting their check: the pool's latency before the first."""
+class _DecodeMoveCheck:
+    """Moves to decode awaiting their check, with the pool as it was before the first."""
 
-    target: Role
-    latency_before_s: float
-    requests_per_worker_before: float
+    itl_before_s: float
+    decodes_per_worker_before: float
     last_move_at: float
     workers: list[str]
 
 
-def requests_per_worker(snapshot: ControlSnapshot, role: Role) -> float:
-    """Mean legs of `role` in flight per READY worker of that pool."""
-    members = pool(snapshot, role)
-    if not members:
-        return 0.0
-    legs = sum(w.in_flight_prefill if role == Role.PREFILL else w.in_flight_decode
-               for w in members)
-    return legs / len(members)
+def decodes_per_worker(snapshot: ControlSnapshot) -> float:
+    """Mean decode legs in flight per READY decode worker."""
+    members = pool(snapshot, Role.DECODE)
+    return sum(w.in_flight_decode for w in members) / len(members) if members else 0.0
 
 
 def _too_few(value: float | None, samples: int, min_samples: int) -> bool:
@@ -262,9 +258,9 @@ class ArrowController:
         self._in_flight = InFlightTrend(self.config.growth_window_s)
         self._signals: deque[tuple[float, SLOPressure]] = deque()  # (tick time, signal)
         self._window_start: float | None = None  # the first tick, or the last flip
-        self._check: _MoveCheck | None = None  # the last moves, to judge once the window turns
-        self._blocked_until = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
-        self._backoff = {r: self.config.harm_backoff_s for r in Role}
+        self._check: _DecodeMoveCheck | None = None  # judged once the window has turned
+        self._decode_blocked_until = 0.0
+        self._decode_backoff_s = self.config.harm_backoff_s
 
     def _recent_signals(self, snapshot: ControlSnapshot) -> dict[Role, list[SLOPressure]]:
         """This tick's signals plus those of earlier ticks within the pressure window."""
@@ -324,8 +320,7 @@ class ArrowController:
         since = None if self._last_flip_at is None else snapshot.time - self._last_flip_at
         arrivals = self._arrivals_in_window(snapshot)
         self._last_tick_at = snapshot.time
-        latency = {Role.PREFILL: lat_p, Role.DECODE: lat_d}
-        if (undo := self._check_last_moves(snapshot, latency, numbers, facts)) is not None:
+        if (undo := self._check_decode_moves(snapshot, lat_d, numbers, facts)) is not None:
             return undo
         inline = self._inline_target(signals, arrivals) if cfg.inline_flips else None
         if inline is not None:
@@ -356,11 +351,11 @@ class ArrowController:
                             f"{cfg.sustain_ticks} ticks")
             want = wanted_workers(load[target], n[target], cfg.expand)
             why = f"{target.value} pressure for {self._streak[target]} ticks"
-        if snapshot.time < self._blocked_until[target]:
-            return hold(f"{why}, but moves to {target.value} wait "
-                        f"{self._blocked_until[target] - snapshot.time:.0f}s more after one "
-                        f"that made {target.value} slower")
-        source = Role.DECODE if target == Role.PREFILL else Role.PREFILL
+        if target == Role.DECODE and snapshot.time < self._decode_blocked_until:
+            return hold(f"{why}, but moves to decode wait "
+                        f"{self._decode_blocked_until - snapshot.time:.0f}s more after one "
+                        f"that made decode slower")
+        source = other(target)
         if n[source] < 2:
             return hold(f"the {source.value} pool has one worker and is never emptied")
         spare = spare_workers(load[source], n[source], cfg.expand)
@@ -389,67 +384,63 @@ class ArrowController:
         numbers["workers_moved"] = k
         reason = (f"{why}; {source.value} load {load[source]:.2f} -> {after:.2f} after moving "
                   f"{', '.join(w.name for w in members)} ({describe_load(members[0])}); {facts}")
-        self._last_flip_at = snapshot.time
-        self._last_target = target
-        self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
-        self._signals.clear()  # they were about the pools before this move
-        self._window_start = snapshot.time
-        self._expect_check(target, latency[target], requests_per_worker(snapshot, target),
-                           snapshot.time, [w.name for w in members])
+        self._moved(target, snapshot.time)
+        if target == Role.DECODE:
+            self._expect_check(snapshot, lat_d, [w.name for w in members])
         self.last_note = PolicyNote(f"flip {k} to {target.value}: {reason}", numbers)
         return [FlipAction(w.name, target, reason) for w in members]
 
-    def _expect_check(self, target: Role, latency_s: float, per_worker: float, at: float,
-                      workers: list[str]) -> None:
-        """Remember a move for its check; repeats the same way join the pending one."""
-        if self.config.harm_factor <= 0 or target != Role.DECODE:
-            return
-        check = self._check
-        if check is not None and check.target == target:
-            check.last_move_at = at
-            check.workers.extend(workers)
-        else:
-            self._check = _MoveCheck(target, latency_s, per_worker, at, list(workers))
+    def _moved(self, target: Role, now: float) -> None:
+        """Start the cooldowns and the pressure count afresh after a move toward `target`."""
+        self._last_flip_at = now
+        self._last_target = target
+        self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._signals.clear()  # they were about the pools before this move
+        self._window_start = now
 
-    def _check_last_moves(self, snapshot: ControlSnapshot, latency: dict[Role, float],
-                          numbers: dict, facts: str) -> list[FlipAction] | None:
-        """Once a whole window has passed since the last move, judge the moves: undo
-        them (the flips back) when they made the grown pool slower, else None."""
+    def _expect_check(self, snapshot: ControlSnapshot, itl_s: float, workers: list[str]
+                      ) -> None:
+        """Remember a move to decode for its check; further moves join the pending one."""
+        if self.config.harm_factor <= 0:
+            return
+        if self._check is not None:
+            self._check.last_move_at = snapshot.time
+            self._check.workers.extend(workers)
+        else:
+            self._check = _DecodeMoveCheck(itl_s, decodes_per_worker(snapshot), snapshot.time,
+                                           list(workers))
+
+    def _check_decode_moves(self, snapshot: ControlSnapshot, itl_s: float, numbers: dict,
+                            facts: str) -> list[FlipAction] | None:
+        """Once a whole window has passed since the last move to decode, judge the moves:
+        the flips back when they made decoding slower, else None."""
         check, cfg = self._check, self.config
         if check is None or snapshot.time - check.last_move_at < snapshot.window_s:
             return None
         self._check = None
-        target, before, after = check.target, check.latency_before_s, latency[check.target]
-        goal = snapshot.slo.ttft_s if target == Role.PREFILL else snapshot.slo.tpot_s
-        busier = requests_per_worker(snapshot, target) > check.requests_per_worker_before
-        if before <= 0 or after < cfg.harm_factor * before or after / goal <= cfg.expand \
-                or busier:
-            self._backoff[target] = cfg.harm_backoff_s
+        before = check.itl_before_s
+        busier = decodes_per_worker(snapshot) > check.decodes_per_worker_before
+        if before <= 0 or itl_s < cfg.harm_factor * before \
+                or itl_s / snapshot.slo.tpot_s <= cfg.expand or busier:
+            self._decode_backoff_s = cfg.harm_backoff_s
             return None
-        wait = self._backoff[target]
-        self._blocked_until[target] = snapshot.time + wait
-        self._backoff[target] = min(2 * wait, cfg.harm_backoff_max_s)
-        source = Role.DECODE if target == Role.PREFILL else Role.PREFILL
-        back = [w for w in pool(snapshot, target) if w.name in check.workers]
-        if len(back) >= len(pool(snapshot, target)):  # never empty the pool
-            back = back[:-1]
+        wait = self._decode_backoff_s
+        self._decode_blocked_until = snapshot.time + wait
+        self._decode_backoff_s = min(2 * wait, cfg.harm_backoff_max_s)
+        members = pool(snapshot, Role.DECODE)
+        back = [w for w in members if w.name in check.workers][:len(members) - 1]
         numbers.update(latency_before_move_s=round(before, 4),
-                       latency_after_move_s=round(after, 4), blocked_for_s=wait)
-        verdict = (f"the move of {', '.join(check.workers)} to {target.value} made it slower "
-                   f"({target.value} latency {before:.3f}s -> {after:.3f}s); moves to "
-                   f"{target.value} wait {wait:.0f}s")
+                       latency_after_move_s=round(itl_s, 4), blocked_for_s=wait)
+        verdict = (f"the move of {', '.join(check.workers)} to decode made it slower (decode "
+                   f"latency {before:.3f}s -> {itl_s:.3f}s); moves to decode wait {wait:.0f}s")
         if not back:
             self.last_note = held(verdict, facts, numbers)
             return []
-        self._last_flip_at = snapshot.time
-        self._last_target = source
-        self._streak = {Role.PREFILL: 0, Role.DECODE: 0}
-        self._signals.clear()
-        self._window_start = snapshot.time
+        self._moved(Role.PREFILL, snapshot.time)
         numbers["workers_moved"] = len(back)
         reason = f"undo: {verdict}; {facts}"
-        self.last_note = PolicyNote(f"flip {len(back)} to {source.value}: {reason}", numbers)
-        return [FlipAction(w.name, source, reason) for w in back]
+        self.last_note = PolicyNote(f"flip {len(back)} to prefill: {reason}", numbers)
+        return [FlipAction(w.name, Role.PREFILL, reason) for w in back]
 
     def _inline_target(self, signals: dict[Role, list[SLOPressure]], arrivals: float | None
                        ) -> tuple[Role, float, str] | None:
