@@ -207,8 +207,9 @@ class Chaos:
                     continue
                 w = self.rng.choice(ready)
                 to = "prefill" if w["role"] == "decode" else "decode"
+                mode = self.rng.choice(("relabel", "drain"))  # both flip modes under faults
                 resp = self.admin("POST", "/flip", {"worker": w["name"], "to": to,
-                                                    "drain_timeout_s": 30})
+                                                    "drain_timeout_s": 30, "mode": mode})
                 self.manual_flips[str(resp.status_code)] += 1
             except httpx.HTTPError as exc:
                 self.manual_flips[exc.__class__.__name__] += 1

@@ -4,8 +4,9 @@
 
 Starts `fulcrum up --model tiny` with three workers (1 prefill, 2 decode), then
 1. flips a worker decode->prefill->decode repeatedly while idle, and again while it
-   is decoding streams (the drain waits for its in-flight decodes): command-to-ready
-   latency from the flip records;
+   is decoding streams: command-to-ready latency from the flip records (`--flip-mode
+   drain`, the default here and what `benchmarks/results/flip_bench.json` holds: the drain
+   waits for the in-flight decodes; `relabel` switches at once);
 2. runs a swinging workload (prompt-heavy phases alternating with output-heavy ones)
    under the `dopd` controller and records the pools over time next to the TTFT and
    TPOT each client saw.
@@ -34,9 +35,10 @@ MODEL = "tiny-llama"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
 
 
-def start_cluster(log_dir: Path) -> UpCluster:
+def start_cluster(log_dir: Path, flip_mode: str = "drain") -> UpCluster:
     """Three tiny workers (1 prefill), the dopd controller advising until the swing starts."""
-    return UpCluster(log_dir, 3, ["--prefill-workers", "1", "--max-model-len", "512",
+    return UpCluster(log_dir, 3, ["--flip-mode", flip_mode,
+                                  "--prefill-workers", "1", "--max-model-len", "512",
                                   "--kv-cache-gib", "1", "--control-policy", "dopd",
                                   "--advisory", "--control-interval", "1",
                                   "--control-window", "6", "--control-knob",
@@ -150,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-s", type=float, default=45.0, help="seconds per phase")
     parser.add_argument("--cycles", type=int, default=2, help="prompt/output phase pairs")
     parser.add_argument("--out", type=Path, default=RESULTS / "flip_bench.json")
+    parser.add_argument("--flip-mode", choices=("drain", "relabel"), default="drain",
+                        help="how the gateway flips (manual and controller flips alike)")
     args = parser.parse_args(argv)
 
-    cluster = start_cluster(Path(".fulcrum/flip_bench"))
+    cluster = start_cluster(Path(".fulcrum/flip_bench"), args.flip_mode)
     try:
         print("starting 3 workers ...", flush=True)
         cluster.wait_ready()
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = load.records
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+        "flip_mode": args.flip_mode,
         "flip_latency": {"idle": _summary(idle), "busy": _summary(busy),
                          "idle_s": idle, "busy_s": busy},
         "swing": {"started": started, "phases": phases, "pools": pools,

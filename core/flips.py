@@ -2,12 +2,22 @@
 (`instance_manager`), manual `fulcrum flip` / `drain` / `undrain` and workers leaving the
 gateway (`router`).
 
-A flip is: check (never empty a pool) -> DRAINING (routing only uses READY workers, so
-new assignments stop) -> wait until the worker's in-flight legs of its old role, and any
-KV pulls other workers still make from it, reach zero -> switch the role (optional
-`on_switch` hook) -> READY. A drain that times out, or a hook that fails, rolls back to
-the old role and READY. Every worker keeps `kv_role=kv_both`, so KV another worker still
-pulls stays readable across the switch: nothing restarts.
+A flip runs in one of two modes (`FlipMode`):
+
+* `drain`: check (never empty a pool) -> DRAINING (routing only uses READY workers, so new
+  assignments stop) -> wait until the worker's in-flight legs of its old role, and any KV
+  pulls other workers still make from it, reach zero -> switch the role (optional
+  `on_switch` hook) -> READY. A drain that times out, or a hook that fails, rolls back to
+  the old role and READY.
+* `relabel`: check -> switch the role (hook) while the worker stays READY. It takes legs
+  of its new role at once, and its in-flight legs of the old role finish in place, in the
+  same engine batches (a decode worker moved to prefill keeps streaming its decodes while
+  it prefills). A drain would instead hold the worker out of both pools for as long as its
+  longest decode runs, which on long outputs is longer than the phase it was moved for.
+  A hook that fails rolls back.
+
+Every worker keeps `kv_role=kv_both`, so KV another worker still pulls stays readable
+across the switch in either mode: nothing restarts.
 """
 
 from __future__ import annotations
@@ -26,6 +36,11 @@ from core.worker_table import WorkerTable
 from core.workers import Role, WorkerState, WorkerView
 
 FLIP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class FlipMode(enum.StrEnum):
+    DRAIN = "drain"
+    RELABEL = "relabel"
 
 
 class FlipOutcome(enum.StrEnum):
@@ -82,13 +97,16 @@ def legs_of(view: WorkerView, role: Role) -> int:
 class FlipCoordinator:
     """Runs flips and drains against one worker table; keeps their history and tallies."""
 
-    def __init__(self, cluster: WorkerTable, *, drain_timeout_s: float = 120.0,
-                 poll_interval_s: float = 0.1, history_size: int = 200,
+    def __init__(self, cluster: WorkerTable, *, mode: FlipMode | str = FlipMode.DRAIN,
+                 drain_timeout_s: float = 120.0, poll_interval_s: float = 0.1,
+                 history_size: int = 200,
                  kv_pulls_pending: Callable[[str], int] | None = None,
                  on_switch: Callable[[str, Role], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.cluster = cluster
+        self.mode = FlipMode(mode)
+        """How a flip runs unless the call names a mode."""
         self.drain_timeout_s = drain_timeout_s
         self.poll_interval_s = poll_interval_s
         self._kv_pulls_pending = kv_pulls_pending
@@ -159,21 +177,26 @@ class FlipCoordinator:
 
     async def flip(self, name: str, to: Role | str, *, dry_run: bool = False,
                    drain_timeout_s: float | None = None, force: bool = False,
-                   reason: str = "manual") -> FlipRecord:
-        """Move a worker to the other pool as one transaction (see the module docstring).
+                   reason: str = "manual", mode: FlipMode | str | None = None) -> FlipRecord:
+        """Move a worker to the other pool as one transaction (see the module docstring),
+        in `mode` (the coordinator's own when None).
 
         Raises FlipRefused when the flip must not start; otherwise returns the record,
         whose outcome says whether it completed or was rolled back.
         """
         to = Role(to)
+        mode = self.mode if mode is None else FlipMode(mode)
         view = self.check_flip(name, to, force=force)
         old = view.role
         started, t0 = self._wall(), self._clock()
+        legs = legs_of(view, old)
         if dry_run:
-            legs = legs_of(view, old)
-            return FlipRecord(name, old, to, started, 0.0, FlipOutcome.DRY_RUN,
-                              f"would drain {legs} {old.value} legs, then switch to "
-                              f"{to.value}", reason)
+            plan = (f"would switch to {to.value} now, its {legs} {old.value} legs finishing "
+                    f"in place" if mode == FlipMode.RELABEL else
+                    f"would drain {legs} {old.value} legs, then switch to {to.value}")
+            return FlipRecord(name, old, to, started, 0.0, FlipOutcome.DRY_RUN, plan, reason)
+        if mode == FlipMode.RELABEL:
+            return await self._relabel(name, old, to, legs, started, t0, reason)
         timeout = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self._active.add(name)
         self.cluster.set_state(name, WorkerState.DRAINING)
@@ -199,6 +222,27 @@ class FlipCoordinator:
             self.cluster.set_state(name, WorkerState.READY)
         else:
             self._roll_back(name, old, keep_state=outcome == FlipOutcome.ABORTED)
+        return self._finish(FlipRecord(name, old, to, started, self._clock() - t0, outcome,
+                                       detail, reason))
+
+    async def _relabel(self, name: str, old: Role, to: Role, legs: int, started: float,
+                       t0: float, reason: str) -> FlipRecord:
+        self._active.add(name)
+        outcome = FlipOutcome.DONE
+        detail = (f"{old.value} -> {to.value} (relabel: {legs} {old.value} legs finish in "
+                  f"place)")
+        try:
+            self.cluster.set_role(name, to)
+            if self._on_switch is not None:
+                await self._on_switch(name, to)
+        except asyncio.CancelledError:
+            self.cluster.set_role(name, old)
+            self._finish(FlipRecord(name, old, to, started, self._clock() - t0,
+                                    FlipOutcome.ROLLED_BACK, "cancelled", reason))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the switch rolls back
+            self.cluster.set_role(name, old)
+            outcome, detail = FlipOutcome.ROLLED_BACK, f"switch failed: {exc!r}"
         return self._finish(FlipRecord(name, old, to, started, self._clock() - t0, outcome,
                                        detail, reason))
 

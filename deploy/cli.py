@@ -46,6 +46,10 @@ def _add_control_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds of metrics each decision looks at")
     group.add_argument("--advisory", action="store_true",
                        help="decide and explain, but never flip")
+    group.add_argument("--flip-mode", choices=("relabel", "drain"), default="relabel",
+                       help="relabel: a flipped worker takes its new role at once and "
+                            "finishes its old role's legs in place; drain: it first finishes "
+                            "them, out of both pools (manual flips may name either)")
 
 
 def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,7 @@ def _add_gateway_workers_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing at start-up
+    from core.flips import FlipMode
     from core.slo import SLOTargets
     from router.control_port import ControlConfig
 
@@ -76,7 +81,7 @@ def _control_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
         knobs=tuple(knobs), slo=SLOTargets(ttft_s=args.slo_ttft_ms / 1000,
                                            tpot_s=args.slo_tpot_ms / 1000),
         interval_s=args.control_interval, window_s=args.control_window,
-        advisory=args.advisory)
+        advisory=args.advisory, flip_mode=FlipMode(args.flip_mode))
 
 
 def _add_hardening_args(parser: argparse.ArgumentParser) -> None:

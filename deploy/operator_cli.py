@@ -144,7 +144,7 @@ def _record_table(title: str, rows: list[dict]) -> Table:
 def _cmd_flip(args: argparse.Namespace) -> int:
     record = _client(args).call("POST", "/admin/flip", {
         "worker": args.worker, "to": args.to, "dry_run": args.dry_run, "force": args.force,
-        "drain_timeout_s": args.timeout})
+        "drain_timeout_s": args.timeout, "mode": args.mode})
     title = "dry run (nothing changed)" if args.dry_run else "flip"
     _console().print(_record_table(title, [record]))
     return 0 if record["outcome"] in ("done", "dry-run") else 1
@@ -300,13 +300,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="print one table and exit")
     options.add_json(p)
 
-    p = add("flip", _cmd_flip, "move a worker to the other pool (drain, switch, ready)")
+    p = add("flip", _cmd_flip, "move a worker to the other pool (relabel, or drain then "
+                               "switch)")
     p.add_argument("worker")
     p.add_argument("--to", required=True, choices=("prefill", "decode"), help="target pool")
     p.add_argument("--dry-run", action="store_true", help="check and describe, change nothing")
     p.add_argument("--force", action="store_true", help="allow emptying a pool")
     p.add_argument("--timeout", type=float, default=None,
                    help="drain timeout (s) before rolling back")
+    p.add_argument("--mode", choices=("relabel", "drain"), default=None,
+                   help="relabel: switch now, in-flight legs finish in place; drain: wait "
+                        "for them first (default: the gateway's --flip-mode)")
 
     p = add("drain", _cmd_drain, "stop sending new work to a worker")
     p.add_argument("worker")

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from core.flips import FlipCoordinator, FlipRefused
+from core.flips import FlipCoordinator, FlipMode, FlipRefused
 from core.workers import Role
 from router.admin import require_admin
 from router.control_port import RoleController
@@ -29,6 +29,8 @@ class FlipBody(BaseModel):
     dry_run: bool = False
     force: bool = False
     drain_timeout_s: float | None = Field(default=None, gt=0)
+    mode: FlipMode | None = None
+    """`drain` or `relabel`; the gateway's `--flip-mode` when left out."""
 
 
 class DrainBody(BaseModel):
@@ -101,7 +103,8 @@ async def flip(body: FlipBody, request: Request) -> dict:
     try:
         record = await _flips(request).flip(body.worker, body.to, dry_run=body.dry_run,
                                             force=body.force,
-                                            drain_timeout_s=body.drain_timeout_s)
+                                            drain_timeout_s=body.drain_timeout_s,
+                                            mode=body.mode)
     except FlipRefused as exc:
         raise _refused(exc) from None
     return record.to_dict()

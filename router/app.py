@@ -204,7 +204,8 @@ def create_app(config: GatewayConfig, cluster: Cluster,
     app.state.metrics = GatewayMetrics(cluster)
     app.state.admin_token = config.admin_token
     app.state.admin_open = config.admin_open
-    app.state.flips = FlipCoordinator(cluster, drain_timeout_s=config.control.drain_timeout_s)
+    app.state.flips = FlipCoordinator(cluster, mode=config.control.flip_mode,
+                                      drain_timeout_s=config.control.drain_timeout_s)
     app.state.metrics.registry.register(FlipMetrics(app.state.flips))
     app.state.metrics.registry.register(AdmissionCollector(app.state.admission))
     app.state.metrics.registry.register(HealthCollector(app.state.health))

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import httpx
 
 from core.feedback import PolicyFeedback
-from core.flips import FlipCoordinator
+from core.flips import FlipCoordinator, FlipMode
 from core.slo import SLOTargets
 from router.request_mix import RequestMix
 
@@ -31,6 +31,8 @@ class ControlConfig:
     window_s: float = 20.0
     advisory: bool = False
     drain_timeout_s: float = 120.0
+    flip_mode: FlipMode = FlipMode.RELABEL
+    """How flips run unless a manual flip names a mode (`core.flips.FlipMode`)."""
 
 
 class RoleController(Protocol):

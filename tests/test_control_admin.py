@@ -194,6 +194,22 @@ def test_cli_flip_that_rolls_back_exits_nonzero(capsys):
     assert app.state.cluster.view("p0").role == Role.PREFILL
 
 
+def test_cli_flip_mode_relabels_a_busy_worker_at_once_or_drains_it(capsys):
+    app = make_app()  # the coordinator drains unless told otherwise
+    app.state.cluster.begin("p0", Role.PREFILL, 10)  # never finishes
+    assert run_cli(app, "flip", "p0", "--to", "decode", "--mode", "relabel") == 0
+    assert "relabel: 1 prefill legs finish in place" in capsys.readouterr().out
+    view = app.state.cluster.view("p0")
+    assert (view.role, view.in_flight_prefill) == (Role.DECODE, 1)
+    app.state.cluster.begin("d0", Role.DECODE, 10)
+    assert run_cli(app, "flip", "d0", "--to", "prefill", "--mode", "drain",
+                   "--timeout", "0.02") == 1
+    assert app.state.cluster.view("d0").role == Role.DECODE
+    bad = TestClient(app, headers=AUTH).post(
+        "/admin/flip", json={"worker": "d1", "to": "prefill", "mode": "teleport"})
+    assert bad.status_code == 422 and app.state.cluster.view("d1").role == Role.DECODE
+
+
 def test_cli_policy_set_show_explain_watch(capsys):
     app = make_app()
     assert run_cli(app, "policy", "set", "arrow", "--knob", "cooldown_s=7", "--tpot", "0.05",

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from core.flips import FlipCoordinator, FlipMetrics, FlipOutcome, FlipRefused
+from core.flips import FlipCoordinator, FlipMetrics, FlipMode, FlipOutcome, FlipRefused
 from core.workers import Role, WorkerState
 from router.cluster import Cluster
 
@@ -55,6 +55,45 @@ async def test_decode_legs_of_a_prefill_worker_do_not_block_its_flip():
     record = await flips.flip("p0", "decode", drain_timeout_s=5)
     assert record.outcome == FlipOutcome.DONE
     assert cluster.view("p0").in_flight_decode == 1
+
+
+async def test_relabel_switches_at_once_and_old_legs_finish_in_place():
+    cluster = make_cluster()
+    cluster.begin("d0", Role.DECODE, 500)  # a long stream on the decode worker
+    flips = FlipCoordinator(cluster, mode=FlipMode.RELABEL, poll_interval_s=0.005)
+    plan = await flips.flip("d0", Role.PREFILL, dry_run=True)
+    assert plan.outcome == FlipOutcome.DRY_RUN and "finishing in place" in plan.detail
+    assert cluster.view("d0").role == Role.DECODE
+    record = await flips.flip("d0", Role.PREFILL)  # the leg is still in flight
+    assert record.outcome == FlipOutcome.DONE
+    assert "1 decode legs finish in place" in record.detail
+    view = cluster.view("d0")
+    assert (view.role, view.state, view.in_flight_decode) == (Role.PREFILL, WorkerState.READY, 1)
+    # routable as a prefill worker at once, beside its running decode
+    assert "d0" in [w.name for w in cluster.snapshot().routable(Role.PREFILL)]
+    cluster.end("d0", Role.DECODE, 500)
+    assert cluster.view("d0").in_flight == 0 and flips.active == ()
+    # a call may still name the other mode: this one waits for the prefill leg
+    cluster.begin("d0", Role.PREFILL, 10)
+    task = asyncio.create_task(flips.flip("d0", Role.DECODE, mode="drain", drain_timeout_s=5))
+    await wait_for(lambda: cluster.view("d0").state == WorkerState.DRAINING)
+    cluster.end("d0", Role.PREFILL, 10)
+    assert (await task).outcome == FlipOutcome.DONE and cluster.view("d0").role == Role.DECODE
+
+
+async def test_relabel_keeps_the_pool_guard_and_rolls_back_a_failed_hook():
+    async def broken(name: str, role: Role) -> None:
+        raise RuntimeError("warm-up request failed")
+
+    cluster = make_cluster(prefill=1)
+    flips = FlipCoordinator(cluster, mode=FlipMode.RELABEL, on_switch=broken)
+    with pytest.raises(FlipRefused, match="no READY worker"):
+        await flips.flip("p0", Role.DECODE)
+    record = await flips.flip("d0", Role.PREFILL)
+    assert record.outcome == FlipOutcome.ROLLED_BACK and "warm-up" in record.detail
+    view = cluster.view("d0")
+    assert (view.role, view.state) == (Role.DECODE, WorkerState.READY)
+    assert flips.active == ()
 
 
 async def test_flip_that_times_out_rolls_back():

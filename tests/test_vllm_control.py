@@ -129,17 +129,35 @@ def test_dry_run_and_pool_guard_change_nothing(cluster: LiveCluster) -> None:
     assert _roles(cluster) == before
 
 
+def _busiest_decode_worker(cluster: LiveCluster, timeout_s: float = 30) -> tuple[str, int]:
+    """The decode worker with the most decode legs in flight, once one has any."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [(w["in_flight_decode"], n) for n, w in cluster.workers().items()
+                if w["role"] == "decode"]
+        legs, name = max(rows)
+        if legs > 0 or time.monotonic() > deadline:
+            return name, legs
+        time.sleep(0.05)
+
+
 def test_manual_flips_under_load_lose_no_request(cluster: LiveCluster) -> None:
-    decode = sorted(n for n, r in _roles(cluster).items() if r == "decode")[-1]
-    with Load(cluster.url, 20, 40, 4, stream=True) as streams, \
+    # long streams, so the worker that is relabelled has decodes running through its switch
+    with Load(cluster.url, 20, 300, 3, stream=True) as streams, \
             Load(cluster.url, 20, 40, 3) as plain:
         time.sleep(3)
-        there = _admin(cluster, "POST", "/flip", worker=decode, to="prefill")
+        decode, legs = _busiest_decode_worker(cluster)
+        assert legs > 0, "no stream reached a decode worker"
+        there = _admin(cluster, "POST", "/flip", worker=decode, to="prefill", mode="relabel")
         assert there.status_code == 200 and there.json()["outcome"] == "done", there.text
+        # relabelled at once, the streams it was decoding still running on it
+        assert "legs finish in place" in there.json()["detail"], there.text
+        assert int(there.json()["detail"].split("relabel: ")[1].split()[0]) > 0, there.text
         assert _roles(cluster)[decode] == "prefill"
         time.sleep(3)
-        back = _admin(cluster, "POST", "/flip", worker=decode, to="decode")
+        back = _admin(cluster, "POST", "/flip", worker=decode, to="decode", mode="drain")
         assert back.status_code == 200 and back.json()["outcome"] == "done", back.text
+        assert "relabel" not in back.json()["detail"]
         time.sleep(2)
     streams.assert_all_served()
     plain.assert_all_served()

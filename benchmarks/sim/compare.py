@@ -86,7 +86,10 @@ class FlipCost:
 
 
 FLIP_VARIANT_SYSTEMS = ("arrow", "dopd", "dopd+ares")  # and the oracle; the rest: live only
-# measured live: 0.05 ms idle, 0.2 s median, 1.9 s worst under load (flip_bench)
+# The gateway relabels by default (`fulcrum up --flip-mode relabel`), as this does; the
+# time a flipped worker stays out of routing is priced at what flip_bench measured for
+# drain flips of short streams (0.05 ms idle, 0.2 s median, 1.9 s worst under load), which
+# a relabel (no wait) does not exceed.
 LIVE_FLIP = FlipCost("relabel", 0.2, 0.97, 1.9)
 FLIP_COSTS = {"0s": FlipCost(), "live": LIVE_FLIP, "10s": FlipCost("relabel", 10.0),
               "drain": dataclasses.replace(LIVE_FLIP, mode="drain")}
