@@ -435,6 +435,34 @@ def test_dopd_overload_splits_in_proportion_to_the_needs():
                          decodes_queued=True)[0] == 5
 
 
+def test_dopd_sizes_a_prompt_queue_for_the_queued_mix_not_to_clear_it_in_one_ttft():
+    toy = eight(1)
+    # the window still says 100-token prompts; 12 prompts of 400 tokens queue on w0:
+    # 4.8 s of prefill work, 4.8 workers to clear it within the 1 s TTFT target, while
+    # 10 req/s of 400-token prompts keep 10 x 0.4 = 4 workers busy
+    queued = {"w0": {"in_flight_prefill": 12, "prefill_tokens_in_flight": 4800}}
+    policy = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy.apply(policy, need_snapshot(toy, 0.0, 10.0, 100, 10, **queued))
+    numbers = policy.last_note.numbers
+    assert numbers["prefill_backlog_workers"] == pytest.approx(4.8)
+    assert numbers["prefill_need"] == pytest.approx(4.0)
+    assert toy.count(Role.PREFILL) == 4
+    # the same queue on a pool already sized for the mix: no further move
+    toy_sized = eight(4)
+    assert toy_sized.apply(policy, need_snapshot(toy_sized, 20.0, 10.0, 100, 10,
+                                                 **queued)) == []
+    # at full utilisation: the margin comes later through the regular need (10 x 0.1 / 0.8)
+    margin = DOPDController(DOPDConfig(**{**NEED_KNOBS, "prefill_utilization": 0.8}))
+    toy = eight(1)
+    margin.decide(need_snapshot(toy, 0.0, 10.0, 100, 10, **queued))
+    assert margin.last_note.numbers["prefill_need"] == pytest.approx(4.0)
+    # sized to clear the queue within one TTFT, the pool overshoots to 5
+    old = DOPDController(DOPDConfig(**NEED_KNOBS, size_backlog_by_queued_mix=False))
+    toy = eight(1)
+    toy.apply(old, need_snapshot(toy, 0.0, 10.0, 100, 10, **queued))
+    assert toy.count(Role.PREFILL) == 5
+
+
 def test_dopd_hysteresis_holds_a_small_shortage_and_a_quick_reversal():
     policy = DOPDController(DOPDConfig(**NEED_KNOBS))
     toy = eight(4)

@@ -1,6 +1,7 @@
 """The simulator's results are pinned: deterministic runs of every system (aggregated,
 static P/D, arrow, dopd, ares; ShareGPT and phase-shift traces; SLAI admission, drain flips,
-re-warm draws, migrations) must reproduce the recorded fingerprints exactly, so speed work
+re-warm draws, migrations) must reproduce the recorded fingerprints exactly (summary floats
+to rounding: numpy's reductions differ in the last bits across versions), so speed work
 on the event loop, engine planning or snapshots cannot move a number unnoticed.
 
 A deliberate change of simulated behaviour (engine model, policy decisions) re-records them:
@@ -34,6 +35,15 @@ def test_fingerprint_sees_a_changed_result() -> None:
     res.finish[7] += 1e-9  # one request finishing a nanosecond later
     after = identity.fingerprint(res, identity.SLO_8B)
     assert identity.differences({case.name: before}, {case.name: after})
+
+
+def test_summary_floats_match_to_rounding_not_beyond() -> None:
+    recorded = {"c": {"metrics": {"mean_itl_ms": 8.681102145104296, "failed": 0}}}
+    last_bits = {"c": {"metrics": {"mean_itl_ms": 8.681102145104294, "failed": 0}}}
+    moved = {"c": {"metrics": {"mean_itl_ms": 8.681102145104296 * (1 + 1e-9), "failed": 0}}}
+    assert identity.differences(recorded, last_bits) == []
+    assert identity.differences(recorded, moved) == [
+        f"c: mean_itl_ms 8.681102145104296 -> {8.681102145104296 * (1 + 1e-9)!r}"]
 
 
 def test_speed_runs_repeat_the_same_results() -> None:

@@ -4,7 +4,9 @@ One request costs a prefill worker `t_p(ISL) = a·ISL² + ISL / prefill_tokens_p
 seconds and keeps a decode slot for OSL steps. At arrival rate λ the pools need
 
 * prefill: `λ · t_p / ρ_P` workers, and at least `W / TTFT target`, W being the prefill
-  seconds queued now (the window's mean prompt lags a shift; the queue does not);
+  seconds queued now (the window's mean prompt lags a shift; the queue does not). A queue
+  past what the pool clears within one target marks a shift: the need is then `λ · t_p`
+  at the queued prompts' mean length, not the queue's own W / TTFT, which overshoots;
 * decode: `λ · OSL / (cap_D · ρ_D)` workers (when decodes queue for a slot, at least as
   many as the decodes in flight need slots for), where one decode worker's capacity `cap_D`
   (tokens/s) is the smallest of its TPOT-bound throughput (`decode_tokens_per_s`, B*/τ(B*))
@@ -87,6 +89,11 @@ class DOPDConfig:
     """A move against the direction of the previous one waits this long after it."""
     max_flips_per_decision: int = 0
     """Cap on workers moved at once (0 = jump straight to the target)."""
+    size_backlog_by_queued_mix: bool = True
+    """When the prompts queued exceed what the prefill pool clears within one TTFT target,
+    size the pool for the queued prompts' mean length at the arrival rate, at full
+    utilisation (False: for clearing the queue within one TTFT target, which overshoots a
+    shift to long prompts)."""
     warmup_s: float = 10.0
     """For this long after the first traffic the decode pool does not shrink: the first
     finished requests are the short ones, and the decodes in flight are still climbing to
@@ -278,11 +285,24 @@ class DOPDController:
         queued = held if held > n_d else 0.0
         # Likewise the window's mean prompt lags a shift to long prompts; the prompts queued
         # now show it at once: clearing them within one TTFT target takes W / TTFT workers.
+        n_p = len(pool(snapshot, Role.PREFILL))
+        queued_on = [w for w in pool(snapshot, Role.PREFILL) if w.in_flight_prefill > 0]
         backlog_s = sum(w.in_flight_prefill * self.prefill_seconds(
-            w.prefill_tokens_in_flight / w.in_flight_prefill)
-            for w in pool(snapshot, Role.PREFILL) if w.in_flight_prefill > 0)
+            w.prefill_tokens_in_flight / w.in_flight_prefill) for w in queued_on)
         backlog = backlog_s / snapshot.slo.ttft_s
         need_p = max(rate * t_p / cfg.prefill_utilization, backlog)
+        if cfg.size_backlog_by_queued_mix and backlog > n_p + cfg.hysteresis:
+            # A queue past what the pool clears within one TTFT says the prompt mix has
+            # shifted. Size the pool for that mix (the queued prompts' mean length at the
+            # arrival rate, at full utilisation), not for the queue itself: a pool sized to
+            # clear the queue within one TTFT overshoots the new phase, and each worker taken
+            # from decode then runs prefill chunks between the decodes it still carries,
+            # while the decode workers left must hold those decodes and the new ones. The
+            # utilisation margin follows through the regular need once the window has
+            # caught up, and only where decode can spare the worker.
+            queued_prompts = sum(w.in_flight_prefill for w in queued_on)
+            queued_isl = sum(w.prefill_tokens_in_flight for w in queued_on) / queued_prompts
+            need_p = max(rate * t_p, rate * self.prefill_seconds(queued_isl))
         start = self._first_traffic_at
         warming = start is None or snapshot.time - start < cfg.warmup_s
         if warming:
