@@ -90,7 +90,8 @@ def test_fulcrum_up_derives_dopd_knobs_from_a_profile(tmp_path):
                                 "kv_capacity_tokens": 50_000}))
     args = argparse.Namespace(control_knob=["decode_tokens_per_s=123"], control_policy="dopd",
                               control_profile=path, slo_ttft_ms=1000.0, slo_tpot_ms=45.0,
-                              control_interval=2.0, control_window=20.0, advisory=True)
+                              control_interval=2.0, control_window=20.0, advisory=True,
+                              flip_mode="relabel")
     knobs = dict(_control_config(args).knobs)
     assert float(knobs["prefill_tokens_per_s"]) == pytest.approx(10_000, rel=0.01)
     assert knobs["decode_tokens_per_s"] == "123"
