@@ -456,6 +456,13 @@ def test_dopd_sizes_a_prompt_queue_for_the_queued_mix_not_to_clear_it_in_one_ttf
     toy = eight(1)
     margin.decide(need_snapshot(toy, 0.0, 10.0, 100, 10, **queued))
     assert margin.last_note.numbers["prefill_need"] == pytest.approx(4.0)
+    # a queued pool gives no worker to a short decode pool (5 x 90 / 100 = 4.5 workers),
+    # although 5 req/s of the queued mix keep only 5 x 0.4 = 2 prefill workers busy
+    hold = DOPDController(DOPDConfig(**NEED_KNOBS))
+    toy = eight(4)
+    assert hold.decide(need_snapshot(toy, 0.0, 5.0, 100, 90, **queued)) == []
+    assert hold.last_note.numbers["prefill_need"] == pytest.approx(4.0)
+    assert hold.last_note.numbers["decode_need"] == pytest.approx(4.5)
     # sized to clear the queue within one TTFT, the pool overshoots to 5
     old = DOPDController(DOPDConfig(**NEED_KNOBS, size_backlog_by_queued_mix=False))
     toy = eight(1)

@@ -299,10 +299,11 @@ class DOPDController:
             # from decode then runs prefill chunks between the decodes it still carries,
             # while the decode workers left must hold those decodes and the new ones. The
             # utilisation margin follows through the regular need once the window has
-            # caught up, and only where decode can spare the worker.
+            # caught up, and only where decode can spare the worker. A queued pool never
+            # gives a worker away, whatever the mix says.
             queued_prompts = sum(w.in_flight_prefill for w in queued_on)
             queued_isl = sum(w.prefill_tokens_in_flight for w in queued_on) / queued_prompts
-            need_p = max(rate * t_p, rate * self.prefill_seconds(queued_isl))
+            need_p = max(rate * t_p, rate * self.prefill_seconds(queued_isl), float(n_p))
         start = self._first_traffic_at
         warming = start is None or snapshot.time - start < cfg.warmup_s
         if warming:
