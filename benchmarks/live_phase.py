@@ -33,6 +33,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -77,14 +78,51 @@ def shape(text: str) -> tuple[int, int]:
     return int(prompt), int(output)
 
 
-def build_trace(rate: float, phase_s: float, cycles: int, seed: int,
+def build_trace(rate: float | Sequence[float], phase_s: float, cycles: int, seed: int,
                 long_prompt: tuple[int, int] = (512, 8),
                 long_output: tuple[int, int] = (32, 192)) -> list:
+    """`cycles` cycles of a long-prompt then a long-output phase; with a sequence of rates,
+    one cycle per rate, in order (a rising staircase measures capacity)."""
     prompts = synthetic_pool(200, *long_prompt, seed=seed)
     outputs = synthetic_pool(200, *long_output, seed=seed + 1)
-    phases = [Phase(phase_s, rate, prompts, "long-prompt"),
-              Phase(phase_s, rate, outputs, "long-output")]
-    return phase_mix(phases, cycles, seed)
+    rates = [float(rate)] * cycles if isinstance(rate, int | float) else list(rate)
+    phases = [phase for r in rates for phase in (Phase(phase_s, r, prompts, "long-prompt"),
+                                                 Phase(phase_s, r, outputs, "long-output"))]
+    return phase_mix(phases, 1, seed)
+
+
+def rate_steps(text: str) -> tuple[float, ...]:
+    """'7,8,9.3' -> (7.0, 8.0, 9.3): one cycle per rate, rising."""
+    steps = tuple(float(x) for x in text.split(",") if x)
+    if not steps or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise argparse.ArgumentTypeError("rate steps must be a rising list, e.g. 7,8,9.3")
+    return steps
+
+
+def by_cycle(trace: list, timelines: list, slo: SLO, cycle_s: float) -> list[dict]:
+    """SLO attainment and goodput per cycle of the trace (requests grouped by arrival)."""
+    groups: dict[int, list] = {}
+    for entry, tl in zip(trace, timelines, strict=True):
+        groups.setdefault(int(entry.arrival_s // cycle_s), []).append(tl)
+    out = []
+    for k in sorted(groups):
+        summary = summarize(groups[k], cycle_s, slo)
+        out.append({"cycle": k, "requests": len(groups[k]),
+                    "attainment": summary["slo_attainment"],
+                    "goodput": summary["request_goodput"],
+                    "median_ttft_ms": summary.get("median_ttft_ms")})
+    return out
+
+
+def capacity(cycles: list[dict], steps: Sequence[float], target: float = 0.9) -> float:
+    """The highest step rate reached before the first cycle under `target` attainment
+    (0 when the first one misses): capacity as a staircase measures it."""
+    reached = 0.0
+    for cycle in cycles:
+        if cycle["cycle"] >= len(steps) or (cycle["attainment"] or 0.0) < target:
+            break
+        reached = steps[cycle["cycle"]]
+    return reached
 
 
 def up_options(system: str, slo: SLO, profile: Path | None) -> list[str]:
@@ -146,7 +184,8 @@ def profile_worker(cluster: UpCluster, out: Path, model: str = "tiny") -> Path:
 
 
 def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
-               log_dir: Path, model: str = "tiny", split_prompt_tokens: int = 200) -> dict:
+               log_dir: Path, model: str = "tiny", split_prompt_tokens: int = 200,
+               cycle_s: float = 120.0) -> dict:
     cluster = UpCluster(log_dir / system, WORKERS, up_options(system, slo, profile),
                         model=model)
     try:
@@ -172,6 +211,7 @@ def run_system(system: str, trace: list, slo: SLO, profile: Path | None,
             **{k: summary.get(k) for k in keep},
             "errors": errors[:10],
             "phases": by_phase(timelines, slo, split_prompt_tokens),
+            "cycles": by_cycle(trace, timelines, slo, cycle_s),
             "decisions": summarize_decisions(decisions, started),
             "pools": [{**s, "t": round(s["t"] - started, 2)} for s in pools.samples],
             "flips": [f for f in flips if f.get("outcome") == "done"],
@@ -215,17 +255,20 @@ def summarize_decisions(decisions: list[dict], started: float) -> dict:
     return {"ticks": len(decisions), "moves": moves, "holds": holds, "last": last}
 
 
-def ratios(runs: dict[str, dict]) -> dict[str, dict[str, float | None]]:
-    """Each system's goodput over the half split, the best static split and aggregated."""
-    def goodput(name: str) -> float | None:
-        return runs[name]["request_goodput"] if name in runs else None
+def ratios(runs: dict[str, dict], key: str = "request_goodput"
+           ) -> dict[str, dict[str, float | None]]:
+    """Each system's goodput (or another `key`) over the half split's, the best static
+    split's and aggregated serving's."""
+    def value(name: str) -> float | None:
+        return runs[name].get(key) if name in runs else None
 
-    statics = [g for g in (goodput(s) for s in STATIC) if g is not None]
-    base = {"half split": goodput("half"), "best static": max(statics) if statics else None,
-            "aggregated": goodput("aggregated")}
+    statics = [g for g in (value(s) for s in STATIC) if g is not None]
+    base = {"half split": value("half"), "best static": max(statics) if statics else None,
+            "aggregated": value("aggregated")}
     out: dict[str, dict[str, float | None]] = {}
     for name, run in runs.items():
-        out[name] = {k: (run["request_goodput"] / v if v else None) for k, v in base.items()}
+        if run.get(key) is not None:
+            out[name] = {k: (run[key] / v if v else None) for k, v in base.items()}
     return out
 
 
@@ -252,17 +295,29 @@ def summarise(seeds: list[dict], setup: dict, date: str) -> dict:
     names = list(dict.fromkeys(n for s in seeds for n in s["runs"]))
     goodput = {name: spread([s["runs"][name]["request_goodput"] for s in seeds
                              if name in s["runs"]]) for name in names}
-    return {
+    result = {
         "date": date, "cpu_count": os.cpu_count(),
         "load_average_after": list(os.getloadavg()),
         "setup": setup,
         "goodput": goodput,
-        "ratios_mean": {name: {k: mean_or_none([s["ratios"][name][k] for s in seeds
-                                                if name in s["ratios"]])
-                               for k in ("half split", "best static", "aggregated")}
-                        for name in names},
+        "ratios_mean": mean_ratios(seeds, names, "ratios"),
         "seeds": seeds,
     }
+    if any("capacity" in run for s in seeds for run in s["runs"].values()):
+        for s in seeds:
+            s["capacity_ratios"] = ratios(s["runs"], "capacity")
+        values = {name: [s["runs"][name]["capacity"] for s in seeds
+                         if "capacity" in s["runs"].get(name, {})] for name in names}
+        result["capacity"] = {name: spread(v) for name, v in values.items() if v}
+        result["capacity_ratios_mean"] = mean_ratios(seeds, names, "capacity_ratios")
+    return result
+
+
+def mean_ratios(seeds: list[dict], names: list[str], field: str) -> dict[str, dict]:
+    """Per system, the mean over seeds of its ratios in each seed's `field`."""
+    return {name: {k: mean_or_none([s[field][name][k] for s in seeds if name in s[field]])
+                   for k in ("half split", "best static", "aggregated")}
+            for name in names}
 
 
 def merge(results: list[dict]) -> dict:
@@ -302,18 +357,23 @@ def plot(result: dict, path: Path) -> None:
     pools_ax.set_ylabel("prefill workers (of 4)")
     pools_ax.set_xlabel("time (s); blue: long prompts, orange: long outputs")
     pools_ax.legend(loc="upper right")
-    names = list(result["goodput"])
-    means = [result["goodput"][n]["mean"] for n in names]
-    spans = [(result["goodput"][n]["mean"] - result["goodput"][n]["min"],
-              result["goodput"][n]["max"] - result["goodput"][n]["mean"]) for n in names]
+    measure = "capacity" if "capacity" in result else "goodput"
+    names = list(result[measure])
+    means = [result[measure][n]["mean"] for n in names]
+    spans = [(result[measure][n]["mean"] - result[measure][n]["min"],
+              result[measure][n]["max"] - result[measure][n]["mean"]) for n in names]
     bar_ax.bar(names, means, yerr=list(zip(*spans, strict=True)), capsize=4,
                color=[f"C{i}" for i in range(len(names))])
-    bar_ax.set_ylabel("goodput (req/s meeting the SLO)")
+    bar_ax.set_ylabel("capacity (req/s, last step at >= 90% attainment)"
+                      if measure == "capacity" else "goodput (req/s meeting the SLO)")
     bar_ax.tick_params(axis="x", labelsize=8, rotation=15)
     slo = result["setup"]["slo"]
+    rate = result["setup"]["rate"]
+    rate_text = ("rates " + ", ".join(f"{r:g}" for r in rate) if isinstance(rate, list)
+                 else f"{rate}")
     fig.suptitle(f"live, 4 vLLM CPU workers ({result['setup']['model'].split(',')[0]}), "
                  f"phase trace at "
-                 f"{result['setup']['rate']} req/s; SLO TTFT {slo['ttft']:g} ms, "
+                 f"{rate_text} req/s; SLO TTFT {slo['ttft']:g} ms, "
                  f"TPOT {slo['tpot']:g} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -331,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=6.0, help="requests/s in every phase")
     parser.add_argument("--minutes", type=float, default=10.0, help="trace length")
     parser.add_argument("--phase-s", type=float, default=60.0)
+    parser.add_argument("--rate-steps", type=rate_steps, default=None,
+                        help="a rising staircase instead of --rate and --minutes: one cycle "
+                             "(long-prompt then long-output phase) per rate; each system's "
+                             "capacity is the last rate before a cycle under 90%% attainment")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
@@ -358,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
     cycles = max(1, round(args.minutes * 60 / (2 * args.phase_s)))
+    rate: float | tuple[float, ...] = args.rate
+    if args.rate_steps:
+        rate, cycles = args.rate_steps, len(args.rate_steps)
+        args.minutes = cycles * 2 * args.phase_s / 60
     log_dir = Path(".fulcrum/live_phase")
     profile = args.profile
     if profile is None and any(s in ADAPTIVE for s in systems):
@@ -371,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     (lp_in, lp_out), (lo_in, lo_out) = args.long_prompt, args.long_output
     split_prompt_tokens = (lp_in + lo_in) // 2
     setup = {"workers": WORKERS, "model": MODELS[args.model][1],
-             "rate": args.rate, "minutes": args.minutes, "phase_s": args.phase_s,
+             "rate": list(rate) if args.rate_steps else rate, "minutes": args.minutes,
+             "phase_s": args.phase_s,
              "phases": f"long-prompt {lp_in} in / {lp_out} out, long-output {lo_in} in / "
                        f"{lo_out} out (uniform +-25%)",
              "lengths": f"hidden from the router (engine-enforced, client cap {CLIENT_CAP})",
@@ -387,18 +456,22 @@ def main(argv: list[str] | None = None) -> int:
         date = f"{old['date']}; {', '.join(systems)} appended {date}"
     seeds = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        trace = build_trace(args.rate, args.phase_s, cycles, seed, args.long_prompt,
+        trace = build_trace(rate, args.phase_s, cycles, seed, args.long_prompt,
                             args.long_output)
         runs = dict(earlier[seed]["runs"]) if seed in earlier else {}
         for system in systems:
             print(f"seed {seed}: {system} ({len(trace)} requests)", file=sys.stderr, flush=True)
             runs[system] = run_system(system, trace, slo, profile, log_dir, args.model,
-                                      split_prompt_tokens)
+                                      split_prompt_tokens, 2 * args.phase_s)
+            if args.rate_steps:
+                runs[system]["capacity"] = capacity(runs[system]["cycles"], args.rate_steps)
             partial = args.out.with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"seed": seed, "runs": runs}, indent=1) + "\n")
             r = runs[system]
             print(f"  goodput {r['request_goodput']:.2f} req/s, attainment "
-                  f"{r['slo_attainment']:.2f}, failed {r['failed']}, flips {r['flip_count']}",
+                  f"{r['slo_attainment']:.2f}, failed {r['failed']}, flips {r['flip_count']}"
+                  + (f", capacity {r['capacity']:g} req/s" if "capacity" in r else ""),
                   file=sys.stderr, flush=True)
         seeds.append({"seed": seed, "requests": len(trace), "runs": runs,
                       "ratios": ratios(runs)})

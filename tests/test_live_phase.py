@@ -205,3 +205,70 @@ def test_merge_joins_files_a_later_run_of_a_system_replacing_the_earlier(
         assert e.code == 2
     else:
         raise AssertionError("merging runs of another trace must fail")
+
+
+def test_a_rate_staircase_gives_each_cycle_its_own_rate():
+    from benchmarks.live_phase import build_trace, rate_steps
+
+    assert rate_steps("2,4,8") == (2.0, 4.0, 8.0)
+    for bad in ("4,2", "2,2", ""):
+        try:
+            rate_steps(bad)
+        except Exception as e:  # argparse turns this into a usage error
+            assert "rising" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} must be refused")
+    trace = build_trace((2.0, 8.0), 50.0, 99, seed=3)  # cycles come from the steps
+    first = sum(e.arrival_s < 100 for e in trace)
+    second = sum(100 <= e.arrival_s < 200 for e in trace)
+    assert max(e.arrival_s for e in trace) < 200
+    assert 150 < first < 250 and 650 < second < 950          # 200 and 800 expected
+    # each cycle still has both phases
+    assert any(e.request.prompt_tokens > 200 for e in trace if e.arrival_s < 50)
+    assert all(e.request.prompt_tokens <= 200 for e in trace if 150 <= e.arrival_s < 200)
+
+
+def test_capacity_is_the_last_step_before_the_first_cycle_under_target():
+    from types import SimpleNamespace
+
+    from benchmarks.live_phase import by_cycle, capacity
+
+    slo = SLO(ttft_ms=1000, tpot_ms=100)
+    arrivals = [10, 20, 130, 140, 250, 260, 370, 380]
+    ttfts = [0.1, 0.1, 0.1, 0.1, 0.1, 2.0, 0.1, 0.1]   # cycle 2 attains 50%
+    trace = [SimpleNamespace(arrival_s=a) for a in arrivals]
+    cycles = by_cycle(trace, [timeline(32, t, 0.01) for t in ttfts], slo, 120.0)
+    assert [c["attainment"] for c in cycles] == [1.0, 1.0, 0.5, 1.0]
+    assert cycles[0]["goodput"] == 2 / 120
+    steps = (4.0, 5.0, 6.0, 7.0)
+    assert capacity(cycles, steps) == 5.0        # cycle 3 recovering does not count
+    assert capacity(cycles, steps, target=0.5) == 7.0
+    assert capacity([{"cycle": 0, "attainment": 0.2}], steps) == 0.0
+
+
+def test_a_staircase_run_reports_capacity_and_its_ratios(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.live_phase as live_phase
+
+    attained = {"half": [1.0, 0.95, 0.6], "arrow": [1.0, 0.99, 0.92]}
+
+    def fake_run(system, trace, slo, profile, log_dir, model, split, cycle_s):
+        assert cycle_s == 60.0
+        assert max(e.arrival_s for e in trace) < 3 * cycle_s
+        return {"system": system, "request_goodput": 1.0, "slo_attainment": 0.9,
+                "failed": 0, "flip_count": 0, "pools": [], "phases": {},
+                "cycles": [{"cycle": i, "attainment": a} for i, a in
+                           enumerate(attained[system])]}
+
+    monkeypatch.setattr(live_phase, "run_system", fake_run)
+    monkeypatch.setattr(live_phase, "profile_worker", lambda cluster, out, model="tiny": out)
+    out = tmp_path / "stairs.json"
+    assert live_phase.main(["--systems", "half,arrow", "--rate-steps", "4,6,9",
+                            "--phase-s", "30", "--profile", str(tmp_path / "p.json"),
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["rate"] == [4.0, 6.0, 9.0] and result["setup"]["minutes"] == 3.0
+    assert result["capacity"]["half"]["mean"] == 6.0
+    assert result["capacity"]["arrow"]["mean"] == 9.0
+    assert result["capacity_ratios_mean"]["arrow"]["half split"] == 1.5
