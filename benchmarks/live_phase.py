@@ -2,6 +2,8 @@
 
     flock /tmp/fulcrum-vllm.lock python -m benchmarks.live_phase          # ~70 min
     python -m benchmarks.live_phase --minutes 2 --systems half,arrow      # a short check
+    python -m benchmarks.live_phase --rate-steps 7.5,8.6,9.9,11.4,13.1 \
+        --systems half,static-3P1D,arrow --out benchmarks/results/live_phase_stairs.json
     python -m benchmarks.live_phase --model default --rate 1 --long-prompt 256x8 \
         --long-output 32x96 --slo-ttft-ms 3000 --slo-tpot-ms 250 \
         --systems half,static-3P1D,arrow --out benchmarks/results/live_phase_smollm2.json
@@ -19,7 +21,10 @@ Lengths stay hidden from the router: a random-weight model never stops on its ow
 trace's output length goes to the engine (`max_tokens` with `ignore_eos`) while the gateway's
 policies are told the client's cap (`X-Fulcrum-Client-Cap`, 4096), as `fulcrum bench
 --engine-lengths` does. Per system: goodput (requests/s meeting the TTFT and TPOT SLO), SLO
-attainment, failures, latency percentiles, and the pools sampled every second.
+attainment (also per cycle), failures, latency percentiles, and the pools sampled every
+second. With `--rate-steps` each cycle runs at the next rate of a rising staircase and each
+system's capacity is the last rate before its first cycle under 90% attainment; ratios of
+capacity then sit beside those of goodput.
 Writes benchmarks/results/live_phase.json and .png.
 """
 
@@ -369,7 +374,7 @@ def plot(result: dict, path: Path) -> None:
     bar_ax.tick_params(axis="x", labelsize=8, rotation=15)
     slo = result["setup"]["slo"]
     rate = result["setup"]["rate"]
-    rate_text = ("rates " + ", ".join(f"{r:g}" for r in rate) if isinstance(rate, list)
+    rate_text = (f"a staircase, {rate[0]:g} to {rate[-1]:g}" if isinstance(rate, list)
                  else f"{rate}")
     fig.suptitle(f"live, 4 vLLM CPU workers ({result['setup']['model'].split(',')[0]}), "
                  f"phase trace at "
