@@ -81,14 +81,22 @@ def by_source(cluster: LiveCluster, worker: str) -> dict[str, float]:
             for src in ("external_kv_transfer", "local_compute", "local_cache_hit")}
 
 
-def pd_once(cluster: LiveCluster, producer: str, consumer: str, prompt: str) -> dict:
-    """Reference on the producer alone, then producer -> consumer; returns the P/D output."""
+def pd_once(cluster: LiveCluster, producer: str, consumer: str, prompt: str,
+            tolerance: float = 0.0) -> dict:
+    """Reference on the producer alone, then producer -> consumer; returns the P/D output.
+
+    ``tolerance`` bounds each logprob's difference: 0 demands bitwise equality, which holds
+    only when each forward pass runs alone.
+    """
     p_url, c_url = cluster.worker_url(producer), cluster.worker_url(consumer)
     reference = complete(p_url, prompt)
     params = prefill_leg(p_url, prompt)
     via_pd = complete(c_url, prompt, kv_transfer_params=params)
     assert via_pd["choices"][0]["text"] == reference["choices"][0]["text"]
-    assert logprobs(via_pd) == logprobs(reference)
+    if tolerance == 0.0:
+        assert logprobs(via_pd) == logprobs(reference)
+    else:
+        assert logprobs(via_pd) == pytest.approx(logprobs(reference), rel=0, abs=tolerance)
     return via_pd
 
 
@@ -114,8 +122,12 @@ def test_roles_swap_per_request_and_concurrent_requests(cluster: LiveCluster) ->
     failed = {w: cluster.metric(w, "vllm:fulcrum_kv_failed_transfers_total") for w in (a, b)}
     jobs = [((a, b) if i % 2 == 0 else (b, a), 40 + 30 * i, 1000 + i) for i in range(8)]
     prompts = [(pair, prompt_of(cluster.worker_url(a), n, seed)) for pair, n, seed in jobs]
+    # Concurrent requests share batches, and a batched CPU forward pass sums in another
+    # order: logprobs then agree to ~1e-6, not bitwise. Wrong or missing KV moves them by
+    # orders of magnitude more than the bound.
     with cf.ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(lambda job: pd_once(cluster, *job[0], job[1]), prompts))
+        outs = list(pool.map(lambda job: pd_once(cluster, *job[0], job[1], tolerance=1e-4),
+                             prompts))
     assert all(o["usage"]["completion_tokens"] == MAX_TOKENS for o in outs)
     for w in (a, b):  # each worker served and pulled: both directions ran
         assert cluster.metric(w, "vllm:fulcrum_kv_serves_total") > 0
