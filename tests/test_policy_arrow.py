@@ -85,6 +85,26 @@ def test_decode_picks_feasible_worker_with_lowest_predicted_tpot():
     assert policy.pressure.drain() == []
 
 
+def test_decode_fill_packs_the_busiest_worker_within_the_fill_then_spreads():
+    # tpot 50 ms, fill 0.5: a worker is filled while its predicted step is <= 25 ms,
+    # i.e. below 1500 resident tokens with the request (10 ms + 1e-5 s/token)
+    policy = ArrowRouting(ArrowTargets(tpot_s=0.05, decode_fill=0.5), FLAT)
+    busy = WorkerView("d1", "u", Role.DECODE, in_flight_decode=9, decode_tokens_in_flight=1300)
+    idle = WorkerView("d2", "u", Role.DECODE)
+    assert policy.pick_decode(req(100), snap(busy, idle)) == "d1"
+    # past the fill the lowest predicted TPOT wins again, within the target
+    fuller = replace(busy, decode_tokens_in_flight=1450)
+    assert policy.pick_decode(req(100), snap(fuller, idle)) == "d2"
+    # a worker with prefill work queued is packed last
+    mixed = replace(busy, prefill_tokens_in_flight=200)  # e.g. relabelled from prefill
+    light = replace(idle, in_flight_decode=1, decode_tokens_in_flight=100)
+    assert policy.pick_decode(req(100), snap(mixed, light)) == "d2"
+    # 0 spreads: the lowest predicted TPOT
+    assert ArrowRouting(ArrowTargets(tpot_s=0.05, decode_fill=0.0), FLAT).pick_decode(
+        req(100), snap(busy, idle)) == "d2"
+    assert policy.pressure.drain() == []
+
+
 def test_decode_uses_request_tbt_target_and_reports_when_none_fits():
     policy = ArrowRouting(ArrowTargets(tpot_s=1.0), FLAT)
     cluster = snap(
@@ -161,9 +181,11 @@ def test_a_worker_without_samples_is_predicted_with_the_best_fitted_model():
             policy.observe_decode("d1", b, 0.005 + 1e-6 * b)
         return policy
 
-    # borrowing d1's fit, the empty d2 is the faster worker and gets the request
-    assert fitted(ArrowTargets(tpot_s=0.05)).pick_decode(req(100), cluster) == "d2"
+    # borrowing d1's fit, the empty d2 is the faster worker and gets the request (spread;
+    # packing would keep filling d1)
+    assert fitted(ArrowTargets(tpot_s=0.05, decode_fill=0.0)).pick_decode(
+        req(100), cluster) == "d2"
     # on its prior alone d2 looks slower than the loaded d1, so it would never get work
     # (and never the samples to look better)
-    never = fitted(ArrowTargets(tpot_s=0.05, min_fit_samples=1000))
+    never = fitted(ArrowTargets(tpot_s=0.05, decode_fill=0.0, min_fit_samples=1000))
     assert never.pick_decode(req(100), cluster) == "d1"

@@ -10,7 +10,11 @@ Decode: predicted TPOT on worker i is one step with the new request resident,
 preferring workers with no queued prefill work. (The paper ranks by headroom
 `(B_i + L_new) − MT(i)`; on identical workers that is the same order, but with per-worker
 fitted slopes it chases fit noise: in `benchmarks.sim` at 120 req/s, 2P+4D, Llama-3.1-8B/H100
-roofline, p90 TPOT was 10.97 ms by headroom vs 9.24 ms by predicted TPOT.)
+roofline, p90 TPOT was 10.97 ms by headroom vs 9.24 ms by predicted TPOT.) Before that,
+decodes pack: the busiest worker (most streams) whose predicted TPOT stays within
+`decode_fill` of the target takes the request, so whole decode workers stay idle and free to
+change role, and on a host whose cores the workers share, fewer busy engines contend for
+them.
 
 A decode worker whose batch slots are all taken (`decode_slots`), or whose KV cache has no
 room for the request's footprint (`kv_full` usage, or `kv_tokens` when set), cannot start it
@@ -59,6 +63,14 @@ class ArrowTargets:
     """A worker reporting at least this KV usage has no room for a new request."""
     expected_output_tokens: float = 256.0
     """Output length assumed for queueing when the request's cap is larger."""
+    decode_fill: float = 0.5
+    """Decodes pack: the busiest decode worker (most streams) whose predicted TPOT stays
+    within this fraction of the target takes the request; past it on every worker, the
+    lowest predicted TPOT wins (0 = always that: spread). Packing leaves whole decode
+    workers idle, and an idle worker changes role with nothing to drain; where workers
+    share a host's cores, each busy decode engine steps on its own and takes CPU from the
+    rest, so fewer busy engines serve more. The unused fraction is the margin for contexts
+    that grow and outputs longer than expected."""
     min_fit_samples: int = 20
     """A worker whose own model has fewer samples is predicted with the best-fitted
     worker's model (workers of one deployment are alike). With its prior alone, a worker
@@ -156,16 +168,18 @@ class ArrowRouting(RoutingPolicy):
         if not pool:
             return None
         target = request.tbt_target_s or self.targets.tpot_s
-        feasible = []
-        for w in pool:
-            tpot = self.predicted_tpot(w, request.prompt_tokens, request.max_tokens)
-            if tpot <= target:
-                feasible.append((w.prefill_tokens_in_flight > 0, tpot, w.name))
+        predicted = [(self.predicted_tpot(w, request.prompt_tokens, request.max_tokens), w)
+                     for w in pool]
+        fill = self.targets.decode_fill * target
+        packable = [(w.prefill_tokens_in_flight > 0, -w.in_flight_decode, w.name)
+                    for tpot, w in predicted if tpot <= fill]
+        if packable:
+            return min(packable)[2]
+        feasible = [(w.prefill_tokens_in_flight > 0, tpot, w.name)
+                    for tpot, w in predicted if tpot <= target]
         if feasible:
             return min(feasible)[2]
-        tpot, best = min(((self.predicted_tpot(w, request.prompt_tokens, request.max_tokens), w)
-                          for w in pool),
-                         key=lambda s: (s[0], s[1].name))
+        tpot, best = min(predicted, key=lambda s: (s[0], s[1].name))
         self.pressure.report(SLOPressure(Role.DECODE, request.request_id, best.name,
                                          tpot, target, cluster.taken_at))
         return best.name
