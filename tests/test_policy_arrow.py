@@ -99,9 +99,12 @@ def test_decode_fill_packs_the_busiest_worker_within_the_fill_then_spreads():
     mixed = replace(busy, prefill_tokens_in_flight=200)  # e.g. relabelled from prefill
     light = replace(idle, in_flight_decode=1, decode_tokens_in_flight=100)
     assert policy.pick_decode(req(100), snap(mixed, light)) == "d2"
-    # 0 spreads: the lowest predicted TPOT
+    # 0 spreads: the lowest predicted TPOT, even where a model predicts a free step
     assert ArrowRouting(ArrowTargets(tpot_s=0.05, decode_fill=0.0), FLAT).pick_decode(
         req(100), snap(busy, idle)) == "d2"
+    free = LatencyPriors(decode_m=0.0, decode_c0=0.0)
+    assert ArrowRouting(ArrowTargets(tpot_s=0.05, decode_fill=0.0), free).pick_decode(
+        req(100), snap(replace(idle, name="d0"), busy)) == "d0"  # a tie: by name
     assert policy.pressure.drain() == []
 
 

@@ -172,7 +172,7 @@ class ArrowRouting(RoutingPolicy):
                      for w in pool]
         fill = self.targets.decode_fill * target
         packable = [(w.prefill_tokens_in_flight > 0, -w.in_flight_decode, w.name)
-                    for tpot, w in predicted if tpot <= fill]
+                    for tpot, w in predicted if tpot <= fill] if fill > 0 else []
         if packable:
             return min(packable)[2]
         feasible = [(w.prefill_tokens_in_flight > 0, tpot, w.name)
