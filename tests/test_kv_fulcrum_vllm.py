@@ -81,23 +81,44 @@ def by_source(cluster: LiveCluster, worker: str) -> dict[str, float]:
             for src in ("external_kv_transfer", "local_compute", "local_cache_hit")}
 
 
-def pd_once(cluster: LiveCluster, producer: str, consumer: str, prompt: str,
-            tolerance: float = 0.0) -> dict:
+def pd_once(cluster: LiveCluster, producer: str, consumer: str, prompt: str) -> dict:
     """Reference on the producer alone, then producer -> consumer; returns the P/D output.
 
-    ``tolerance`` bounds each logprob's difference: 0 demands bitwise equality, which holds
-    only when each forward pass runs alone.
+    The outputs must be bitwise equal, which holds only when each forward pass runs alone.
     """
     p_url, c_url = cluster.worker_url(producer), cluster.worker_url(consumer)
     reference = complete(p_url, prompt)
     params = prefill_leg(p_url, prompt)
     via_pd = complete(c_url, prompt, kv_transfer_params=params)
     assert via_pd["choices"][0]["text"] == reference["choices"][0]["text"]
-    if tolerance == 0.0:
-        assert logprobs(via_pd) == logprobs(reference)
-    else:
-        assert logprobs(via_pd) == pytest.approx(logprobs(reference), rel=0, abs=tolerance)
+    assert logprobs(via_pd) == logprobs(reference)
     return via_pd
+
+
+# The tiny model computes in bfloat16 (8 mantissa bits). A pass batched with other requests
+# sums in another order, so its logprobs move by up to a few 1e-3 (3.9e-3 seen) and a greedy
+# choice between two near-tied tokens can flip. Another request's KV changes the
+# first token's distribution outright.
+BATCHED_TOLERANCE = 0.05
+TOP_K = 5
+
+
+def assert_same_greedy_run(got: dict, reference: dict, tol: float = BATCHED_TOLERANCE) -> None:
+    """``got`` follows ``reference`` token by token, up to batched bf16 noise.
+
+    Each chosen token's logprob agrees within ``tol``. Where the two runs first choose
+    different tokens, that must be a near tie: ``got``'s token is in the reference's top-k
+    within ``tol`` of the reference's choice. The runs' contexts differ from there on.
+    """
+    ours, theirs = got["choices"][0]["logprobs"], reference["choices"][0]["logprobs"]
+    assert len(ours["tokens"]) == len(theirs["tokens"]) > 0
+    for i, (token, ref_token) in enumerate(zip(ours["tokens"], theirs["tokens"], strict=True)):
+        ref_lp = theirs["token_logprobs"][i]
+        if token != ref_token:
+            near = theirs["top_logprobs"][i]
+            assert token in near and abs(near[token] - ref_lp) <= tol, (i, token, near)
+            return
+        assert abs(ours["token_logprobs"][i] - ref_lp) <= tol, (i, ours, theirs)
 
 
 @pytest.mark.parametrize("n_tokens", [30, 100, 256, MAX_MODEL_LEN - MAX_TOKENS - 1])
@@ -122,12 +143,23 @@ def test_roles_swap_per_request_and_concurrent_requests(cluster: LiveCluster) ->
     failed = {w: cluster.metric(w, "vllm:fulcrum_kv_failed_transfers_total") for w in (a, b)}
     jobs = [((a, b) if i % 2 == 0 else (b, a), 40 + 30 * i, 1000 + i) for i in range(8)]
     prompts = [(pair, prompt_of(cluster.worker_url(a), n, seed)) for pair, n, seed in jobs]
-    # Concurrent requests share batches, and a batched CPU forward pass sums in another
-    # order: logprobs then agree to ~1e-6, not bitwise. Wrong or missing KV moves them by
-    # orders of magnitude more than the bound.
-    with cf.ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(lambda job: pd_once(cluster, *job[0], job[1], tolerance=1e-4),
-                             prompts))
+
+    def one(job: tuple[tuple[str, str], str]) -> tuple[dict, dict]:
+        (producer, consumer), prompt = job
+        p_url = cluster.worker_url(producer)
+        reference = complete(p_url, prompt, logprobs=TOP_K)
+        params = prefill_leg(p_url, prompt)
+        via_pd = complete(cluster.worker_url(consumer), prompt, logprobs=TOP_K,
+                          kv_transfer_params=params)
+        assert_same_greedy_run(via_pd, reference)
+        return via_pd, reference
+
+    with cf.ThreadPoolExecutor(4) as pool:  # concurrent requests share batches
+        pairs = list(pool.map(one, prompts))
+    outs = [via_pd for via_pd, _ in pairs]
+    for i, (via_pd, _) in enumerate(pairs):  # the check tells another prompt's run apart
+        with pytest.raises(AssertionError):
+            assert_same_greedy_run(via_pd, pairs[(i + 1) % len(pairs)][1])
     assert all(o["usage"]["completion_tokens"] == MAX_TOKENS for o in outs)
     for w in (a, b):  # each worker served and pulled: both directions ran
         assert cluster.metric(w, "vllm:fulcrum_kv_serves_total") > 0
