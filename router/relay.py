@@ -177,6 +177,10 @@ class StreamRelay:
         # detokenizes wrongly (vLLM 0.32 streams the whole prompt's text as the first
         # delta), so a move waits for a clean boundary.
         self._text_caught_up = False
+        # Generated ids up to the last clean boundary; None once the client saw part of a
+        # character ("\ufffd"). A rescue drops the held-back tokens after it and lets the
+        # target make them again: the client saw nothing of them.
+        self._clean_ids: int | None = 0
         self._primer: bytes | None = None  # an event to send before the worker's
         self._closed = False
         self._upstream_done = False
@@ -342,11 +346,28 @@ class StreamRelay:
             return "it had ended"
         if not self.prompt_ids:
             return "its prompt token ids are unknown"
-        if not self._text_caught_up:
+        if not self._text_caught_up and self._held_back_tokens() is None:
             return "its last token ends inside a UTF-8 character"
         if self._remaining() <= 0:
             return "every token was generated"
         return None
+
+    def _held_back_tokens(self) -> int | None:
+        """How many generated tokens after the last clean boundary the client saw nothing
+        of (None: it saw some of them: their ids, logprobs or a partial character)."""
+        if self._clean_ids is None or self.client_wants_ids or self.req.body.get("logprobs"):
+            return None
+        return len(self.generated_ids) - self._clean_ids
+
+    def _drop_held_back_tokens(self) -> None:
+        """Resume after the last clean boundary: the next worker makes the held-back
+        tokens again."""
+        held = self._held_back_tokens()
+        if self._text_caught_up or not held:
+            return
+        del self.generated_ids[len(self.generated_ids) - held:]
+        self._text_caught_up = True
+        log.info("stream %s resumes before %d held-back token(s)", self.request_id, held)
 
     async def _rescue(self, exc: Exception) -> None:
         """Continue on another worker after the current one failed (`exc`); raises
@@ -363,6 +384,7 @@ class StreamRelay:
             blocker = self.why_not_resumable()
             if blocker is not None:
                 raise UpstreamStreamError(f"{last}; the stream cannot move: {blocker}")
+            self._drop_held_back_tokens()
             target = self.d.rescue_target(self, frozenset(tried))
             if target is None:
                 target = await self.d.wait_for_rescue_target(self)
@@ -437,6 +459,10 @@ class StreamRelay:
                 text = choice.get("text") if "text" in choice else \
                     (choice.get("delta") or {}).get("content")
                 self._text_caught_up = bool(text) and not text.endswith("\ufffd")
+                if self._text_caught_up:
+                    self._clean_ids = len(self.generated_ids)
+                elif text:
+                    self._clean_ids = None
 
     def _set_prompt_ids(self, ids: list[int]) -> None:
         self.prompt_ids = list(ids)

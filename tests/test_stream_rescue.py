@@ -216,6 +216,40 @@ def test_a_worker_lost_before_its_usage_chunk_still_gives_the_client_usage(
     assert _in_flight_zero(probed.cluster)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_lost_inside_a_character_resumes_before_its_held_back_tokens(
+        probed: Rig, chat: bool) -> None:
+    # t2 and t3 end inside a multi-byte character: their text waits for the next token,
+    # and the worker hangs before sending it. The client saw none of t2 and t3, so the
+    # target makes them again after t0 t1.
+    probed.decode.state.behaviour.held_back_tokens = (2, 3)
+    probed.decode.state.behaviour.stall_after_tokens = 4
+    body = ({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 10} if chat
+            else {"prompt": "abc", "max_tokens": 10})
+    text, errors = _stream(probed, body, _stop_after(probed, 4))
+    assert errors == []
+    assert text == WHOLE  # nothing lost or doubled
+    continued = probed.prefill.state.stats.bodies[-1]
+    assert continued["prompt"] == [0, 1000, 1001] and continued["max_tokens"] == 8
+    assert _in_flight_zero(probed.cluster)
+
+
+@pytest.mark.parametrize("shown", [{"return_token_ids": True}, {"logprobs": 1}])
+def test_held_back_tokens_the_client_saw_part_of_keep_the_stream_in_place(
+        probed: Rig, shown: dict) -> None:
+    # the client has the held-back tokens' ids or logprobs: making them again would
+    # send those twice, so the stream ends with an error event at once
+    probed.decode.state.behaviour.held_back_tokens = (2, 3)
+    probed.decode.state.behaviour.stall_after_tokens = 4
+    text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10, **shown},
+                           _stop_after(probed, 4))
+    assert text == " t0 t1"
+    assert [e["code"] for e in errors] == ["upstream_stream_error"]
+    assert "inside a UTF-8 character" in errors[0]["message"]
+    assert probed.prefill.state.stats.local_requests == 0
+    assert _in_flight_zero(probed.cluster)
+
+
 def test_an_unmovable_stream_ends_with_an_error_event_at_once(probed: Rig) -> None:
     probed.decode.state.behaviour.stall_after_tokens = 3
     text, errors = _stream(probed, {"prompt": "abc", "max_tokens": 10,
