@@ -355,7 +355,9 @@ class StreamRelay:
     def _held_back_tokens(self) -> int | None:
         """How many generated tokens after the last clean boundary the client saw nothing
         of (None: it saw some of them: their ids, logprobs or a partial character)."""
-        if self._clean_ids is None or self.client_wants_ids or self.req.body.get("logprobs"):
+        logprobs = self.req.body.get("logprobs")  # completions: 0 still shows each token's
+        if self._clean_ids is None or self.client_wants_ids or \
+                (logprobs is not None and logprobs is not False):
             return None
         return len(self.generated_ids) - self._clean_ids
 

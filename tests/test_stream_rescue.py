@@ -234,7 +234,8 @@ def test_a_stream_lost_inside_a_character_resumes_before_its_held_back_tokens(
     assert _in_flight_zero(probed.cluster)
 
 
-@pytest.mark.parametrize("shown", [{"return_token_ids": True}, {"logprobs": 1}])
+@pytest.mark.parametrize("shown", [{"return_token_ids": True}, {"logprobs": 1},
+                                   {"logprobs": 0}])
 def test_held_back_tokens_the_client_saw_part_of_keep_the_stream_in_place(
         probed: Rig, shown: dict) -> None:
     # the client has the held-back tokens' ids or logprobs: making them again would
