@@ -151,6 +151,10 @@ class StreamRelay:
         self.migratable = self.why_not_migratable is None
         self.is_chat = req.route == CHAT
         self.client_wants_ids = bool(req.body.get("return_token_ids"))
+        logprobs = req.body.get("logprobs")  # completions' 0 still sends each token's logprob
+        # the client sees every token as it comes, not only its text
+        self._client_sees_tokens = self.client_wants_ids or \
+            (logprobs is not None and logprobs is not False)
         self.prompt_ids: list[int] = []
         self.generated_ids: list[int] = []
         self.stream_id: str | None = None
@@ -355,9 +359,7 @@ class StreamRelay:
     def _held_back_tokens(self) -> int | None:
         """How many generated tokens after the last clean boundary the client saw nothing
         of (None: it saw some of them: their ids, logprobs or a partial character)."""
-        logprobs = self.req.body.get("logprobs")  # completions: 0 still shows each token's
-        if self._clean_ids is None or self.client_wants_ids or \
-                (logprobs is not None and logprobs is not False):
+        if self._clean_ids is None or self._client_sees_tokens:
             return None
         return len(self.generated_ids) - self._clean_ids
 

@@ -81,15 +81,22 @@ def by_source(cluster: LiveCluster, worker: str) -> dict[str, float]:
             for src in ("external_kv_transfer", "local_compute", "local_cache_hit")}
 
 
+def pd_and_reference(cluster: LiveCluster, producer: str, consumer: str, prompt: str,
+                     **extra) -> tuple[dict, dict]:
+    """(producer -> consumer output, the producer's own output) for ``prompt``."""
+    p_url = cluster.worker_url(producer)
+    reference = complete(p_url, prompt, **extra)
+    params = prefill_leg(p_url, prompt)
+    via_pd = complete(cluster.worker_url(consumer), prompt, kv_transfer_params=params, **extra)
+    return via_pd, reference
+
+
 def pd_once(cluster: LiveCluster, producer: str, consumer: str, prompt: str) -> dict:
     """Reference on the producer alone, then producer -> consumer; returns the P/D output.
 
     The outputs must be bitwise equal, which holds only when each forward pass runs alone.
     """
-    p_url, c_url = cluster.worker_url(producer), cluster.worker_url(consumer)
-    reference = complete(p_url, prompt)
-    params = prefill_leg(p_url, prompt)
-    via_pd = complete(c_url, prompt, kv_transfer_params=params)
+    via_pd, reference = pd_and_reference(cluster, producer, consumer, prompt)
     assert via_pd["choices"][0]["text"] == reference["choices"][0]["text"]
     assert logprobs(via_pd) == logprobs(reference)
     return via_pd
@@ -146,11 +153,8 @@ def test_roles_swap_per_request_and_concurrent_requests(cluster: LiveCluster) ->
 
     def one(job: tuple[tuple[str, str], str]) -> tuple[dict, dict]:
         (producer, consumer), prompt = job
-        p_url = cluster.worker_url(producer)
-        reference = complete(p_url, prompt, logprobs=TOP_K)
-        params = prefill_leg(p_url, prompt)
-        via_pd = complete(cluster.worker_url(consumer), prompt, logprobs=TOP_K,
-                          kv_transfer_params=params)
+        via_pd, reference = pd_and_reference(cluster, producer, consumer, prompt,
+                                             logprobs=TOP_K)
         assert_same_greedy_run(via_pd, reference)
         return via_pd, reference
 
