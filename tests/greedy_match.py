@@ -33,3 +33,22 @@ def assert_same_greedy_run(got: dict, reference: dict, tol: float) -> None:
             assert token in near and abs(near[token] - ref_lp) <= tol, (i, token, near)
             return
         assert abs(ours["token_logprobs"][i] - ref_lp) <= tol, (i, ours, theirs)
+
+
+def top_by_id(entries: list[dict[str, float]]) -> list[dict[int, float]]:
+    """Per-step top logprobs asked with ``return_tokens_as_token_ids`` ("token_id:N")."""
+    return [{int(k.removeprefix("token_id:")): v for k, v in e.items()} for e in entries]
+
+
+def assert_follows_greedy_ids(got: list[int], reference: list[int],
+                              top: list[dict[int, float]], tol: float) -> None:
+    """``got`` repeats ``reference``, a greedy run with top logprobs ``top`` per step, id by
+    id. Where they first differ, ``got``'s id must be a near tie there: in the top-k within
+    ``tol`` of the reference's choice. Nothing after it is compared.
+    """
+    assert len(got) == len(reference) == len(top) > 0
+    for i, (ours, theirs) in enumerate(zip(got, reference, strict=True)):
+        if ours != theirs:
+            near = top[i]
+            assert ours in near and abs(near[ours] - near[theirs]) <= tol, (i, ours, near)
+            return

@@ -17,7 +17,13 @@ import httpx
 import openai
 import pytest
 
-from tests.greedy_match import CROSS_WORKER_TOLERANCE, TOP_K, assert_same_greedy_run
+from tests.greedy_match import (
+    CROSS_WORKER_TOLERANCE,
+    TOP_K,
+    assert_follows_greedy_ids,
+    assert_same_greedy_run,
+    top_by_id,
+)
 from tests.vllm_cluster import MAX_MODEL_LEN, MODEL_NAME, LiveCluster, start_cluster
 
 pytestmark = pytest.mark.vllm
@@ -205,10 +211,7 @@ def test_streamed_chat_pd_hands_off_the_first_token_and_equals_single_instance(
     prompt_sum = cluster.metric(decode, "vllm:request_prompt_tokens_sum")
     via_pd = _chat_stream(cluster.url, messages, 10)
 
-    def ids(chunks: list[dict]) -> list[int]:
-        return [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
-
-    assert ids(via_pd) == ids(reference) and len(ids(reference)) == 10
+    assert _chat_ids(via_pd) == _chat_ids(reference) and len(_chat_ids(reference)) == 10
     assert _chat_text(via_pd) == _chat_text(reference)
     assert via_pd[-1]["usage"] == reference[-1]["usage"]
     assert via_pd[0]["prompt_token_ids"] == reference[0]["prompt_token_ids"]
@@ -297,12 +300,19 @@ def test_kv_cache_returns_to_idle_after_many_requests(cluster: LiveCluster,
     assert all(u == 0 for u in usage.values()), f"KV blocks still held: {usage}"
 
 
+# Asked of a reference run: each step's top logprobs by token id, to tell a near tie.
+_TOP_BY_ID = {"logprobs": TOP_K, "return_tokens_as_token_ids": True}
+
+
 def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
-                migrate_after: int | None = None) -> tuple[list[int], str, dict]:
+                migrate_after: int | None = None,
+                **extra) -> tuple[list[int], str, dict, list[dict[int, float]]]:
+    """(token ids, text, usage, top logprobs by id when asked) of a 300-token stream."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 300, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
     ids: list[int] = []
+    top: list[dict[str, float]] = []
     text, usage = "", {}
     if migrate_after is not None:
         # Planned before the request starts: a quiet machine streams 300 tokens faster than
@@ -324,8 +334,9 @@ def _stream_ids(cluster: LiveCluster, prompt: str, request_id: str,
             for choice in chunk["choices"]:
                 ids.extend(choice.get("token_ids") or [])
                 text += choice["text"]
+                top.extend((choice.get("logprobs") or {}).get("top_logprobs") or [])
             usage = chunk.get("usage") or usage
-    return ids, text, usage
+    return ids, text, usage, top_by_id(top)
 
 
 def _migrations(cluster: LiveCluster, name: str = "fulcrum_stream_migrations_total") -> float:
@@ -345,7 +356,7 @@ def _prompt_sources(cluster: LiveCluster, worker: str) -> dict[str, float]:
 
 
 def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
-    """At temperature 0 a moved stream's output equals an unmoved run's. With Fulcrum's
+    """At temperature 0 a moved stream follows an unmoved run's. With Fulcrum's
     connector the target pulls the source's KV and computes one token; with NIXL (no
     block server the gateway can address) it recomputes the context."""
     source, target = cluster.by_role("decode"), cluster.by_role("prefill")
@@ -353,14 +364,16 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     prompt = unique_prompt(12, 21)
     before = _migrations(cluster)
     kv_before = _migrations(cluster, "fulcrum_stream_kv_migrations_total")
-    reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}")
+    reference = _stream_ids(cluster, prompt, f"ref-{time.time_ns()}", **_TOP_BY_ID)
     sources_before = _prompt_sources(cluster, target)
     pulls = cluster.metric(target, "vllm:fulcrum_kv_pulls_total")
     failed = cluster.metric(target, "vllm:fulcrum_kv_failed_transfers_total")
     migrated = _stream_ids(cluster, prompt, f"mig-{time.time_ns()}", migrate_after=20)
     assert len(reference[0]) == 300
-    assert migrated[0] == reference[0]
-    assert migrated[1] == reference[1]
+    # the same greedy run, up to a near tie that the two workers' float noise can flip
+    assert_follows_greedy_ids(migrated[0], reference[0], reference[3], CROSS_WORKER_TOLERANCE)
+    if migrated[0] == reference[0]:
+        assert migrated[1] == reference[1]
     assert migrated[2]["completion_tokens"] == 300
     assert migrated[2]["prompt_tokens"] == reference[2]["prompt_tokens"]
     assert _migrations(cluster) - before == 1
@@ -387,10 +400,10 @@ def test_migrated_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     assert cluster.metric(source, "vllm:kv_cache_usage_perc") == 0
 
 
-def _chat_chunks(url: str, messages: list[dict], request_id: str) -> list[dict]:
+def _chat_chunks(url: str, messages: list[dict], request_id: str, **extra) -> list[dict]:
     body = {"model": MODEL_NAME, "messages": messages, "max_completion_tokens": 200,
             "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
                       headers={"X-Request-Id": request_id}) as resp:
         assert resp.status_code == 200
@@ -402,6 +415,27 @@ def _chat_chunks(url: str, messages: list[dict], request_id: str) -> list[dict]:
 
 def _chat_text(chunks: list[dict]) -> str:
     return "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+
+
+def _chat_ids(chunks: list[dict]) -> list[int]:
+    return [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
+
+
+def _chat_top_by_id(chunks: list[dict]) -> list[dict[int, float]]:
+    """Each step's top logprobs, asked with ``return_tokens_as_token_ids``."""
+    return top_by_id([{e["token"]: e["logprob"] for e in step["top_logprobs"]}
+                      for c in chunks for ch in c["choices"]
+                      for step in (ch.get("logprobs") or {}).get("content") or []])
+
+
+def _migrated_chat(cluster: LiveCluster, messages: list[dict], **extra) -> list[dict]:
+    """A chat stream moved from the decode to the prefill worker after 20 tokens."""
+    request_id = f"chatmig-{time.time_ns()}"
+    moved = httpx.post(cluster.url + "/admin/migrate", json={
+        "request_id": request_id, "to": cluster.by_role("prefill"), "after_tokens": 20,
+        "planned": True})
+    assert moved.status_code == 200, moved.text
+    return _chat_chunks(cluster.url, messages, request_id, **extra)
 
 
 def _chunk_shapes(chunks: list[dict]) -> set[tuple]:
@@ -425,19 +459,27 @@ def _openai_chunk(chunk: dict) -> dict:
 def test_migrated_chat_stream_equals_an_unmigrated_run(cluster: LiveCluster) -> None:
     messages = [{"role": "user", "content": unique_prompt(12, 22)}]
     before = _migrations(cluster)
-    direct = _chat_chunks(cluster.worker_url(cluster.by_role("decode")), messages,
-                          f"direct-{time.time_ns()}")
+    decode_url = cluster.worker_url(cluster.by_role("decode"))
+    direct = _chat_chunks(decode_url, messages, f"direct-{time.time_ns()}")
     reference = _chat_chunks(cluster.url, messages, f"chatref-{time.time_ns()}")
-    request_id = f"chatmig-{time.time_ns()}"
-    moved = httpx.post(cluster.url + "/admin/migrate", json={
-        "request_id": request_id, "to": cluster.by_role("prefill"), "after_tokens": 20,
-        "planned": True})
-    assert moved.status_code == 200, moved.text
-    migrated = _chat_chunks(cluster.url, messages, request_id)
+    migrated = _migrated_chat(cluster, messages)
     assert _migrations(cluster) - before == 1  # the reference did not move; this one did
     assert reference[-1]["usage"]["completion_tokens"] == 200
-    assert _chat_text(migrated) == _chat_text(reference) == _chat_text(direct)
-    assert migrated[-1]["usage"] == reference[-1]["usage"]
+    assert migrated[-1]["usage"] == reference[-1]["usage"] == direct[-1]["usage"]
+    # The tokens, asked for by id: the unmoved and the moved run through the gateway follow
+    # one instance's greedy run, up to a near tie that float noise between workers can flip
+    # (logprobs would keep a chat stream from moving, so only the instance is asked them).
+    ties = _chat_chunks(decode_url, messages, f"ties-{time.time_ns()}",
+                        return_token_ids=True, logprobs=True, top_logprobs=TOP_K,
+                        return_tokens_as_token_ids=True)
+    top = _chat_top_by_id(ties)
+    for run in (_chat_chunks(cluster.url, messages, f"chatref-{time.time_ns()}",
+                             return_token_ids=True),
+                _migrated_chat(cluster, messages, return_token_ids=True)):
+        assert_follows_greedy_ids(_chat_ids(run), _chat_ids(ties), top, CROSS_WORKER_TOLERANCE)
+        if _chat_ids(run) == _chat_ids(ties):
+            assert _chat_text(run) == _chat_text(ties)
+    assert _migrations(cluster) - before == 2
     assert len({c["id"] for c in migrated}) == 1
     assert {c["object"] for c in migrated} == {"chat.completion.chunk"}
     assert len({(c["created"], c["model"]) for c in migrated}) == 1
